@@ -1,0 +1,239 @@
+"""The Llama family (Llama, Mistral, Qwen2, Qwen3) as pure functions over a params pytree.
+
+Why pure functions and not Flax modules: the serving step is one `jax.jit` of
+params, KV pool and step inputs, with the pool donated and replaced; a params
+dict and a list of per-layer pool arrays are exactly that, with nothing hidden
+in module state. What Flax does well is used where it fits: every parameter is
+declared once in `param_specs` with its logical axis names (`vocab`, `embed`,
+`heads`, `kv_heads`, `head_dim`, `mlp`), and `sharding.rules` turns those names
+into `PartitionSpec`s through `flax.linen.logical_to_mesh_axes`.
+
+Layers are a Python list, unrolled at trace time: each layer's weights and KV
+pages are separate buffers, so the donated pool is updated in place and no
+layer slice is ever copied. The `layers` logical axis is therefore the list
+index; pipeline stages split the list.
+"""
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jserve.config import ModelConfig
+from pallas_kernels import ragged_paged_attention, write_kv_pages
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamSpec:
+  """One parameter: its shape, logical axes, and where it lives in a Hugging Face checkpoint."""
+
+  shape: tuple[int, ...]
+  axes: tuple[str, ...]
+  hf_name: str
+  init: str = "normal"  # "normal" (std 0.02) or "ones"
+
+  def from_hf(self, a: np.ndarray) -> np.ndarray:
+    """Converts the checkpoint's tensor (torch layout) to ours."""
+    if len(self.shape) == 1 or self.hf_name.endswith(("embed_tokens.weight", ".bias")):
+      return a.reshape(self.shape)
+    return a.T.reshape(self.shape)  # Linear [out, in] -> [in, out...]; o_proj [D, N*H] -> [N, H, D]
+
+  def to_hf(self, a: np.ndarray) -> np.ndarray:
+    """Inverse of `from_hf`."""
+    if len(self.shape) == 1 or self.hf_name.endswith(("embed_tokens.weight", ".bias")):
+      return a.reshape(-1) if self.hf_name.endswith(".bias") else a
+    if self.hf_name.endswith("o_proj.weight"):
+      return a.reshape(-1, self.shape[-1]).T
+    return a.reshape(self.shape[0], -1).T
+
+
+def param_specs(cfg: ModelConfig) -> dict:
+  """The params pytree of `cfg`, with a `ParamSpec` at every leaf."""
+  d, f, h, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.vocab_size
+  n, k = cfg.num_heads, cfg.num_kv_heads
+  layers = []
+  for i in range(cfg.num_layers):
+    p = f"model.layers.{i}."
+    layer = {
+        "attn_norm": ParamSpec((d,), ("embed",), p + "input_layernorm.weight", "ones"),
+        "wq": ParamSpec((d, n, h), ("embed", "heads", "head_dim"), p + "self_attn.q_proj.weight"),
+        "wk": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim"), p + "self_attn.k_proj.weight"),
+        "wv": ParamSpec((d, k, h), ("embed", "kv_heads", "head_dim"), p + "self_attn.v_proj.weight"),
+        "wo": ParamSpec((n, h, d), ("heads", "head_dim", "embed"), p + "self_attn.o_proj.weight"),
+        "mlp_norm": ParamSpec((d,), ("embed",), p + "post_attention_layernorm.weight", "ones"),
+        "w_gate": ParamSpec((d, f), ("embed", "mlp"), p + "mlp.gate_proj.weight"),
+        "w_up": ParamSpec((d, f), ("embed", "mlp"), p + "mlp.up_proj.weight"),
+        "w_down": ParamSpec((f, d), ("mlp", "embed"), p + "mlp.down_proj.weight"),
+    }
+    if cfg.attention_bias:
+      layer["bq"] = ParamSpec((n, h), ("heads", "head_dim"), p + "self_attn.q_proj.bias")
+      layer["bk"] = ParamSpec((k, h), ("kv_heads", "head_dim"), p + "self_attn.k_proj.bias")
+      layer["bv"] = ParamSpec((k, h), ("kv_heads", "head_dim"), p + "self_attn.v_proj.bias")
+    if cfg.qk_norm:
+      layer["q_norm"] = ParamSpec((h,), ("head_dim",), p + "self_attn.q_norm.weight", "ones")
+      layer["k_norm"] = ParamSpec((h,), ("head_dim",), p + "self_attn.k_norm.weight", "ones")
+    layers.append(layer)
+  specs = {
+      "embed": ParamSpec((v, d), ("vocab", "embed"), "model.embed_tokens.weight"),
+      "layers": layers,
+      "final_norm": ParamSpec((d,), ("embed",), "model.norm.weight", "ones"),
+  }
+  if not cfg.tie_word_embeddings:
+    specs["lm_head"] = ParamSpec((d, v), ("embed", "vocab"), "lm_head.weight")
+  return specs
+
+
+def is_spec(x) -> bool:
+  return isinstance(x, ParamSpec)
+
+
+def init_params(cfg: ModelConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict:
+  """Random params (normal, std 0.02; norms at one), for tests, benchmarks and training."""
+  specs = param_specs(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+  keys = jax.random.split(key, len(leaves))
+  out = []
+  for spec, k in zip(leaves, keys):
+    if spec.init == "ones":
+      out.append(jnp.ones(spec.shape, dtype=dtype))
+    else:
+      out.append((0.02 * jax.random.normal(k, spec.shape, dtype=jnp.float32)).astype(dtype))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["token_ids_T", "positions_T", "slots_T", "cu_q_lens_E", "kv_lens_B",
+                                "page_indices_BP", "num_seqs", "logits_indices_B"],
+                   meta_fields=[])
+@dataclasses.dataclass
+class StepInputs:
+  """One ragged step, padded to a bucket. All int32.
+
+  token_ids_T, positions_T: the step's tokens and their positions in their sequence.
+  slots_T: flat KV slot (page * page_size + offset) each token's K/V is written to;
+    padding rows point past the pool so their writes are dropped.
+  cu_q_lens_E: [B + 1] start of each sequence's rows; entries past num_seqs repeat the total.
+  kv_lens_B: context length of each sequence after this step (0 for padding).
+  page_indices_BP: each sequence's pages, padded with any valid page id.
+  num_seqs: [1] live sequences.
+  logits_indices_B: the row whose hidden state is turned into logits, per sequence.
+  """
+
+  token_ids_T: jax.Array
+  positions_T: jax.Array
+  slots_T: jax.Array
+  cu_q_lens_E: jax.Array
+  kv_lens_B: jax.Array
+  page_indices_BP: jax.Array
+  num_seqs: jax.Array
+  logits_indices_B: jax.Array
+
+
+def rms_norm(x, w, eps):
+  """Hugging Face's RMSNorm: normalize in float32, cast back, then scale."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return w * x32.astype(x.dtype)
+
+
+def apply_rope(x_TNH, positions_T, cfg: ModelConfig):
+  """Rotates query or key heads by their positions (the rotate-half convention of Llama)."""
+  inv_freq = jnp.asarray(cfg.rope.inv_freq(cfg.head_dim), dtype=jnp.float32)
+  freqs_TF = positions_T.astype(jnp.float32)[..., None] * inv_freq
+  emb = jnp.concatenate([freqs_TF, freqs_TF], axis=-1)[..., None, :]
+  cos, sin = jnp.cos(emb), jnp.sin(emb)
+  x32 = x_TNH.astype(jnp.float32)
+  half = cfg.head_dim // 2
+  rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x_TNH.dtype)
+
+
+def _dot(eq, a, b):
+  return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig):
+  """One decoder layer on any leading token axes. `attend(q, k, v)` returns (o, aux)."""
+  with jax.named_scope("attn"):
+    h_TD = rms_norm(x_TD, lp["attn_norm"], cfg.rms_norm_eps)
+    q_TNH = _dot("...D,DNH->...NH", h_TD, lp["wq"])
+    k_TKH = _dot("...D,DKH->...KH", h_TD, lp["wk"])
+    v_TKH = _dot("...D,DKH->...KH", h_TD, lp["wv"])
+    if cfg.attention_bias:
+      q_TNH, k_TKH, v_TKH = q_TNH + lp["bq"], k_TKH + lp["bk"], v_TKH + lp["bv"]
+    if cfg.qk_norm:
+      q_TNH = rms_norm(q_TNH, lp["q_norm"], cfg.rms_norm_eps)
+      k_TKH = rms_norm(k_TKH, lp["k_norm"], cfg.rms_norm_eps)
+    q_TNH = apply_rope(q_TNH, positions_T, cfg)
+    k_TKH = apply_rope(k_TKH, positions_T, cfg)
+    o_TNH, aux = attend(q_TNH, k_TKH, v_TKH)
+    x_TD = x_TD + _dot("...NH,NHD->...D", o_TNH, lp["wo"])
+  with jax.named_scope("mlp"):
+    h_TD = rms_norm(x_TD, lp["mlp_norm"], cfg.rms_norm_eps)
+    g_TF = _dot("...D,DF->...F", h_TD, lp["w_gate"])
+    u_TF = _dot("...D,DF->...F", h_TD, lp["w_up"])
+    x_TD = x_TD + _dot("...F,FD->...D", jax.nn.silu(g_TF) * u_TF, lp["w_down"])
+  return x_TD, aux
+
+
+def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig, attn_impl: str = "auto"):
+  """The serving forward pass over one ragged step.
+
+  Returns the final-normed hidden state of each `logits_indices_B` row, [B, D],
+  and the KV pool (one [P, S, C, H] array per layer) with this step's keys and
+  values written in.
+  """
+  x_TD = params["embed"][inputs.token_ids_T]
+  new_caches = []
+  for layer_params, kv_pages_PSCH in zip(params["layers"], kv_caches):
+
+    def attend(q_TNH, k_TKH, v_TKH, kv_pages_PSCH=kv_pages_PSCH):
+      kv_pages_PSCH = write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, inputs.slots_T)
+      o_TNH = ragged_paged_attention(
+          q_TNH, kv_pages_PSCH, inputs.kv_lens_B, inputs.page_indices_BP, inputs.cu_q_lens_E,
+          inputs.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+          impl=attn_impl)
+      return o_TNH, kv_pages_PSCH
+
+    x_TD, kv_pages_PSCH = _layer(layer_params, x_TD, inputs.positions_T, attend, cfg)
+    new_caches.append(kv_pages_PSCH)
+  x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
+  return x_BD, new_caches
+
+
+def compute_logits(params: dict, x_BD, cfg: ModelConfig):
+  """LM head in float32: [B, D] -> [B, V]."""
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("BD,VD->BV", x_BD, params["embed"], preferred_element_type=jnp.float32)
+  return jnp.einsum("BD,DV->BV", x_BD, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def forward_dense(params: dict, token_ids_BT, cfg: ModelConfig):
+  """Causal forward over full sequences without a KV pool, for training and scoring: logits [B, T, V]."""
+  _, seq_len = token_ids_BT.shape
+  positions_T = jnp.arange(seq_len, dtype=jnp.int32)
+  x_BTD = params["embed"][token_ids_BT]
+  group = cfg.q_per_kv
+
+  def attend(q_BTNH, k_BTKH, v_BTKH):
+    k_BTNH = jnp.repeat(k_BTKH, group, axis=2)
+    v_BTNH = jnp.repeat(v_BTKH, group, axis=2)
+    s_BNTX = jnp.einsum("BTNH,BXNH->BNTX", q_BTNH, k_BTNH, preferred_element_type=jnp.float32)
+    s_BNTX = s_BNTX * cfg.head_dim**-0.5
+    causal_TX = jnp.tril(jnp.ones((seq_len, seq_len), dtype=jnp.bool_))
+    if cfg.sliding_window is not None:
+      causal_TX &= ~jnp.tril(causal_TX, -cfg.sliding_window)
+    s_BNTX = jnp.where(causal_TX, s_BNTX, -1e30)
+    p_BNTX = jax.nn.softmax(s_BNTX, axis=-1).astype(v_BTNH.dtype)
+    return jnp.einsum("BNTX,BXNH->BTNH", p_BNTX, v_BTNH, preferred_element_type=jnp.float32).astype(
+        q_BTNH.dtype), None
+
+  for layer_params in params["layers"]:
+    x_BTD, _ = _layer(layer_params, x_BTD, positions_T, attend, cfg)
+  x_BTD = rms_norm(x_BTD, params["final_norm"], cfg.rms_norm_eps)
+  if cfg.tie_word_embeddings:
+    return jnp.einsum("BTD,VD->BTV", x_BTD, params["embed"], preferred_element_type=jnp.float32)
+  return jnp.einsum("BTD,DV->BTV", x_BTD, params["lm_head"], preferred_element_type=jnp.float32)
