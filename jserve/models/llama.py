@@ -24,6 +24,7 @@ import numpy as np
 
 from jserve.config import ModelConfig
 from pallas_kernels import ragged_paged_attention, write_kv_pages
+from sharding.tensor import head_parallel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,24 +180,32 @@ def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig):
   return x_TD, aux
 
 
-def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig, attn_impl: str = "auto"):
+def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig, attn_impl: str = "auto",
+            mesh: jax.sharding.Mesh | None = None):
   """The serving forward pass over one ragged step.
 
   Returns the final-normed hidden state of each `logits_indices_B` row, [B, D],
   and the KV pool (one [P, S, C, H] array per layer) with this step's keys and
-  values written in.
+  values written in. With `mesh` (params and pool placed by `sharding.rules`),
+  attention runs per device on its own heads (`sharding.tensor.head_parallel`).
   """
+
+  def paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs):
+    kv_pages_PSCH = write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, inputs.slots_T)
+    o_TNH = ragged_paged_attention(
+        q_TNH, kv_pages_PSCH, inputs.kv_lens_B, inputs.page_indices_BP, inputs.cu_q_lens_E,
+        inputs.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
+        impl=attn_impl)
+    return o_TNH, kv_pages_PSCH
+
+  if mesh is not None:
+    paged_attention = head_parallel(paged_attention, mesh)
   x_TD = params["embed"][inputs.token_ids_T]
   new_caches = []
   for layer_params, kv_pages_PSCH in zip(params["layers"], kv_caches):
 
     def attend(q_TNH, k_TKH, v_TKH, kv_pages_PSCH=kv_pages_PSCH):
-      kv_pages_PSCH = write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, inputs.slots_T)
-      o_TNH = ragged_paged_attention(
-          q_TNH, kv_pages_PSCH, inputs.kv_lens_B, inputs.page_indices_BP, inputs.cu_q_lens_E,
-          inputs.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
-          impl=attn_impl)
-      return o_TNH, kv_pages_PSCH
+      return paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs)
 
     x_TD, kv_pages_PSCH = _layer(layer_params, x_TD, inputs.positions_T, attend, cfg)
     new_caches.append(kv_pages_PSCH)
