@@ -1,0 +1,3 @@
+from jserve.cli.main import run
+
+run()

@@ -1,0 +1,33 @@
+"""Flags shared by the commands. Configs are built here, never read from flags below cli/."""
+
+from absl import flags
+
+from jserve.engine.engine import EngineConfig
+
+FLAGS = flags.FLAGS
+
+flags.DEFINE_string("model", None, "Hugging Face checkpoint directory (default: the model shipped with jserve)")
+flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "weight and KV cache dtype")
+flags.DEFINE_integer("max_model_len", None, "longest prompt + output in tokens (default: the model's limit)")
+flags.DEFINE_integer("max_num_seqs", 256, "most sequences in one step")
+flags.DEFINE_integer("max_num_batched_tokens", 8192, "most tokens in one step (the prefill chunk budget)")
+flags.DEFINE_integer("page_size", 16, "tokens per KV page")
+flags.DEFINE_bool("enable_prefix_caching", True, "reuse KV pages of shared prompt prefixes")
+flags.DEFINE_float("gpu_memory_utilization", 0.9, "fraction of device memory jserve may use")
+flags.DEFINE_float("kv_cache_gib", None, "KV pool size in GiB (default: from device memory; 0.5 on CPU)")
+flags.DEFINE_enum("scheduling_policy", "fcfs", ["fcfs", "priority"], "order of the waiting queue")
+flags.DEFINE_integer("seed", 0, "engine seed (per-request seeds are drawn from it when not given)")
+flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
+                    "JAX persistent compilation cache ('' disables)")
+flags.DEFINE_integer("tensor_parallel_size", 1, "devices per tensor-parallel group")
+flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages")
+
+
+def engine_config() -> EngineConfig:
+  return EngineConfig(
+      model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs,
+      max_num_batched_tokens=FLAGS.max_num_batched_tokens, page_size=FLAGS.page_size,
+      enable_prefix_caching=FLAGS.enable_prefix_caching, gpu_memory_utilization=FLAGS.gpu_memory_utilization,
+      kv_cache_gib=FLAGS.kv_cache_gib, scheduling_policy=FLAGS.scheduling_policy, seed=FLAGS.seed,
+      compilation_cache_dir=FLAGS.compilation_cache_dir or None,
+      tensor_parallel_size=FLAGS.tensor_parallel_size, pipeline_parallel_size=FLAGS.pipeline_parallel_size)
