@@ -189,6 +189,15 @@ def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig,
   values written in. With `mesh` (params and pool placed by `sharding.rules`),
   attention runs per device on its own heads (`sharding.tensor.head_parallel`).
   """
+  x_TD = params["embed"][inputs.token_ids_T]
+  x_TD, new_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh)
+  x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
+  return x_BD, new_caches
+
+
+def forward_layers(layers: list, kv_caches: list, x_TD, inputs: StepInputs, cfg: ModelConfig,
+                   attn_impl: str = "auto", mesh: jax.sharding.Mesh | None = None):
+  """Runs a run of decoder layers (all of them, or one pipeline stage's) and their KV pools over a step."""
 
   def paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs):
     kv_pages_PSCH = write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, inputs.slots_T)
@@ -200,17 +209,15 @@ def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig,
 
   if mesh is not None:
     paged_attention = head_parallel(paged_attention, mesh)
-  x_TD = params["embed"][inputs.token_ids_T]
   new_caches = []
-  for layer_params, kv_pages_PSCH in zip(params["layers"], kv_caches):
+  for layer_params, kv_pages_PSCH in zip(layers, kv_caches):
 
     def attend(q_TNH, k_TKH, v_TKH, kv_pages_PSCH=kv_pages_PSCH):
       return paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs)
 
     x_TD, kv_pages_PSCH = _layer(layer_params, x_TD, inputs.positions_T, attend, cfg)
     new_caches.append(kv_pages_PSCH)
-  x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
-  return x_BD, new_caches
+  return x_TD, new_caches
 
 
 def compute_logits(params: dict, x_BD, cfg: ModelConfig):
