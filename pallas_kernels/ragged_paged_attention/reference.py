@@ -17,17 +17,38 @@ import jax.numpy as jnp
 _MASKED = -1e30  # not -inf: a fully masked padding row must not make NaNs
 
 
+# Rows are processed in blocks of this many so that the per-row gather of a whole context
+# ([rows, context, C, H]) stays small; it changes memory, not results.
+_ROW_BLOCK = 128
+
+
 def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
                            *, sm_scale, sliding_window=None, soft_cap=None):
   """Attention of a ragged batch of queries over paged KV; returns [T, N, H] in q's dtype."""
+  num_tokens = q_TNH.shape[0]
+  kv_lens_B, page_indices_BP, cu_q_lens_E = map(jnp.asarray, (kv_lens_B, page_indices_BP, cu_q_lens_E))
+  attend = lambda q, t: _attend_rows(q, t, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E,
+                                     jnp.reshape(num_seqs, ()), sm_scale, sliding_window, soft_cap)
+  t_T = jnp.arange(num_tokens, dtype=jnp.int32)
+  if num_tokens <= _ROW_BLOCK:
+    return attend(q_TNH, t_T)
+  num_blocks = -(-num_tokens // _ROW_BLOCK)
+  pad = num_blocks * _ROW_BLOCK - num_tokens
+  q_RBNH = jnp.pad(q_TNH, ((0, pad), (0, 0), (0, 0))).reshape(num_blocks, _ROW_BLOCK, *q_TNH.shape[1:])
+  t_RB = jnp.pad(t_T, (0, pad), constant_values=num_tokens).reshape(num_blocks, _ROW_BLOCK)
+  o_RBNH = jax.lax.map(lambda args: attend(*args), (q_RBNH, t_RB))
+  return o_RBNH.reshape(-1, *q_TNH.shape[1:])[:num_tokens]
+
+
+def _attend_rows(q_TNH, t_T, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, sm_scale,
+                 sliding_window, soft_cap):
+  """Attention for the rows `t_T` of the step (their queries `q_TNH`)."""
   num_tokens, num_heads, head_dim = q_TNH.shape
   _, page_size, num_combined, _ = kv_pages_PSCH.shape
   num_kv_heads = num_combined // 2
   max_seqs, pages_per_seq = page_indices_BP.shape
   ctx_len = pages_per_seq * page_size
-  num_seqs = jnp.reshape(num_seqs, ())
 
-  t_T = jnp.arange(num_tokens, dtype=jnp.int32)
   # Sequence of each row: the i with cu[i] <= t < cu[i + 1].
   seq_T = jnp.searchsorted(cu_q_lens_E[1:], t_T, side="right").astype(jnp.int32)
   live_T = t_T < cu_q_lens_E[num_seqs]

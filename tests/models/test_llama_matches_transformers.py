@@ -48,9 +48,9 @@ def _paged_logits(params, cfg, ids, chunks):
   return np.concatenate(out)
 
 
-@pytest.mark.parametrize("length", [1, 7, 40])
+@pytest.mark.parametrize("length", [1, 7, 40, 300])
 def test_logits_match_transformers_in_float32(variant_dir, bpe_tokenizer, length):
-  ids = bpe_tokenizer.encode("import collections\n" * 20).ids[:length]
+  ids = bpe_tokenizer.encode("import collections\nx = [1, 2]\n" * 60).ids[:length]
   cfg = load_model_config(variant_dir)
   params = load_params(variant_dir, cfg, "float32")
   ref = _hf_logits(variant_dir, ids)
