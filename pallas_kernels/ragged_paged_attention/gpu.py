@@ -1,0 +1,284 @@
+"""Ragged paged attention for NVIDIA GPUs: Pallas with the Triton lowering.
+
+Work is cut into items on the device, from the step metadata, and run in two
+launches over the same output:
+
+- the decode launch has one item per sequence whose new query run is short
+  (at most `decode.block_m // G` tokens, G query heads per KV head); its
+  context is split over `num_splits` programs (split-K) when there are too few
+  sequences to fill the GPU, and `_combine` merges the partial results by
+  their log-sum-exp;
+- the prefill launch has one item per `prefill.block_m // G` query tokens of
+  every longer sequence (query-block tiling), each over its causal context.
+
+A program takes all G query heads of one KV head as the rows of its tile
+(row m is token m // G, head m % G), so a KV page is read once per item, not
+once per query head. Keys and values are gathered straight from the paged
+pool through the page table, `block_n` positions per step; only the blocks
+that straddle the causal diagonal, the sliding-window edge or the end of the
+context pay for masking. Both launches write only the live rows of `out_TNH`.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.ragged_paged_attention import tuning
+
+_MASKED = -1e30  # finite, as in the reference: a fully masked row must not make NaNs
+_LOG2E = math.log2(math.e)
+
+
+def supports(q_TNH, kv_pages_PSCH) -> str | None:
+  """None when this kernel handles these shapes; otherwise why not."""
+  head_dim = q_TNH.shape[-1]
+  page_size = kv_pages_PSCH.shape[1]
+  if head_dim & (head_dim - 1) or head_dim < 16:
+    return f"head_dim={head_dim}: Triton tiles need a power of two >= 16"
+  if page_size & (page_size - 1):
+    return f"page_size={page_size}: need a power of two"
+  if q_TNH.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    return f"dtype={q_TNH.dtype}: need float32, bfloat16 or float16"
+  return None
+
+
+def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref,
+                      q_ref, kv_ref, *rest, group, block_q, block_m, block_n, page_size, num_splits,
+                      sm_scale, sliding_window, soft_cap, split_out):
+  """One program: query rows of one item x all query heads of one KV head x one KV split."""
+  if split_out:
+    o_ref, lse_ref = rest
+  else:
+    _, o_ref = rest  # rest[0] is the aliased output passed in; the output ref is the same buffer
+  item = pl.program_id(0)
+  kv_head = pl.program_id(1)
+  split = pl.program_id(2)
+  seq = item_seq_ref[item]
+  num_tokens = q_ref.shape[0]
+  pages_per_seq = page_indices_ref.shape[1]
+  f32_dot = q_ref.dtype == jnp.float32
+  precision = lax.Precision.HIGHEST if f32_dot else None
+
+  @pl.when(seq >= 0)
+  def _():
+    q0 = item_q0_ref[item]
+    q_end = cu_q_lens_ref[seq + 1]
+    kv_len = kv_lens_ref[seq]
+    m_M = jnp.arange(block_m, dtype=jnp.int32)
+    r_M = m_M // group
+    t_M = q0 + r_M
+    row_ok_M = (r_M < block_q) & (t_M < q_end)
+    n_M = kv_head * group + m_M % group
+    pos_M = kv_len - q_end + t_M
+    # Every index is an integer array (no slices): the interpreter's masked
+    # loads take only that form, and Triton still sees the head dim contiguous.
+    h_1H = jnp.arange(q_ref.shape[-1], dtype=jnp.int32)[None, :]
+    # Loads clamp dead rows into range; the store must not (the interpreter
+    # stores masked rows back, and a clamped duplicate would overwrite a live one).
+    t_in_M = jnp.minimum(t_M, num_tokens - 1)
+    q_MH = plgpu.load(q_ref.at[t_in_M[:, None], n_M[:, None], h_1H], mask=row_ok_M[:, None], other=0)
+
+    # KV positions this item needs: up to its last row's position, and from
+    # its first row's window start.
+    pos_first = kv_len - q_end + q0
+    pos_last = kv_len - q_end + jnp.minimum(q0 + block_q, q_end) - 1
+    blk_lo = 0
+    if sliding_window is not None:
+      blk_lo = jnp.maximum(pos_first - sliding_window + 1, 0) // block_n
+    blk_hi = (pos_last + block_n) // block_n
+    if num_splits > 1:
+      per_split = (blk_hi - blk_lo + num_splits - 1) // num_splits
+      b0 = jnp.minimum(blk_lo + split * per_split, blk_hi)
+      b1 = jnp.minimum(b0 + per_split, blk_hi)
+    else:
+      b0, b1 = blk_lo, blk_hi
+    # Blocks in [safe_lo, safe_hi) need no mask: below every row's diagonal
+    # (so also inside the context) and inside every row's window.
+    safe_hi = jnp.maximum(pos_first + 1, 0) // block_n
+    safe_lo = 0
+    if sliding_window is not None:
+      safe_lo = (jnp.maximum(pos_last - sliding_window + 1, 0) + block_n - 1) // block_n
+    a = jnp.clip(safe_lo, b0, b1)
+    b = jnp.clip(safe_hi, a, b1)
+
+    def body(j, carry, masked):
+      m_M, l_M, acc_MH = carry
+      x_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+      if masked:
+        x_ok_N = x_N < kv_len
+        slot_N = jnp.minimum(x_N // page_size, pages_per_seq - 1)
+        page_N = plgpu.load(page_indices_ref.at[seq, slot_N], mask=x_ok_N, other=0)
+        page_N1, off_N1 = page_N[:, None], (x_N % page_size)[:, None]
+        k_NH = plgpu.load(kv_ref.at[page_N1, off_N1, 2 * kv_head, h_1H], mask=x_ok_N[:, None], other=0)
+        v_NH = plgpu.load(kv_ref.at[page_N1, off_N1, 2 * kv_head + 1, h_1H], mask=x_ok_N[:, None], other=0)
+      else:
+        page_N1 = page_indices_ref[seq, x_N // page_size][:, None]
+        off_N1 = (x_N % page_size)[:, None]
+        k_NH = kv_ref[page_N1, off_N1, 2 * kv_head, h_1H]
+        v_NH = kv_ref[page_N1, off_N1, 2 * kv_head + 1, h_1H]
+      s_MN = lax.dot_general(q_MH, k_NH.astype(q_MH.dtype), (((1,), (1,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)
+      if soft_cap is not None:
+        s_MN = jnp.tanh(s_MN * (sm_scale / soft_cap)) * (soft_cap * _LOG2E)
+      else:
+        s_MN = s_MN * (sm_scale * _LOG2E)
+      if masked:
+        visible_MN = (x_N[None, :] <= pos_M[:, None]) & (x_N[None, :] < kv_len)
+        if sliding_window is not None:
+          visible_MN &= x_N[None, :] > pos_M[:, None] - sliding_window
+        s_MN = jnp.where(visible_MN, s_MN, _MASKED)
+      m_new_M = jnp.maximum(m_M, jnp.max(s_MN, axis=1))
+      alpha_M = jnp.exp2(m_M - m_new_M)
+      p_MN = jnp.exp2(s_MN - m_new_M[:, None])
+      l_M = l_M * alpha_M + jnp.sum(p_MN, axis=1)
+      pv_MH = lax.dot_general(p_MN.astype(v_NH.dtype), v_NH, (((1,), (0,)), ((), ())),
+                              precision=precision, preferred_element_type=jnp.float32)
+      return m_new_M, l_M, acc_MH * alpha_M[:, None] + pv_MH
+
+    head_dim = q_ref.shape[-1]
+    carry = (jnp.full((block_m,), _MASKED, jnp.float32), jnp.zeros((block_m,), jnp.float32),
+             jnp.zeros((block_m, head_dim), jnp.float32))
+    carry = lax.fori_loop(b0, a, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
+    m_M, l_M, acc_MH = lax.fori_loop(b, b1, functools.partial(body, masked=True), carry)
+
+    if split_out:
+      empty_M = l_M == 0  # a split with no block of this item
+      l_M = jnp.where(empty_M, 1.0, l_M)
+      o_ref[...] = acc_MH / l_M[:, None]
+      lse_ref[...] = jnp.where(empty_M, _MASKED, m_M + jnp.log2(l_M))
+    else:
+      o_MH = (acc_MH / l_M[:, None]).astype(o_ref.dtype)
+      plgpu.store(o_ref.at[t_M[:, None], n_M[:, None], h_1H], o_MH, mask=row_ok_M[:, None])
+
+
+def _launch(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, out_TNH, *,
+            blocks, num_splits, sm_scale, sliding_window, soft_cap, interpret):
+  """One pallas_call over `items` (seq, first query row; seq -1 for none)."""
+  item_seq_W, item_q0_W = items
+  num_items = item_seq_W.shape[0]
+  num_tokens, num_heads, head_dim = q_TNH.shape
+  num_kv_heads = kv_pages_PSCH.shape[2] // 2
+  group = num_heads // num_kv_heads
+  split_out = num_splits > 1
+  kernel = functools.partial(
+      _attention_kernel, group=group, block_q=blocks.block_m // group, block_m=blocks.block_m,
+      block_n=blocks.block_n, page_size=kv_pages_PSCH.shape[1], num_splits=num_splits, sm_scale=sm_scale,
+      sliding_window=sliding_window, soft_cap=soft_cap, split_out=split_out)
+  whole = pl.BlockSpec()
+  in_specs = [whole] * 7
+  args = [item_seq_W, item_q0_W, kv_lens_B, page_indices_BP, cu_q_lens_E, q_TNH, kv_pages_PSCH]
+  if split_out:
+    out_shape = (jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, blocks.block_m, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, blocks.block_m), jnp.float32))
+    out_specs = (pl.BlockSpec((None, None, None, blocks.block_m, head_dim), lambda w, k, s: (s, w, k, 0, 0)),
+                 pl.BlockSpec((None, None, None, blocks.block_m), lambda w, k, s: (s, w, k, 0)))
+    aliases = {}
+  else:
+    out_shape = jax.ShapeDtypeStruct(out_TNH.shape, out_TNH.dtype)
+    out_specs = whole
+    in_specs.append(whole)
+    args.append(out_TNH)
+    aliases = {7: 0}
+  return pl.pallas_call(
+      kernel,
+      grid=(num_items, num_kv_heads, num_splits),
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
+      interpret=interpret,
+      name=f"ragged_paged_attention_m{blocks.block_m}_n{blocks.block_n}_s{num_splits}",
+  )(*args)
+
+
+def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q):
+  """Work items of both launches: (sequence or -1, first query row), each [W] int32."""
+  max_seqs = kv_lens_B.shape[0]
+  b_B = jnp.arange(max_seqs, dtype=jnp.int32)
+  live_B = b_B < num_seqs
+  q_len_B = jnp.where(live_B, cu_q_lens_E[1:] - cu_q_lens_E[:-1], 0)
+  decode_B = live_B & (q_len_B >= 1) & (q_len_B <= decode_q)
+  decode = (jnp.where(decode_B, b_B, -1), cu_q_lens_E[:-1])
+
+  # Query blocks of the longer sequences, latest blocks first: they have the
+  # longest causal context, so the launch ends with short items (a crude
+  # longest-first order for load balance).
+  num_prefill_seqs = min(max_seqs, num_tokens // (decode_q + 1))
+  num_items = -(-num_tokens // prefill_q) + num_prefill_seqs
+  blocks_B = jnp.where(live_B & ~decode_B, (q_len_B + prefill_q - 1) // prefill_q, 0)
+  ends_B = jnp.cumsum(blocks_B).astype(jnp.int32)
+  idx_W = ends_B[-1] - 1 - jnp.arange(num_items, dtype=jnp.int32)
+  seq_W = jnp.minimum(jnp.searchsorted(ends_B, idx_W, side="right").astype(jnp.int32), max_seqs - 1)
+  block_W = idx_W - (ends_B[seq_W] - blocks_B[seq_W])
+  prefill = (jnp.where(idx_W >= 0, seq_W, -1), cu_q_lens_E[seq_W] + block_W * prefill_q)
+  return decode, prefill
+
+
+def _combine(o_SWKMH, lse_SWKM, items, cu_q_lens_E, out_TNH, *, group, block_q):
+  """Merges the KV splits of the decode launch and writes their live rows into `out_TNH`."""
+  item_seq_W, item_q0_W = items
+  num_tokens = out_TNH.shape[0]
+  _, _, num_kv_heads, block_m, _ = o_SWKMH.shape
+  lse_max_WKM = jnp.max(lse_SWKM, axis=0)
+  w_SWKM = jnp.exp2(lse_SWKM - lse_max_WKM[None])
+  o_WKMH = jnp.sum(w_SWKM[..., None] * o_SWKMH, axis=0) / jnp.sum(w_SWKM, axis=0)[..., None]
+  m_M = jnp.arange(block_m, dtype=jnp.int32)
+  t_WM = item_q0_W[:, None] + m_M[None, :] // group
+  q_end_W = cu_q_lens_E[jnp.maximum(item_seq_W, 0) + 1]
+  ok_WM = (item_seq_W[:, None] >= 0) & (m_M[None, :] // group < block_q) & (t_WM < q_end_W[:, None])
+  t_WM = jnp.where(ok_WM, t_WM, num_tokens)  # out of range: dropped by the scatter
+  n_KM = jnp.arange(num_kv_heads, dtype=jnp.int32)[:, None] * group + m_M[None, :] % group
+  t_WKM = jnp.broadcast_to(t_WM[:, None, :], o_WKMH.shape[:3])
+  n_WKM = jnp.broadcast_to(n_KM[None], o_WKMH.shape[:3])
+  return out_TNH.at[t_WKM, n_WKM].set(o_WKMH.astype(out_TNH.dtype), mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "config",
+                                             "num_splits"))
+def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, *,
+                           sm_scale, sliding_window=None, soft_cap=None, out_TNH=None, interpret=False,
+                           config=None, num_splits=None):
+  """Same semantics as `reference.ragged_paged_attention`, with the KV pool layout documented there.
+
+  Rows outside the live query rows keep the value they have in `out_TNH`
+  (zeros when it is None): the kernels never write them.
+  `config` (a `tuning.GpuConfig`) and `num_splits` override the tuned choice.
+  """
+  num_tokens, num_heads, head_dim = q_TNH.shape
+  _, page_size, num_combined, _ = kv_pages_PSCH.shape
+  num_kv_heads = num_combined // 2
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+  why_not = supports(q_TNH, kv_pages_PSCH)
+  if why_not:
+    raise ValueError(why_not)
+  group = num_heads // num_kv_heads
+  if config is None:
+    config = tuning.gpu_config(head_dim, page_size, group)
+  max_seqs, pages_per_seq = page_indices_BP.shape
+  if num_splits is None:
+    max_blocks = -(-pages_per_seq * page_size // config.decode.block_n)
+    num_splits = tuning.gpu_num_splits(max_seqs, num_kv_heads, max_blocks, config.max_splits)
+  if out_TNH is None:
+    out_TNH = jnp.zeros(q_TNH.shape, q_TNH.dtype)
+  kv_lens_B = kv_lens_B.astype(jnp.int32)
+  page_indices_BP = page_indices_BP.astype(jnp.int32)
+  cu_q_lens_E = cu_q_lens_E.astype(jnp.int32)
+  decode_q = config.decode.block_m // group
+  decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
+                           num_tokens=num_tokens, decode_q=decode_q, prefill_q=config.prefill.block_m // group)
+  common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+  meta = (kv_lens_B, page_indices_BP, cu_q_lens_E)
+  out_TNH = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
+  if num_splits == 1:
+    return _launch(decode, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.decode, num_splits=1, **common)
+  o_SWKMH, lse_SWKM = _launch(decode, q_TNH, kv_pages_PSCH, *meta, None, blocks=config.decode,
+                              num_splits=num_splits, **common)
+  return _combine(o_SWKMH, lse_SWKM, decode, cu_q_lens_E, out_TNH, group=group, block_q=decode_q)

@@ -1,0 +1,417 @@
+"""Benchmarks ragged paged attention on a GPU: our kernel, the copy-bandwidth ceiling, JAX's shipped kernels.
+
+Run on the GPU machine from the source tree:
+
+    PYTHONPATH=. python tools/bench_kernels.py --out_dir=/tmp/bench [--sweep]
+
+It first checks the compiled kernel against the reference on the GPU (the
+test shapes, then every benchmark case), then times each case with our
+kernel and the baselines in the same process, and prints one table. Results
+go to OUT_DIR/kernels.md (the table, with device, JAX version and date) and
+OUT_DIR/kernels.json (everything). `--sweep` also times the block-size
+candidates of `tuning.py`, which is how its table was produced.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from pallas_kernels.ragged_paged_attention import gpu, reference, tuning  # noqa: E402
+from tests.kernels import rpa_cases  # noqa: E402
+
+_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_kernels", "where kernels.md and kernels.json go")
+_SWEEP = flags.DEFINE_bool("sweep", False, "also time the block-size candidates of tuning.py")
+_QUICK = flags.DEFINE_bool("quick", False, "tiny cases: a smoke run of this script")
+_INTERPRET = flags.DEFINE_bool("interpret", False, "run our kernel in interpret mode (with --quick, on a CPU)")
+
+_LOG = []
+
+
+def log(msg):
+  print(msg, flush=True)
+  _LOG.append(msg)
+
+
+def time_fn(fn, *args, reps=10, rounds=5):
+  """Median over rounds of the mean time of `reps` back-to-back calls, in seconds."""
+  jax.block_until_ready(fn(*args))
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  return float(np.median(times))
+
+
+# ---------------------------------------------------------------- ceilings
+
+def copy_ceilings(nbytes):
+  res = {}
+  try:
+    import torch
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+      dst.copy_(src)
+    times = []
+    for _ in range(10):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      dst.copy_(src)
+      end.record()
+      end.synchronize()
+      times.append(start.elapsed_time(end) / 1e3)
+    res["torch_copy_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
+    del src, dst
+    torch.cuda.empty_cache()
+  except Exception as e:  # noqa: BLE001 - a missing torch leaves the JAX figure
+    res["torch_copy_error"] = repr(e)
+  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+  t = time_fn(jax.jit(lambda x: -x), x)
+  res["jax_elementwise_TBps"] = 2 * nbytes / t / 1e12
+  del x
+  res["ceiling_TBps"] = max(v for k, v in res.items() if k.endswith("TBps"))
+  return res
+
+
+# ---------------------------------------------------------------- cases
+
+@dataclasses.dataclass
+class BenchCase:
+  name: str
+  seqs: list
+  num_heads: int = 32
+  num_kv_heads: int = 8
+  head_dim: int = 128
+  page_size: int = 16
+  kind: str = "decode"  # decode | prefill | mixed
+
+
+def build(case, dtype=jnp.bfloat16, seed=0):
+  """Device arrays of a case: random pool and queries, randomly permuted page tables."""
+  rng = np.random.default_rng(seed)
+  q_lens = np.array([q for q, _ in case.seqs], np.int32)
+  kv_lens = np.array([k for _, k in case.seqs], np.int32)
+  pages_B = -(-kv_lens // case.page_size)
+  pages_per_seq = int(pages_B.max())
+  num_pages = int(pages_B.sum())
+  order = rng.permutation(num_pages).astype(np.int32)
+  page_indices = np.zeros((len(case.seqs), pages_per_seq), np.int32)
+  ends = np.cumsum(pages_B)
+  for b in range(len(case.seqs)):
+    page_indices[b, :pages_B[b]] = order[ends[b] - pages_B[b]:ends[b]]
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  kv = jax.random.normal(k1, (num_pages, case.page_size, 2 * case.num_kv_heads, case.head_dim), dtype)
+  q = jax.random.normal(k2, (int(q_lens.sum()), case.num_heads, case.head_dim), dtype)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  return dict(q_TNH=q, kv_pages_PSCH=kv, kv_lens_B=jnp.asarray(kv_lens), page_indices_BP=jnp.asarray(page_indices),
+              cu_q_lens_E=jnp.asarray(cu), num_seqs=jnp.asarray([len(case.seqs)], jnp.int32))
+
+
+def args_of(a):
+  return (a["q_TNH"], a["kv_pages_PSCH"], a["kv_lens_B"], a["page_indices_BP"], a["cu_q_lens_E"], a["num_seqs"])
+
+
+def bytes_and_flops(case, itemsize=2):
+  kv = sum(k for _, k in case.seqs) * case.num_kv_heads * 2 * case.head_dim * itemsize
+  qo = 2 * sum(q for q, _ in case.seqs) * case.num_heads * case.head_dim * itemsize
+  visible = sum(sum(k - q + 1 + r for r in range(q)) for q, k in case.seqs)
+  return kv + qo, 4 * case.head_dim * case.num_heads * visible
+
+
+def groups_of(case):
+  """Sequences grouped by query length (static), for the XLA gather-then-attend path."""
+  groups = {}
+  for b, (q, _) in enumerate(case.seqs):
+    groups.setdefault(q, []).append(b)
+  return tuple((q, tuple(ids)) for q, ids in sorted(groups.items()))
+
+
+@functools.partial(jax.jit, static_argnames=("groups", "sm_scale", "exact"))
+def xla_attend(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, *, groups, sm_scale, exact):
+  """Gather each sequence's pages, attend densely; one batched einsum per group of equal query length.
+
+  exact=True computes in float32 at highest precision (the check for large
+  cases, where the reference's per-token gather would not fit); False keeps
+  the input dtype with float32 accumulation (the baseline).
+  """
+  del num_seqs
+  num_tokens, num_heads, head_dim = q_TNH.shape
+  _, page_size, num_combined, _ = kv_pages_PSCH.shape
+  num_kv_heads = num_combined // 2
+  group = num_heads // num_kv_heads
+  prec = jax.lax.Precision.HIGHEST if exact else None
+  cdt = jnp.float32 if exact else q_TNH.dtype
+  out_TNH = jnp.zeros(q_TNH.shape, q_TNH.dtype)
+  for q_len, ids in groups:
+    sel_b = jnp.asarray(ids, jnp.int32)
+    nb = len(ids)
+    kv_bXCH = kv_pages_PSCH[page_indices_BP[sel_b]].reshape(nb, -1, num_combined, head_dim).astype(cdt)
+    k_bXKH, v_bXKH = kv_bXCH[:, :, 0::2], kv_bXCH[:, :, 1::2]
+    t_bQ = cu_q_lens_E[sel_b][:, None] + jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    q_bQKGH = q_TNH[t_bQ].reshape(nb, q_len, num_kv_heads, group, head_dim).astype(cdt)
+    s_bKGQX = jnp.einsum("bqkgh,bxkh->bkgqx", q_bQKGH, k_bXKH, precision=prec,
+                         preferred_element_type=jnp.float32) * sm_scale
+    pos_bQ = kv_lens_B[sel_b][:, None] - q_len + jnp.arange(q_len, dtype=jnp.int32)[None, :]
+    x_X = jnp.arange(k_bXKH.shape[1], dtype=jnp.int32)
+    mask_bQX = (x_X[None, None, :] <= pos_bQ[:, :, None])
+    s_bKGQX = jnp.where(mask_bQX[:, None, None], s_bKGQX, -1e30)
+    p_bKGQX = jax.nn.softmax(s_bKGQX, axis=-1).astype(cdt)
+    o_bQKGH = jnp.einsum("bkgqx,bxkh->bqkgh", p_bKGQX, v_bXKH, precision=prec, preferred_element_type=jnp.float32)
+    out_TNH = out_TNH.at[t_bQ].set(o_bQKGH.reshape(nb, q_len, num_heads, head_dim).astype(q_TNH.dtype))
+  return out_TNH
+
+
+def rel_err(a, b):
+  return rpa_cases.relative_error(np.asarray(a, np.float32), np.asarray(b, np.float32))
+
+
+# ---------------------------------------------------------------- correctness on the GPU
+
+def check_test_shapes():
+  """The test matrix, compiled for the GPU, against the reference. Returns rows."""
+  rows = []
+  combos = []
+  for name in rpa_cases.SEQS:
+    for dtype in (jnp.float32, jnp.bfloat16):
+      combos.append((name, dtype, 8, 2, 64, {}))
+  combos += [("mixed", jnp.bfloat16, 8, 8, 128, {}), ("mixed", jnp.bfloat16, 8, 1, 128, {}),
+             ("mixed", jnp.float32, 4, 1, 64, {}),
+             ("mixed", jnp.float32, 8, 2, 64, dict(sliding_window=8)),
+             ("mixed", jnp.float32, 8, 2, 64, dict(soft_cap=5.0)),
+             ("decode_only", jnp.float32, 8, 2, 128, dict(num_splits=4)),
+             ("mixed", jnp.bfloat16, 8, 2, 128, dict(num_splits=2, sliding_window=16, soft_cap=20.0))]
+  if _QUICK.value:
+    combos = combos[:1] + combos[-1:]
+  for name, dtype, nh, nkv, hd, kw in combos:
+    label = f"{name} {jnp.dtype(dtype).name} N={nh} K={nkv} H={hd} {kw}"
+    try:
+      c = rpa_cases.make_case(1, rpa_cases.SEQS[name], num_heads=nh, num_kv_heads=nkv, head_dim=hd, page_size=8,
+                              dtype=dtype)
+      ref_kw = {k: v for k, v in kw.items() if k != "num_splits"}
+      ref = jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=hd**-0.5, **ref_kw))(
+          *c.reference_args())
+      poison = jnp.full(c.q_TNH.shape, jnp.nan, dtype)
+      out = np.asarray(gpu.ragged_paged_attention(*c.args(), sm_scale=hd**-0.5, out_TNH=poison,
+                                                  interpret=_INTERPRET.value, **kw), np.float32)
+      live = c.live_rows
+      err = rel_err(out[:live], ref[:live])
+      tol = 1e-5 if dtype == jnp.float32 else 1e-2
+      ok = err <= tol and not np.isnan(out[:live]).any() and np.isnan(out[live:]).all()
+      rows.append(dict(case=label, err=err, tol=tol, ok=bool(ok)))
+    except Exception:  # noqa: BLE001 - one failing shape must not stop the run
+      rows.append(dict(case=label, err=None, tol=None, ok=False, error=traceback.format_exc(limit=3)))
+    log(f"  check {label}: {rows[-1].get('err')} ok={rows[-1]['ok']}")
+  return rows
+
+
+# ---------------------------------------------------------------- the benchmark
+
+def bench_cases(quick):
+  if quick:
+    small = dict(num_heads=8, num_kv_heads=2, head_dim=64)
+    return [BenchCase("decode 4x128 p16", [(1, 128)] * 4, **small),
+            BenchCase("prefill 1x128", [(128, 128)], kind="prefill", **small),
+            BenchCase("mixed 2x32+6 decodes @128", [(32, 128)] * 2 + [(1, 128)] * 6, kind="mixed", **small)]
+  return [
+      BenchCase("decode 64x2048 H128 p16", [(1, 2048)] * 64),
+      BenchCase("decode 64x2048 H128 p32", [(1, 2048)] * 64, page_size=32),
+      BenchCase("decode 64x2048 H128 p64", [(1, 2048)] * 64, page_size=64),
+      BenchCase("decode 256x1024 H64 p16", [(1, 1024)] * 256, head_dim=64),
+      BenchCase("prefill 4x4096 causal", [(4096, 4096)] * 4, kind="prefill"),
+      BenchCase("mixed 8x512 + 248 decodes @2048", [(512, 2048)] * 8 + [(1, 2048)] * 248, kind="mixed"),
+      BenchCase("  mixed: prefill part 8x512 @2048", [(512, 2048)] * 8, kind="prefill"),
+      BenchCase("  mixed: decode part 248 @2048", [(1, 2048)] * 248),
+  ]
+
+
+def ours_fn(case, **kw):
+  sm_scale = case.head_dim**-0.5
+  return jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale, interpret=_INTERPRET.value, **kw))
+
+
+def run_case(case, ceiling):
+  from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
+  a = build(case)
+  args = args_of(a)
+  sm_scale = case.head_dim**-0.5
+  nbytes, flops = bytes_and_flops(case)
+  row = dict(case=case.name, bytes=nbytes, flops=flops)
+  exact = xla_attend(*args, groups=groups_of(case), sm_scale=sm_scale, exact=True)
+  ours = ours_fn(case)
+  out = ours(*args)
+  row["err"] = rel_err(out, exact)
+  row["ok"] = row["err"] <= 1e-2
+  t = time_fn(ours, *args)
+  row.update(ours_us=t * 1e6, ours_TBps=nbytes / t / 1e12, ours_frac=nbytes / t / 1e12 / ceiling,
+             ours_TFLOPs=flops / t / 1e12)
+  try:
+    xla = jax.jit(functools.partial(xla_attend, groups=groups_of(case), sm_scale=sm_scale, exact=False))
+    row["xla_err"] = rel_err(xla(*args), exact)
+    row["xla_us"] = time_fn(xla, *args, reps=3, rounds=3) * 1e6
+  except Exception as e:  # noqa: BLE001
+    row["xla_error"] = repr(e)[:300]
+  if case.kind == "decode":
+    try:
+      kv = a["kv_pages_PSCH"]
+      k_pages = jnp.transpose(kv[:, :, 0::2], (2, 0, 1, 3))
+      v_pages = jnp.transpose(kv[:, :, 1::2], (2, 0, 1, 3))
+      q_scaled = (a["q_TNH"].astype(jnp.float32) * sm_scale).astype(a["q_TNH"].dtype)
+      fn = jax.jit(functools.partial(jax_paged.paged_attention, interpret=_INTERPRET.value))
+      pa_args = (q_scaled, k_pages, v_pages, a["page_indices_BP"], a["kv_lens_B"])
+      row["jax_paged_err"] = rel_err(fn(*pa_args), exact)
+      t = time_fn(fn, *pa_args)
+      row.update(jax_paged_us=t * 1e6, jax_paged_TBps=nbytes / t / 1e12)
+    except Exception as e:  # noqa: BLE001
+      row["jax_paged_error"] = repr(e)[:300]
+  if case.kind == "prefill" and all(q == k for q, k in case.seqs) and len({q for q, _ in case.seqs}) == 1:
+    try:
+      nb, seq_len = len(case.seqs), case.seqs[0][0]
+      kv_bXCH = a["kv_pages_PSCH"][a["page_indices_BP"]].reshape(nb, seq_len, 2 * case.num_kv_heads, case.head_dim)
+      k, v = kv_bXCH[:, :, 0::2], kv_bXCH[:, :, 1::2]
+      q = a["q_TNH"].reshape(nb, seq_len, case.num_heads, case.head_dim)
+      fn = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=sm_scale, is_causal=True,
+                                     implementation="cudnn"))
+      row["cudnn_err"] = rel_err(fn(q, k, v).reshape(out.shape), exact)
+      t = time_fn(fn, q, k, v)
+      row.update(cudnn_us=t * 1e6, cudnn_TFLOPs=flops / t / 1e12)
+    except Exception as e:  # noqa: BLE001
+      row["cudnn_error"] = repr(e)[:300]
+  return row
+
+
+def sweep(cases):
+  """Times the tuning candidates: decode tiles x splits on decode cases, prefill tiles on prefill cases."""
+  rows = []
+  for case in cases:
+    a = build(case)
+    args = args_of(a)
+    exact = xla_attend(*args, groups=groups_of(case), sm_scale=case.head_dim**-0.5, exact=True)
+    group = case.num_heads // case.num_kv_heads
+    base = tuning.gpu_config(case.head_dim, case.page_size, group)
+    if case.kind == "decode":
+      variants = [(dataclasses.replace(base, decode=d), s) for d in tuning.GPU_SWEEP_DECODE for s in (1, 2, 4)]
+    else:
+      variants = [(dataclasses.replace(base, prefill=p), 1) for p in tuning.GPU_SWEEP_PREFILL]
+    for cfg, splits in variants:
+      blocks = cfg.decode if case.kind == "decode" else cfg.prefill
+      label = f"m{blocks.block_m} n{blocks.block_n} w{blocks.num_warps} st{blocks.num_stages} splits{splits}"
+      try:
+        fn = ours_fn(case, config=cfg, num_splits=splits)
+        err = rel_err(fn(*args), exact)
+        t = time_fn(fn, *args)
+        rows.append(dict(case=case.name, variant=label, us=t * 1e6, err=err))
+      except Exception as e:  # noqa: BLE001
+        rows.append(dict(case=case.name, variant=label, error=repr(e)[:300]))
+      log(f"  sweep {case.name} {label}: {rows[-1].get('us')} err={rows[-1].get('err')}")
+  return rows
+
+
+def write_kv_cost(case):
+  """Time of the separate scatter of one step's new keys and values (write_kv_pages) for this case's tokens."""
+  from pallas_kernels.ragged_paged_attention import write_kv_pages
+  a = build(case)
+  kv = a["kv_pages_PSCH"]
+  num_tokens = a["q_TNH"].shape[0]
+  k = jax.random.normal(jax.random.key(3), (num_tokens, case.num_kv_heads, case.head_dim), kv.dtype)
+  slots = jax.random.permutation(jax.random.key(4), kv.shape[0] * kv.shape[1])[:num_tokens].astype(jnp.int32)
+  fn = jax.jit(write_kv_pages, donate_argnums=0)
+  kv = fn(kv, k, k, slots)
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(10):
+      kv = fn(kv, k, k, slots)
+    kv.block_until_ready()
+    times.append((time.perf_counter() - t0) / 10)
+  return float(np.median(times)) * 1e6
+
+
+def fmt(v, spec=".1f"):
+  return "" if v is None else format(v, spec)
+
+
+def markdown(meta, ceilings, checks, rows, sweeps, kv_write):
+  lines = [f"Device: {meta['device']}; JAX {meta['jax']}; {meta['date']}.", "",
+           f"Copy ceiling: {ceilings['ceiling_TBps']:.2f} TB/s (PyTorch device-to-device copy "
+           f"{fmt(ceilings.get('torch_copy_TBps'), '.2f')} TB/s, JAX elementwise pass "
+           f"{ceilings['jax_elementwise_TBps']:.2f} TB/s; bytes read plus written).", "",
+           "| case | ours us | bytes MB | ours TB/s | % of copy | ours TFLOP/s | JAX paged us (TB/s) "
+           "| cuDNN us (TFLOP/s) | XLA gather us | err vs exact |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    if "ours_us" not in r:
+      lines.append(f"| {r['case']} | failed: {r.get('error', '')[:80]} | | | | | | | | |")
+      continue
+    pa = f"{r['jax_paged_us']:.1f} ({r['jax_paged_TBps']:.2f})" if "jax_paged_us" in r else ""
+    cd = f"{r['cudnn_us']:.1f} ({r['cudnn_TFLOPs']:.0f})" if "cudnn_us" in r else ""
+    lines.append(f"| {r['case']} | {r['ours_us']:.1f} | {r['bytes'] / 1e6:.0f} | {r['ours_TBps']:.2f} | "
+                 f"{100 * r['ours_frac']:.0f}% | {r['ours_TFLOPs']:.0f} | {pa} | {cd} | {fmt(r.get('xla_us'))} | "
+                 f"{r['err']:.1e} |")
+  lines += ["", f"Separate KV write (write_kv_pages scatter): {kv_write}", "",
+            f"GPU correctness on the test shapes: {sum(c['ok'] for c in checks)} of {len(checks)} pass."]
+  for c in checks:
+    if not c["ok"]:
+      lines.append(f"- FAILED {c['case']}: err={c.get('err')} {c.get('error', '')[-300:]}")
+  if sweeps:
+    lines += ["", "| sweep case | variant | us | err |", "| --- | --- | --- | --- |"]
+    lines += [f"| {s['case']} | {s['variant']} | {fmt(s.get('us'))} | {s.get('err', s.get('error', ''))} |"
+              for s in sweeps]
+  return "\n".join(lines) + "\n"
+
+
+def dump(**results):
+  with open(os.path.join(_OUT_DIR.value, "kernels.json"), "w") as f:
+    json.dump(dict(results, log=_LOG), f, indent=1, default=str)
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  dev = jax.devices()[0]
+  meta = dict(device=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
+              backend=jax.default_backend())
+  log(f"{meta}")
+  ceilings = copy_ceilings((256 << 20) if _QUICK.value else (4 << 30))
+  log(f"ceilings {ceilings}")
+  checks = check_test_shapes()
+  dump(meta=meta, ceilings=ceilings, checks=checks)
+  cases = bench_cases(_QUICK.value)
+  rows = []
+  for case in cases:
+    try:
+      rows.append(run_case(case, ceilings["ceiling_TBps"]))
+    except Exception:  # noqa: BLE001
+      rows.append(dict(case=case.name, error=traceback.format_exc(limit=4)))
+    log(f"  case {rows[-1]}")
+    dump(meta=meta, ceilings=ceilings, checks=checks, rows=rows)
+  kv_write = {}
+  for case in (cases[0], cases[4] if len(cases) > 4 else cases[1]):
+    try:
+      kv_write[case.name] = f"{write_kv_cost(case):.1f} us"
+    except Exception as e:  # noqa: BLE001
+      kv_write[case.name] = repr(e)[:200]
+  sweeps = sweep([cases[0], cases[3], cases[4]] if not _QUICK.value else cases[:2]) if _SWEEP.value else []
+  md = markdown(meta, ceilings, checks, rows, sweeps, kv_write)
+  with open(os.path.join(_OUT_DIR.value, "kernels.md"), "w") as f:
+    f.write(md)
+  dump(meta=meta, ceilings=ceilings, checks=checks, rows=rows, sweeps=sweeps, kv_write=kv_write)
+  print(md)
+
+
+if __name__ == "__main__":
+  app.run(main)
