@@ -24,8 +24,9 @@ class Layout:
     return self.max_seqs * self.pages_per_seq
 
 
-def step_inputs(chunks: list[list[int]], starts: list[int], layout: Layout) -> StepInputs:
-  """Inputs of one step in which sequence i appends `chunks[i]` at position `starts[i]`."""
+def step_inputs(chunks: list[list[int]], starts: list[int], layout: Layout, seq_ids=None) -> StepInputs:
+  """Inputs of one step in which sequence `seq_ids[i]` (default i) appends `chunks[i]` at `starts[i]`."""
+  seq_ids = range(len(chunks)) if seq_ids is None else seq_ids
   t, b, ps = layout.num_tokens, layout.max_seqs, layout.page_size
   tok = np.zeros(t, np.int32)
   pos = np.zeros(t, np.int32)
@@ -33,7 +34,9 @@ def step_inputs(chunks: list[list[int]], starts: list[int], layout: Layout) -> S
   cu = np.zeros(b + 1, np.int32)
   kv = np.zeros(b, np.int32)
   last = np.zeros(b, np.int32)
-  pages = np.arange(b * layout.pages_per_seq, dtype=np.int32).reshape(b, layout.pages_per_seq)
+  all_pages = np.arange(b * layout.pages_per_seq, dtype=np.int32).reshape(b, layout.pages_per_seq)
+  pages = np.zeros_like(all_pages)
+  pages[:len(chunks)] = all_pages[list(seq_ids)]
   row = 0
   for i, (chunk, start) in enumerate(zip(chunks, starts)):
     for j, token in enumerate(chunk):
@@ -49,16 +52,23 @@ def step_inputs(chunks: list[list[int]], starts: list[int], layout: Layout) -> S
                     page_indices_BP=pages, num_seqs=np.array([len(chunks)], np.int32), logits_indices_B=last)
 
 
-def greedy(step, prompts: list[list[int]], num_new: int, layout: Layout):
-  """Runs `step(StepInputs) -> logits_BV` (which keeps its own KV pool) greedily.
+def greedy(run, prompts: list[list[int]], num_new: int, layout: Layout, groups=None):
+  """Decodes `prompts` greedily; `run([StepInputs, ...]) -> [logits_BV, ...]` keeps its own KV pools.
 
-  Returns (the new tokens of each prompt, the logits of every step stacked [steps, B, V]).
+  `groups` splits the sequences into micro-batches or replicas (default: one
+  group of all); each step passes one StepInputs per group. Returns the new
+  tokens of each prompt and the logits of every step, [steps, num prompts, V].
   """
+  groups = groups or [list(range(len(prompts)))]
   out = [[] for _ in prompts]
   all_logits = []
   chunks, starts = [list(p) for p in prompts], [0] * len(prompts)
   for _ in range(num_new):
-    logits_BV = np.asarray(step(step_inputs(chunks, starts, layout)))[:len(prompts)]
+    batches = [step_inputs([chunks[i] for i in g], [starts[i] for i in g], layout, g) for g in groups]
+    logits = [np.asarray(x) for x in run(batches)]
+    logits_BV = np.zeros((len(prompts), logits[0].shape[-1]), np.float32)
+    for g, x in zip(groups, logits):
+      logits_BV[g] = x[:len(g)]
     all_logits.append(logits_BV)
     next_tokens = logits_BV.argmax(-1)
     starts = [s + len(c) for s, c in zip(starts, chunks)]

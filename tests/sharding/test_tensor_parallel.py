@@ -6,6 +6,7 @@ check its report.
 
 import pytest
 
+from sharding.costs import Layout, stage_params_per_device
 from tests.sharding.subprocess_util import run_worker
 from tests.sharding.test_rules import EXPECTED
 from tests.sharding.tp_worker import DEGREES, VARIANTS
@@ -68,6 +69,7 @@ def test_weight_memory_per_device_is_the_expected_fraction(report, variant, tp):
   assert len(per_device) == tp
   expected = expected_weight_bytes_per_device(VARIANTS[variant], tp)
   assert set(per_device.values()) == {expected}
+  assert expected == 4 * stage_params_per_device(VARIANTS[variant], Layout(1, 1, tp))[0]  # the planner agrees
   if tp == 8 and variant == "llama_gqa":
     total = expected_weight_bytes_per_device(VARIANTS[variant], 1)
     assert 0.125 < expected / total < 0.15  # 1/8 plus the norms and the replicated KV heads

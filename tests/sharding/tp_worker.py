@@ -43,9 +43,10 @@ def make_step(params, caches, cfg, mesh):
   jitted = jax.jit(step_fn, donate_argnums=1)
   state = {"caches": caches}
 
-  def step(inputs):
+  def step(batches):
+    (inputs,) = batches
     logits, state["caches"] = jitted(params, state["caches"], inputs)
-    return logits
+    return [logits]
 
   return step, state
 
