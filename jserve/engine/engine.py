@@ -19,7 +19,8 @@ from jserve.config import ModelConfig, load_model_config
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.memory import size_kv_pool
 from jserve.engine.outputs import OutputProcessor
-from jserve.engine.request import FinishReason, Request, RequestOutput, RequestStatus, SamplingParams
+from jserve.engine.request import (MAX_EOS_TOKEN_IDS, FinishReason, Request, RequestOutput, RequestStatus,
+                                   SamplingParams)
 from jserve.engine.runner import ModelRunner, RunnerConfig
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
@@ -65,6 +66,27 @@ class EngineConfig:
     return self.model or DEFAULT_MODEL_DIR
 
 
+class _KVCacheManager(KVCacheManager):
+  """The page pool, except that a request asking for prompt logprobs computes its whole prompt:
+  positions served from the prefix cache would have no logits."""
+
+  def find_cached_prefix(self, req: Request) -> list[int]:
+    if req.params.prompt_logprobs is not None:
+      return []
+    return super().find_cached_prefix(req)
+
+
+@dataclasses.dataclass
+class _Group:
+  """The n completions of one user request, each a child `Request`."""
+
+  n: int
+  stream: bool
+  deferred: list  # children that wait for the first child's prompt pages (prefix caching shares them)
+  finals: dict = dataclasses.field(default_factory=dict)  # index -> final CompletionOutput
+  prompt_logprobs: list | None = None
+
+
 def _enable_compilation_cache(path: str | None):
   if not path:
     return
@@ -89,6 +111,8 @@ class LLMEngine:
                         f"max_position_embeddings={cfg.max_position_embeddings}")
     self.max_num_batched_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
     self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
+    if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
+      raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
     logging.info("loading %s from %s", cfg.architecture, model_dir)
     self.params = load_params(model_dir, cfg, config.dtype)
     kv_dtype = resolve_dtype(config.dtype)
@@ -104,7 +128,7 @@ class LLMEngine:
     logging.info("KV pool: %d pages of %d tokens = %d tokens; %.1f sequences of max_model_len=%d fit",
                  num_pages - 1, config.page_size, (num_pages - 1) * config.page_size,
                  (num_pages - 1) / pages_per_max_seq, self.max_model_len)
-    self.kv = KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
+    self.kv = _KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
     self.scheduler = Scheduler(SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
         max_model_len=self.max_model_len, policy=config.scheduling_policy), self.kv)
@@ -115,6 +139,8 @@ class LLMEngine:
     self.runner.compile_all(progress)
     self.outputs = OutputProcessor(self.tokenizer)
     self.requests: dict[str, Request] = {}
+    self._groups: dict[str, _Group] = {}  # user request id -> its children, when n > 1
+    self._grammar = None  # a GrammarBackend, made when the first structured request arrives
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
     self.num_steps = 0
@@ -126,7 +152,7 @@ class LLMEngine:
     """Validates and queues a request; raises InvalidRequestError / CapacityError if it can never run."""
     params = params or SamplingParams()
     request_id = str(next(self._ids)) if request_id is None else str(request_id)
-    if request_id in self.requests:
+    if request_id in self.requests or request_id in self._groups:
       raise InvalidRequestError(f"request_id {request_id!r} is already in use")
     if isinstance(prompt, str):
       if not prompt:
@@ -159,20 +185,66 @@ class LLMEngine:
     if need > self.kv.num_usable_pages:
       raise CapacityError(f"request {request_id} needs {need} KV pages, the whole pool has "
                           f"{self.kv.num_usable_pages}")
-    seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
-    req = Request(request_id, token_ids, params, prompt=text, priority=priority, arrival_time=arrival_time,
-                  eos_token_ids=self.eos_token_ids, seed=seed & 0x7FFFFFFF)
-    self.requests[request_id] = req
-    self.outputs.add(req, stream=stream)
-    self.scheduler.add(req)
+    if params.stop_token_ids:
+      bad = [t for t in params.stop_token_ids if t >= vocab]
+      if bad:
+        raise InvalidRequestError(f"stop_token_ids token id {bad[0]} is outside the vocabulary [0, {vocab})")
+    children = self._make_children(request_id, token_ids, text, params, priority, arrival_time)
+    if len(children) > 1:
+      share = self.config.enable_prefix_caching
+      self._groups[request_id] = _Group(n=len(children), stream=stream, deferred=children[1:] if share else [])
+    for i, req in enumerate(children):
+      self.requests[req.request_id] = req
+      self.outputs.add(req, stream=stream)
+      if i == 0 or request_id not in self._groups or not self._groups[request_id].deferred:
+        self.scheduler.add(req)
     return request_id
 
+  def _make_children(self, request_id, token_ids, text, params, priority, arrival_time) -> list[Request]:
+    """One Request per completion; children of n > 1 get ids "<id>-<index>" and seeds seed + index."""
+    n = params.n
+    base_seed = params.seed if params.seed is not None else int(self._seed_rng.integers(0, 2**31 - 1))
+    children = []
+    for index in range(n):
+      child_params = params
+      if index > 0 and params.prompt_logprobs is not None:
+        # One child reports the prompt's logprobs; the others may then share its prefix pages.
+        child_params = dataclasses.replace(params, prompt_logprobs=None)
+      rid = request_id if n == 1 else f"{request_id}-{index}"
+      req = Request(rid, token_ids, child_params, prompt=text, priority=priority, arrival_time=arrival_time,
+                    eos_token_ids=self.eos_token_ids, seed=(base_seed + index) & 0x7FFFFFFF, index=index,
+                    parent_id=request_id if n > 1 else None)
+      if params.structured:
+        req.grammar = self._grammar_backend().matcher(params)
+      children.append(req)
+    return children
+
+  def _grammar_backend(self):
+    if self._grammar is None:
+      from jserve.engine.structured_output import GrammarBackend
+      self._grammar = GrammarBackend(self.config.model_dir, self.model_config.vocab_size, self.eos_token_ids)
+    return self._grammar
+
   def abort(self, request_id: str) -> RequestOutput | None:
-    """Stops a request and frees its pages at once. Unknown or finished ids are ignored."""
-    req = self.requests.pop(str(request_id), None)
+    """Stops a request (all its completions) and frees its pages at once. Unknown or finished ids are ignored."""
+    request_id = str(request_id)
+    group = self._groups.pop(request_id, None)
+    if group is None:
+      return self._abort_one(request_id)
+    outputs = list(group.finals.values())
+    for index in range(group.n):
+      out = self._abort_one(f"{request_id}-{index}")
+      if out is not None:
+        outputs += out.outputs
+    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[], finished=True,
+                         outputs=sorted(outputs, key=lambda c: c.index))
+
+  def _abort_one(self, request_id: str) -> RequestOutput | None:
+    req = self.requests.pop(request_id, None)
     if req is None:
       return None
     self.scheduler.remove(req)
+    self.runner.release(req.request_id)
     req.status = RequestStatus.FINISHED
     req.finish_reason = FinishReason.ABORT
     return self.outputs.finish(req)
@@ -186,25 +258,72 @@ class LLMEngine:
     batch = self.scheduler.schedule()
     if not batch:
       return []
-    inputs, sampling = self.runner.build(batch.requests, batch.num_new_tokens, self.kv.page_tables)
-    tokens_B, logprobs_B = self.runner.execute(inputs, sampling)
-    tokens_B, logprobs_B = np.asarray(tokens_B), np.asarray(logprobs_B)
+    sampling_rows = [i for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
+                     if req.num_computed_tokens + n >= req.num_tokens]
+    constrained = {batch.requests[i].request_id for i in sampling_rows if batch.requests[i].grammar is not None}
+    inputs, sampling, tokens, plan = self.runner.build(batch.requests, batch.num_new_tokens, self.kv.page_tables,
+                                                       constrained)
+    if constrained:
+      rows = [(i, batch.requests[i].grammar) for i in sampling_rows if batch.requests[i].request_id in constrained]
+      self.runner.set_mask(self._grammar.fill_async(rows, len(sampling.temperature_B)))
+    out, prompt = self.runner.execute(inputs, sampling, tokens)
+    result = self.runner.fetch(out, prompt, plan)
     self.num_steps += 1
     now = time.monotonic()
     results = []
     for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
       req.num_computed_tokens += n
       self.kv.cache_full_pages(req)
+      if req.request_id in plan.prompt_rows:
+        offset, count, first = plan.prompt_rows[req.request_id]
+        rows = slice(offset, offset + count)
+        self.outputs.add_prompt_logprobs(req, first, result.prompt_logprobs[rows], result.prompt_top_ids[rows],
+                                         result.prompt_top_logprobs[rows])
+      self._release_deferred(req)
       if req.num_computed_tokens < req.num_tokens:
         continue  # a prompt chunk: nothing sampled yet
-      token = int(tokens_B[i])
+      token = int(result.tokens[i])
       req.all_token_ids.append(token)
       if req.first_token_time is None:
         req.first_token_time = now
-      out = self.outputs.append(req, token, float(logprobs_B[i]), self.max_model_len)
+      if result.logprobs is not None:
+        out = self.outputs.append(req, token, self.max_model_len, float(result.logprobs[i]), result.top_ids[i],
+                                  result.top_logprobs[i])
+      else:
+        out = self.outputs.append(req, token, self.max_model_len)
       if req.is_finished:
         self.scheduler.remove(req)
+        self.runner.release(req.request_id)
         self.requests.pop(req.request_id, None)
+      if out is not None:
+        out = self._to_parent(req, out)
       if out is not None:
         results.append(out)
     return results
+
+  def _release_deferred(self, req: Request):
+    """Queues the other children of an n > 1 request once the first has its prompt in cached pages."""
+    group = self._groups.get(req.parent_id) if req.parent_id else None
+    if group and group.deferred and req.index == 0 and req.num_computed_tokens >= req.num_prompt_tokens:
+      for child in group.deferred:
+        self.scheduler.add(child)
+      group.deferred = []
+
+  def _to_parent(self, req: Request, out: RequestOutput) -> RequestOutput | None:
+    """A child's output as its parent's: streamed deltas pass through; a non-streamed request reports
+    once, when all its completions are done."""
+    if req.parent_id is None:
+      return out
+    group = self._groups[req.parent_id]
+    group.prompt_logprobs = group.prompt_logprobs or out.prompt_logprobs
+    if out.finished:
+      group.finals[req.index] = out.outputs[0]
+    done = len(group.finals) == group.n
+    if done:
+      del self._groups[req.parent_id]
+    if group.stream:
+      return dataclasses.replace(out, request_id=req.parent_id, finished=done)
+    if not done:
+      return None
+    return dataclasses.replace(out, request_id=req.parent_id, finished=True, prompt_logprobs=group.prompt_logprobs,
+                               outputs=[group.finals[i] for i in range(group.n)])

@@ -2,12 +2,19 @@
 
 import dataclasses
 import enum
+import math
+import numbers
 import time
 from typing import Any
 
 from jserve.errors import InvalidRequestError
 
-MAX_LOGPROBS = 20
+MAX_LOGPROBS = 20  # top alternatives per token, as OpenAI's API and vLLM allow
+# Sizes of the per-request tables the sampler keeps on the device (see sampler.SlotState).
+MAX_LOGIT_BIAS = 300
+MAX_STOP_TOKEN_IDS = 64
+MAX_EOS_TOKEN_IDS = 8
+BIAS_TABLE_SIZE = MAX_LOGIT_BIAS + MAX_STOP_TOKEN_IDS + MAX_EOS_TOKEN_IDS
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -41,13 +48,25 @@ class SamplingParams:
     def bad(field, rule):
       raise InvalidRequestError(f"{field}={getattr(self, field)!r}: {rule}")
 
+    def number(field, integer=False):
+      value = getattr(self, field)
+      kind = numbers.Integral if integer else numbers.Real
+      if isinstance(value, bool) or not isinstance(value, kind):
+        bad(field, "must be an integer" if integer else "must be a number")
+
+    for field in ("n", "min_tokens", "top_k"):
+      number(field, integer=True)
+    for field in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+      number(field)
     if self.n < 1:
       bad("n", "must be at least 1")
-    if self.max_tokens is not None and self.max_tokens < 1:
-      bad("max_tokens", "must be at least 1")
+    if self.max_tokens is not None:
+      number("max_tokens", integer=True)
+      if self.max_tokens < 1:
+        bad("max_tokens", "must be at least 1")
     if self.min_tokens < 0 or (self.max_tokens is not None and self.min_tokens > self.max_tokens):
       bad("min_tokens", "must be in [0, max_tokens]")
-    if not self.temperature >= 0:  # also refuses NaN
+    if not 0 <= self.temperature < math.inf:  # also refuses NaN
       bad("temperature", "must be >= 0 (0 means greedy)")
     if self.top_k < -1:
       bad("top_k", "must be -1 (disabled), 0 (disabled) or positive")
@@ -55,22 +74,69 @@ class SamplingParams:
       bad("top_p", "must be in (0, 1]")
     if not 0 <= self.min_p <= 1:
       bad("min_p", "must be in [0, 1]")
-    if not self.repetition_penalty > 0:
-      bad("repetition_penalty", "must be > 0")
+    if not 0 < self.repetition_penalty < math.inf:
+      bad("repetition_penalty", "must be > 0 (1 disables)")
     if not -2 <= self.presence_penalty <= 2:
       bad("presence_penalty", "must be in [-2, 2]")
     if not -2 <= self.frequency_penalty <= 2:
       bad("frequency_penalty", "must be in [-2, 2]")
+    if self.seed is not None:
+      number("seed", integer=True)
     for field in ("logprobs", "prompt_logprobs"):
       value = getattr(self, field)
-      if value is not None and not 0 <= value <= MAX_LOGPROBS:
-        bad(field, f"must be in [0, {MAX_LOGPROBS}]")
+      if value is not None:
+        number(field, integer=True)
+        if not 0 <= value <= MAX_LOGPROBS:
+          bad(field, f"must be in [0, {MAX_LOGPROBS}]")
+    self._check_logit_bias()
+    self._check_stops()
+    if sum(x is not None for x in (self.json_schema, self.regex, self.grammar)) > 1:
+      raise InvalidRequestError("json_schema, regex and grammar are exclusive: give at most one")
+    if self.structured:
+      from jserve.engine.structured_output import validate  # llguidance loads only when used
+      validate(self)
+
+  def _check_logit_bias(self):
+    if self.logit_bias is None:
+      return
+    if not isinstance(self.logit_bias, dict):
+      raise InvalidRequestError(f"logit_bias={self.logit_bias!r}: must map token ids to biases")
+    if len(self.logit_bias) > MAX_LOGIT_BIAS:
+      raise InvalidRequestError(f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+    bias = {}
+    for token, value in self.logit_bias.items():
+      try:
+        token_id = int(token)  # JSON object keys arrive as strings
+      except (TypeError, ValueError):
+        raise InvalidRequestError(f"logit_bias key {token!r}: must be a token id") from None
+      if token_id < 0:
+        raise InvalidRequestError(f"logit_bias token id {token_id} is negative")
+      if isinstance(value, bool) or not isinstance(value, numbers.Real) or not -100 <= value <= 100:
+        raise InvalidRequestError(f"logit_bias[{token_id}]={value!r}: must be a number in [-100, 100]")
+      bias[token_id] = float(value)
+    self.logit_bias = bias
+
+  def _check_stops(self):
     if isinstance(self.stop, str):
       self.stop = [self.stop]
     if self.stop is not None and not all(isinstance(s, str) and s for s in self.stop):
-      bad("stop", "must be a non-empty string or a list of them")
-    if sum(x is not None for x in (self.json_schema, self.regex, self.grammar)) > 1:
-      raise InvalidRequestError("json_schema, regex and grammar are exclusive: give at most one")
+      raise InvalidRequestError(f"stop={self.stop!r}: must be a non-empty string or a list of them")
+    if self.stop_token_ids is not None:
+      if len(self.stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise InvalidRequestError(f"stop_token_ids has {len(self.stop_token_ids)} entries; at most "
+                                  f"{MAX_STOP_TOKEN_IDS}")
+      if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= 0
+                 for t in self.stop_token_ids):
+        raise InvalidRequestError(f"stop_token_ids={self.stop_token_ids!r}: must be non-negative token ids")
+      self.stop_token_ids = [int(t) for t in self.stop_token_ids]
+
+  @property
+  def structured(self) -> bool:
+    return self.json_schema is not None or self.regex is not None or self.grammar is not None
+
+  @property
+  def penalized(self) -> bool:
+    return self.repetition_penalty != 1 or self.presence_penalty != 0 or self.frequency_penalty != 0
 
   @property
   def greedy(self) -> bool:
@@ -120,8 +186,11 @@ class Request:
 
   def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
-               eos_token_ids: frozenset = frozenset(), seed: int = 0):
+               eos_token_ids: frozenset = frozenset(), seed: int = 0, index: int = 0,
+               parent_id: str | None = None):
     self.request_id = request_id
+    self.index = index  # which of the parent's n completions this is
+    self.parent_id = parent_id  # the id the user gave, when n > 1 split the request into children
     self.prompt = prompt
     self.prompt_token_ids = list(prompt_token_ids)
     self.all_token_ids = list(prompt_token_ids)
@@ -138,6 +207,7 @@ class Request:
     self.stop_reason: int | str | None = None
     self.first_token_time: float | None = None
     self.schedule_time: float | None = None
+    self.grammar = None  # an llguidance matcher when the params ask for structured output
 
   @property
   def num_prompt_tokens(self) -> int:

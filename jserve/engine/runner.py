@@ -10,6 +10,7 @@ updated in place.
 
 import dataclasses
 import functools
+import math
 import time
 
 import jax
@@ -18,11 +19,13 @@ import numpy as np
 from absl import logging
 
 from jserve.config import ModelConfig
-from jserve.engine.request import Request
-from jserve.engine.sampler import SamplingInputs, sample
-from jserve.models.llama import StepInputs, compute_logits, forward
+from jserve.engine.request import BIAS_TABLE_SIZE, Request
+from jserve.engine.sampler import SamplingInputs, SlotState, record_tokens, sample, top_logprobs, write_slots
+from jserve.models.llama import StepInputs, compute_logits, forward_layers, rms_norm
 
 MIN_TOKEN_BUCKET = 16
+PROMPT_LOGPROBS_ROWS = 128  # rows of [rows, V] logits computed at once for prompt_logprobs
+SLOT_WRITE_ROWS = 8  # slot rows written per call when requests with penalties or biases arrive
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -49,15 +52,97 @@ class RunnerConfig:
     return -(-self.max_model_len // self.page_size)
 
 
-def _step(params, kv_caches, inputs: StepInputs, sampling: SamplingInputs, *, cfg: ModelConfig, attn_impl: str):
-  x_BD, kv_caches = forward(params, kv_caches, inputs, cfg, attn_impl=attn_impl)
+@functools.partial(jax.tree_util.register_dataclass,
+                   data_fields=["prompt_slot_T", "output_slot_T", "prompt_target_T"], meta_fields=[])
+@dataclasses.dataclass
+class TokenInputs:
+  """Per-token extras of a step, all int32.
+
+  prompt_slot_T / output_slot_T: the slot a prompt / generated input token is counted in (for
+  penalties); past the slot table where not tracked. prompt_target_T: the next prompt token, whose
+  log-probability this row's logits give (prompt_logprobs), or -1.
+  """
+
+  prompt_slot_T: jax.Array
+  output_slot_T: jax.Array
+  prompt_target_T: jax.Array
+
+
+def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
+  """Log-probability of each row's target and the top alternatives, computed in blocks of rows
+  so that a long prefill never holds [T, V] logits at once."""
+  num_tokens = x_TD.shape[0]
+  rows = math.gcd(num_tokens, PROMPT_LOGPROBS_ROWS)
+  h_TD = rms_norm(x_TD, params["final_norm"], cfg.rms_norm_eps)
+
+  def block(args):
+    h_BD, target_B = args
+    logprobs_BV = jax.nn.log_softmax(compute_logits(params, h_BD, cfg), axis=-1)
+    chosen_B = jnp.take_along_axis(logprobs_BV, jnp.maximum(target_B, 0)[:, None], axis=-1)[:, 0]
+    ids_BA, vals_BA = top_logprobs(logprobs_BV)
+    return chosen_B, ids_BA, vals_BA
+
+  out = jax.lax.map(block, (h_TD.reshape(num_tokens // rows, rows, -1), target_T.reshape(num_tokens // rows, rows)))
+  return tuple(a.reshape(num_tokens, *a.shape[2:]) for a in out)
+
+
+def _step(params, kv_caches, slots: SlotState, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs,
+          *, cfg: ModelConfig, attn_impl: str, mask_callback):
+  x_TD = params["embed"][inputs.token_ids_T]
+  x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl)
+  x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
   logits_BV = compute_logits(params, x_BD, cfg)
-  tokens_B, logprobs_B = sample(logits_BV, sampling)
-  return tokens_B, logprobs_B, kv_caches
+  slots = record_tokens(slots, tokens.prompt_slot_T, tokens.output_slot_T, inputs.token_ids_T)
+  batch, vocab = logits_BV.shape
+  mask_shape = jax.ShapeDtypeStruct((batch, (vocab + 31) // 32), jnp.int32)
+
+  def host_mask(logits_BV):
+    # The logits operand only orders the callback after the forward pass, which it overlaps.
+    return jax.pure_callback(mask_callback, mask_shape, logits_BV[0, 0])
+
+  mask_BW = jax.lax.cond(jnp.any(sampling.use_mask_B), host_mask,
+                         lambda _: jnp.zeros(mask_shape.shape, jnp.int32), logits_BV)
+  out = sample(logits_BV, sampling, slots, mask_BW)
+  num_tokens = x_TD.shape[0]
+  num_alt = out.top_ids_BA.shape[1]
+  no_prompt = (jnp.zeros((num_tokens,), jnp.float32), jnp.zeros((num_tokens, num_alt), jnp.int32),
+               jnp.zeros((num_tokens, num_alt), jnp.float32))
+  prompt = jax.lax.cond(jnp.any(tokens.prompt_target_T >= 0),
+                        lambda x: _prompt_logprobs(params, x, tokens.prompt_target_T, cfg), lambda x: no_prompt, x_TD)
+  return out, prompt, kv_caches, slots
+
+
+@dataclasses.dataclass
+class StepPlan:
+  """What the host needs to read a step's results: which rows asked for logprobs or prompt logprobs."""
+
+  num_seqs: int
+  want_logprobs: bool
+  # request_id -> (first row on the token axis, number of rows, prompt position of the first target)
+  prompt_rows: dict
+
+
+@dataclasses.dataclass
+class StepResult:
+  """A step's results, fetched to the host. Arrays are None where the step did not compute them."""
+
+  tokens: np.ndarray
+  logprobs: np.ndarray | None = None
+  top_ids: np.ndarray | None = None
+  top_logprobs: np.ndarray | None = None
+  prompt_logprobs: np.ndarray | None = None
+  prompt_top_ids: np.ndarray | None = None
+  prompt_top_logprobs: np.ndarray | None = None
+
+
+def _tracked(req: Request) -> bool:
+  """Whether a request needs a slot: penalties need token counts, logit_bias and min_tokens a bias table."""
+  p = req.params
+  return p.penalized or bool(p.logit_bias) or p.min_tokens > 0
 
 
 class ModelRunner:
-  """Owns the params and the KV pool on the device; runs one step per call."""
+  """Owns the params, the KV pool and the sampler's slot state on the device; runs one step per call."""
 
   def __init__(self, cfg: ModelConfig, params: dict, rc: RunnerConfig):
     self.cfg = cfg
@@ -66,7 +151,16 @@ class ModelRunner:
     self.buckets = token_buckets(rc.max_num_batched_tokens)
     shape = (rc.num_pages, rc.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
     self.kv_caches = [jnp.zeros(shape, dtype=rc.kv_dtype) for _ in range(cfg.num_layers)]
-    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl), donate_argnums=(1,))
+    self.num_slots = rc.max_num_seqs
+    self.slots = SlotState.zeros(self.num_slots, cfg.vocab_size, BIAS_TABLE_SIZE)
+    self._slot_of: dict[str, int] = {}
+    self._next_start: dict[str, int] = {}  # where a tracked request's next step starts; else it restarted
+    self._free_slots = list(range(self.num_slots))
+    self._pending_writes: list[tuple] = []
+    self._mask_future = None
+    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mask_callback=self._host_mask),
+                         donate_argnums=(1, 2))
+    self._write_slots = jax.jit(write_slots, donate_argnums=(0,))
 
   def bucket_for(self, num_tokens: int) -> int:
     for b in self.buckets:
@@ -77,6 +171,10 @@ class ModelRunner:
   def num_compiled(self) -> int:
     """Programs compiled so far (a request must never add one after start-up)."""
     return self._step._cache_size()
+
+  def num_seqs_for(self, num_tokens: int) -> int:
+    """Rows of the sequence axis in the bucket of a step with `num_tokens` tokens."""
+    return min(self.rc.max_num_seqs, self.bucket_for(num_tokens))
 
   def _empty_inputs(self, num_tokens: int):
     rc = self.rc
@@ -90,32 +188,119 @@ class ModelRunner:
         page_indices_BP=np.zeros((num_seqs, rc.pages_per_seq), np.int32),
         num_seqs=np.zeros(1, np.int32),
         logits_indices_B=np.zeros(num_seqs, np.int32))
+    f32, i32, b = np.float32, np.int32, np.bool_
     sampling = SamplingInputs(
-        temperature_B=np.zeros(num_seqs, np.float32), top_k_B=np.zeros(num_seqs, np.int32),
-        top_p_B=np.ones(num_seqs, np.float32), min_p_B=np.zeros(num_seqs, np.float32),
-        seed_B=np.zeros(num_seqs, np.int32), position_B=np.zeros(num_seqs, np.int32))
-    return inputs, sampling
+        temperature_B=np.zeros(num_seqs, f32), top_k_B=np.zeros(num_seqs, i32), top_p_B=np.ones(num_seqs, f32),
+        min_p_B=np.zeros(num_seqs, f32), repetition_penalty_B=np.ones(num_seqs, f32),
+        presence_penalty_B=np.zeros(num_seqs, f32), frequency_penalty_B=np.zeros(num_seqs, f32),
+        slot_B=np.full(num_seqs, self.num_slots, i32), use_bias_B=np.zeros(num_seqs, b),
+        ban_stop_B=np.zeros(num_seqs, b), use_mask_B=np.zeros(num_seqs, b), logprobs_B=np.zeros(num_seqs, b),
+        seed_B=np.zeros(num_seqs, np.uint32), position_B=np.zeros(num_seqs, i32))
+    untracked = self.num_slots + 1  # past the table, so the scatter drops it
+    tokens = TokenInputs(prompt_slot_T=np.full(num_tokens, untracked, i32),
+                         output_slot_T=np.full(num_tokens, untracked, i32),
+                         prompt_target_T=np.full(num_tokens, -1, i32))
+    return inputs, sampling, tokens
 
   def compile_all(self, progress=None):
-    """Compiles (or loads from the persistent cache) the step of every bucket."""
+    """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
     start = time.monotonic()
     for i, b in enumerate(self.buckets):
-      inputs, sampling = self._empty_inputs(b)
-      tokens, _, self.kv_caches = self._step(self.params, self.kv_caches, inputs, sampling)
-      tokens.block_until_ready()
+      inputs, sampling, tokens = self._empty_inputs(b)
+      out, _, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, inputs, sampling,
+                                                      tokens)
+      out.tokens_B.block_until_ready()
       if progress:
         progress(i + 1, len(self.buckets), b)
+    self._flush_slot_writes(force=True)
     logging.info("compiled %d step buckets (%s tokens) in %.1f s", len(self.buckets),
                  ",".join(map(str, self.buckets)), time.monotonic() - start)
 
-  def build(self, requests: list[Request], num_new_tokens: list[int], page_tables: dict[str, list[int]]):
-    """The padded ragged batch of one step, in numpy."""
+  # --- slots ----------------------------------------------------------------------------------
+  def release(self, request_id: str):
+    """Forgets a finished or aborted request's slot."""
+    self._next_start.pop(request_id, None)
+    slot = self._slot_of.pop(request_id, None)
+    if slot is not None:
+      self._free_slots.append(slot)
+
+  def _slot_for(self, req: Request, start: int, batch_ids: set) -> int:
+    """The request's slot, (re)written from its tokens before `start` when it is new or restarted."""
+    rid = req.request_id
+    slot = self._slot_of.get(rid)
+    if slot is not None and self._next_start.get(rid) == start:
+      return slot
+    if slot is None:
+      if not self._free_slots:
+        # Slots of preempted requests are reclaimed; those come back through the restart path.
+        victim = next(r for r in self._slot_of if r not in batch_ids)
+        self._next_start.pop(victim, None)
+        self._free_slots.append(self._slot_of.pop(victim))
+      slot = self._free_slots.pop()
+      self._slot_of[rid] = slot
+    self._pending_writes.append((slot, req, start))
+    return slot
+
+  def _slot_rows(self, req: Request, start: int):
+    vocab = self.cfg.vocab_size
+    p = req.params
+    prompt_V = np.zeros(vocab, np.uint8)
+    prompt_V[np.asarray(req.all_token_ids[:min(start, req.num_prompt_tokens)], np.int64)] = 1
+    counts_V = np.bincount(np.asarray(req.all_token_ids[req.num_prompt_tokens:start], np.int64),
+                           minlength=vocab).astype(np.int32)
+    ids_J = np.zeros(BIAS_TABLE_SIZE, np.int32)
+    vals_J = np.zeros(BIAS_TABLE_SIZE, np.float32)
+    stop_J = np.zeros(BIAS_TABLE_SIZE, np.bool_)
+    entries = list((p.logit_bias or {}).items())
+    bias_n = len(entries)
+    if p.min_tokens > 0:
+      stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(req.eos_token_ids))
+      entries += [(t, float("-inf")) for t in sorted(stops)]
+    entries = entries[:BIAS_TABLE_SIZE]
+    ids_J[:len(entries)] = [t for t, _ in entries]
+    vals_J[:len(entries)] = [v for _, v in entries]
+    stop_J[bias_n:len(entries)] = True
+    return prompt_V, counts_V, ids_J, vals_J, stop_J
+
+  def _flush_slot_writes(self, force: bool = False):
+    if not self._pending_writes and not force:
+      return
+    vocab = self.cfg.vocab_size
+    writes, self._pending_writes = self._pending_writes, []
+    for i in range(0, max(len(writes), 1), SLOT_WRITE_ROWS):
+      group = writes[i:i + SLOT_WRITE_ROWS]
+      slots_B = np.full(SLOT_WRITE_ROWS, self.num_slots + 1, np.int32)  # past the table: dropped
+      prompt_BV = np.zeros((SLOT_WRITE_ROWS, vocab), np.uint8)
+      counts_BV = np.zeros((SLOT_WRITE_ROWS, vocab), np.int32)
+      ids_BJ = np.zeros((SLOT_WRITE_ROWS, BIAS_TABLE_SIZE), np.int32)
+      vals_BJ = np.zeros((SLOT_WRITE_ROWS, BIAS_TABLE_SIZE), np.float32)
+      stop_BJ = np.zeros((SLOT_WRITE_ROWS, BIAS_TABLE_SIZE), np.bool_)
+      for j, (slot, req, start) in enumerate(group):
+        slots_B[j] = slot
+        prompt_BV[j], counts_BV[j], ids_BJ[j], vals_BJ[j], stop_BJ[j] = self._slot_rows(req, start)
+      self.slots = self._write_slots(self.slots, slots_B, prompt_BV, counts_BV, ids_BJ, vals_BJ, stop_BJ)
+
+  # --- grammar bitmask --------------------------------------------------------------------------
+  def set_mask(self, future):
+    """The next step's grammar bitmask: a future of a [num_seqs bucket, words] int32 array."""
+    self._mask_future = future
+
+  def _host_mask(self, _):
+    future, self._mask_future = self._mask_future, None
+    return future.result()
+
+  # --- the step -------------------------------------------------------------------------------
+  def build(self, requests: list[Request], num_new_tokens: list[int], page_tables: dict[str, list[int]],
+            constrained: set | None = None):
+    """The padded ragged batch of one step, in numpy. `constrained`: ids of rows with a grammar mask."""
     rc = self.rc
     total = sum(num_new_tokens)
-    inputs, sampling = self._empty_inputs(self.bucket_for(total))
+    inputs, sampling, tokens = self._empty_inputs(self.bucket_for(total))
     inputs.cu_q_lens_E[:] = total
     inputs.cu_q_lens_E[0] = 0
     inputs.num_seqs[0] = len(requests)
+    batch_ids = {r.request_id for r in requests}
+    plan = StepPlan(num_seqs=len(requests), want_logprobs=False, prompt_rows={})
     offset = 0
     for i, (req, n) in enumerate(zip(requests, num_new_tokens)):
       start = req.num_computed_tokens
@@ -126,21 +311,59 @@ class ModelRunner:
       inputs.positions_T[offset:offset + n] = pos
       inputs.slots_T[offset:offset + n] = np.asarray(table, np.int32)[pos // rc.page_size] * rc.page_size + (
           pos % rc.page_size)
-      offset += n
-      inputs.cu_q_lens_E[i + 1] = offset
+      inputs.cu_q_lens_E[i + 1] = offset + n
       inputs.kv_lens_B[i] = end
       inputs.page_indices_BP[i, :len(table)] = table
-      inputs.logits_indices_B[i] = offset - 1
-      p = req.params
-      sampling.temperature_B[i] = p.temperature
-      sampling.top_k_B[i] = max(p.top_k, 0)
-      sampling.top_p_B[i] = p.top_p
-      sampling.min_p_B[i] = p.min_p
-      sampling.seed_B[i] = req.seed
-      sampling.position_B[i] = end
-    return inputs, sampling
+      inputs.logits_indices_B[i] = offset + n - 1
+      self._fill_sampling(sampling, tokens, i, req, start, end, offset, batch_ids, plan, constrained)
+      offset += n
+    return inputs, sampling, tokens, plan
 
-  def execute(self, inputs: StepInputs, sampling: SamplingInputs):
-    """Runs one step; returns device arrays (tokens [B], logprobs [B]) without waiting for them."""
-    tokens_B, logprobs_B, self.kv_caches = self._step(self.params, self.kv_caches, inputs, sampling)
-    return tokens_B, logprobs_B
+  def _fill_sampling(self, s: SamplingInputs, tokens: TokenInputs, i: int, req: Request, start: int, end: int,
+                     offset: int, batch_ids: set, plan: StepPlan, constrained):
+    p = req.params
+    s.temperature_B[i] = p.temperature
+    s.top_k_B[i] = max(p.top_k, 0)
+    s.top_p_B[i] = p.top_p
+    s.min_p_B[i] = p.min_p
+    s.seed_B[i] = req.seed
+    s.position_B[i] = end
+    s.use_mask_B[i] = constrained is not None and req.request_id in constrained
+    if p.logprobs is not None:
+      s.logprobs_B[i] = plan.want_logprobs = True
+    if p.prompt_logprobs is not None and start < req.num_prompt_tokens - 1:
+      # Row t's logits give the log-probability of the prompt token at t + 1.
+      last = min(end, req.num_prompt_tokens - 1)
+      tokens.prompt_target_T[offset:offset + last - start] = req.all_token_ids[start + 1:last + 1]
+      plan.prompt_rows[req.request_id] = (offset, last - start, start + 1)
+    if not _tracked(req):
+      return
+    slot = self._slot_for(req, start, batch_ids)
+    self._next_start[req.request_id] = end
+    s.slot_B[i] = slot
+    s.use_bias_B[i] = bool(p.logit_bias) or p.min_tokens > 0
+    s.ban_stop_B[i] = req.num_output_tokens < p.min_tokens
+    s.repetition_penalty_B[i] = p.repetition_penalty
+    s.presence_penalty_B[i] = p.presence_penalty
+    s.frequency_penalty_B[i] = p.frequency_penalty
+    split = min(max(req.num_prompt_tokens - start, 0), end - start)  # rows before `split` are prompt tokens
+    tokens.prompt_slot_T[offset:offset + split] = slot
+    tokens.output_slot_T[offset + split:offset + end - start] = slot
+
+  def execute(self, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs):
+    """Runs one step; returns the sampler's and the prompt-logprob device arrays without waiting for them."""
+    self._flush_slot_writes()
+    out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, inputs,
+                                                         sampling, tokens)
+    return out, prompt
+
+  @staticmethod
+  def fetch(out, prompt, plan: StepPlan) -> StepResult:
+    """Copies to the host what the step's plan asked for (waiting for the step)."""
+    result = StepResult(tokens=np.asarray(out.tokens_B))
+    if plan.want_logprobs:
+      result.logprobs = np.asarray(out.logprob_B)
+      result.top_ids, result.top_logprobs = np.asarray(out.top_ids_BA), np.asarray(out.top_logprobs_BA)
+    if plan.prompt_rows:
+      result.prompt_logprobs, result.prompt_top_ids, result.prompt_top_logprobs = (np.asarray(a) for a in prompt)
+    return result
