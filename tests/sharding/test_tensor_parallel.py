@@ -90,3 +90,12 @@ def test_checkpoint_loads_straight_into_shards(report, variant, tp):
   assert got["loaded_equals_sharded"]
   shards = got["loaded_shard_shapes"]["['layers'][0]['w_gate']"]
   assert shards == [[VARIANTS[variant].hidden_size, VARIANTS[variant].intermediate_size // tp]] * tp
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_tensor_8_step_communicates_only_the_megatron_all_reduces(report, variant):
+  # One after each attention output projection, one after each MLP down projection, one for the
+  # vocabulary-parallel embedding (none when the vocabulary is replicated); no weight is ever gathered.
+  cfg = VARIANTS[variant]
+  expected = 2 * cfg.num_layers + (cfg.vocab_size % 8 == 0)
+  assert report[variant]["degrees"]["8"]["collectives"] == {"all-reduce": expected}

@@ -7,6 +7,7 @@ of weights on each device, and the KV pool's per-device shard shape.
 
 import json
 import os
+import re
 import tempfile
 
 import jax
@@ -18,7 +19,7 @@ from jserve.models import llama
 from jserve.weights import load_params, save_hf_checkpoint
 from sharding import mesh as mesh_lib
 from sharding import rules
-from tests.sharding.greedy import Layout, greedy
+from tests.sharding.greedy import Layout, greedy, step_inputs
 
 VARIANTS = {
     # GQA with 2 KV heads: split at tensor 2, replicated at 4 and 8.
@@ -41,7 +42,7 @@ def make_step(params, caches, cfg, mesh):
     return llama.compute_logits(params, x_BD, cfg), caches
 
   jitted = jax.jit(step_fn, donate_argnums=1)
-  state = {"caches": caches}
+  state = {"caches": caches, "jitted": jitted}
 
   def step(batches):
     (inputs,) = batches
@@ -66,6 +67,14 @@ def device_bytes(tree) -> dict:
 
 def named_leaves(tree) -> dict:
   return {jax.tree_util.keystr(path): leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def collectives(state, params) -> dict:
+  """How many of each collective the compiled step runs (on CPU they are synchronous ops)."""
+  inputs = step_inputs([p for p in PROMPTS], [0] * len(PROMPTS), LAYOUT)
+  hlo = state["jitted"].lower(params, state["caches"], inputs).compile().as_text()
+  ops = re.findall(r"= \S+ (all-reduce|all-gather|reduce-scatter|all-to-all|collective-permute)(?:-start)?\(", hlo)
+  return {op: ops.count(op) for op in set(ops)}
 
 
 def run_variant(cfg):
@@ -97,6 +106,7 @@ def run_variant(cfg):
           "device_weight_bytes": device_bytes(sharded),
           "kv_shard_shapes": [list(s.data.shape) for s in state["caches"][0].addressable_shards],
           "kv_spec": spec_of(state["caches"][0]),
+          "collectives": collectives(state, sharded) if tp == 8 else None,
       }
   return out
 
