@@ -9,16 +9,21 @@ slice of the KV pool, which by the rules in `rules.py` hold exactly the KV
 heads its query heads read. No communication happens inside.
 """
 
+import functools
+
 import jax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from sharding.mesh import TENSOR
 
-try:
-  _shard_map = jax.shard_map
-except AttributeError:  # JAX before 0.7 only has the experimental entry point
-  from jax.experimental.shard_map import shard_map as _shard_map
+# Replication checking is off: every output here is split over `tensor` (nothing is claimed to be
+# replicated), and the check would otherwise have to see through the Pallas kernels.
+if hasattr(jax, "shard_map"):
+  _shard_map = functools.partial(jax.shard_map, check_vma=False)
+else:  # older JAX only has the experimental entry point
+  from jax.experimental.shard_map import shard_map as _experimental_shard_map
+  _shard_map = functools.partial(_experimental_shard_map, check_rep=False)
 
 _HEADS = P(None, TENSOR, None)  # [T, N or K, H]
 _POOL = P(None, None, TENSOR, None)  # [P, S, C, H]
