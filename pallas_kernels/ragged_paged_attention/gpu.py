@@ -215,7 +215,10 @@ def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q)
   blocks_B = jnp.where(live_B & ~decode_B, (q_len_B + prefill_q - 1) // prefill_q, 0)
   ends_B = jnp.cumsum(blocks_B).astype(jnp.int32)
   idx_W = ends_B[-1] - 1 - jnp.arange(num_items, dtype=jnp.int32)
-  seq_W = jnp.minimum(jnp.searchsorted(ends_B, idx_W, side="right").astype(jnp.int32), max_seqs - 1)
+  # searchsorted(ends_B, idx_W, side="right") as one comparison: jnp.searchsorted
+  # is a loop, and an XLA loop on a GPU costs a few microseconds per trip.
+  seq_W = jnp.sum(ends_B[None, :] <= idx_W[:, None], axis=1, dtype=jnp.int32)
+  seq_W = jnp.minimum(seq_W, max_seqs - 1)
   block_W = idx_W - (ends_B[seq_W] - blocks_B[seq_W])
   prefill = (jnp.where(idx_W >= 0, seq_W, -1), cu_q_lens_E[seq_W] + block_W * prefill_q)
   return decode, prefill

@@ -51,16 +51,16 @@ GPU_TABLE: dict[tuple[int, int, int], GpuConfig] = {}
 
 # The candidates `tools/bench_kernels.py --sweep` tries.
 GPU_SWEEP_DECODE = (
-    GpuBlocks(block_m=16, block_n=32, num_warps=4, num_stages=4),
-    GpuBlocks(block_m=16, block_n=64, num_warps=4, num_stages=3),
-    GpuBlocks(block_m=16, block_n=128, num_warps=4, num_stages=2),
     GpuBlocks(block_m=16, block_n=64, num_warps=2, num_stages=4),
+    GpuBlocks(block_m=16, block_n=32, num_warps=4, num_stages=4),
+    GpuBlocks(block_m=16, block_n=128, num_warps=4, num_stages=2),
+    GpuBlocks(block_m=16, block_n=32, num_warps=2, num_stages=4),
 )
 GPU_SWEEP_PREFILL = (
-    GpuBlocks(block_m=128, block_n=64, num_warps=8, num_stages=3),
     GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=3),
-    GpuBlocks(block_m=128, block_n=128, num_warps=8, num_stages=2),
-    GpuBlocks(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=4),
+    GpuBlocks(block_m=128, block_n=32, num_warps=4, num_stages=4),
+    GpuBlocks(block_m=128, block_n=128, num_warps=4, num_stages=2),
 )
 
 
