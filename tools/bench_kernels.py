@@ -333,18 +333,18 @@ def sweep_all(cases):
   dec = {d.block_n * 100 + d.num_warps * 10 + d.num_stages: d for d in tuning.GPU_SWEEP_DECODE}
   rows, chosen = [], {}
   variants = [(dataclasses.replace(base, decode=d), s) for d in tuning.GPU_SWEEP_DECODE[:2] for s in (1, 2, 4)]
-  variants += [(dataclasses.replace(base, decode=d), s) for d in tuning.GPU_SWEEP_DECODE[2:] for s in (2,)]
   r, best = sweep(dec_h128, variants)
   rows += r
   if best:
     for c in cases[:3]:
       chosen[c.name] = (best[1], best[2])
   base64 = tuning.gpu_config(64, 16, 4)
-  r, best = sweep(dec_h64, [(dataclasses.replace(base64, decode=d), 1) for d in tuning.GPU_SWEEP_DECODE])
+  r, best = sweep(dec_h64, [(dataclasses.replace(base64, decode=d), 1)
+                            for d in tuning.GPU_SWEEP_DECODE[:2] + tuning.GPU_SWEEP_DECODE[3:]])
   rows += r
   if best:
     chosen[dec_h64.name] = (best[1], best[2])
-  r, best = sweep(pre, [(dataclasses.replace(base, prefill=p), 1) for p in tuning.GPU_SWEEP_PREFILL])
+  r, best = sweep(pre, [(dataclasses.replace(base, prefill=p), 1) for p in tuning.GPU_SWEEP_PREFILL[:3]])
   rows += r
   if best:
     dec_cfg = chosen.get(dec_h128.name, (base, None))[0]
