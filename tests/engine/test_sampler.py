@@ -1,0 +1,209 @@
+"""The device sampler against plain numpy definitions: filtered distributions, penalties, bias, bitmask, seeds."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+import torch
+from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
+
+from jserve.engine import sampler
+from jserve.engine.request import BIAS_TABLE_SIZE
+
+NUM_DRAWS = 20_000
+VOCAB = 64
+# A fit is rejected when the chi-square statistic exceeds the 99.9% quantile of chi2(support - 1):
+# a correct sampler fails one such test in a thousand runs.
+CHI2_QUANTILE = 0.999
+
+
+def inputs(batch, **kw):
+  f = lambda v, dt=np.float32: np.full(batch, v, dt)  # noqa: E731
+  s = dict(temperature_B=f(1.0), top_k_B=f(0, np.int32), top_p_B=f(1.0), min_p_B=f(0.0),
+           repetition_penalty_B=f(1.0), presence_penalty_B=f(0.0), frequency_penalty_B=f(0.0),
+           slot_B=f(batch, np.int32), use_bias_B=f(False, bool), ban_stop_B=f(False, bool),
+           use_mask_B=f(False, bool), logprobs_B=f(False, bool), seed_B=np.arange(batch, dtype=np.uint32),
+           position_B=f(7, np.int32))
+  for k, v in kw.items():
+    s[k] = np.broadcast_to(np.asarray(v, s[k].dtype), (batch,)).copy()
+  return sampler.SamplingInputs(**{k: jnp.asarray(v) for k, v in s.items()})
+
+
+def empty_state(batch, vocab):
+  return sampler.SlotState.zeros(batch, vocab, BIAS_TABLE_SIZE)
+
+
+def no_mask(batch, vocab):
+  return jnp.zeros((batch, (vocab + 31) // 32), jnp.int32)
+
+
+def softmax(x):
+  e = np.exp(x - np.max(x))
+  return e / e.sum()
+
+
+def reference_probs(logits, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0):
+  """vLLM's order: temperature, min-p, top-k, then top-p on what is left (renormalized)."""
+  x = logits.astype(np.float64) / temperature
+  if min_p > 0:
+    x = np.where(softmax(x) >= min_p * softmax(x).max(), x, -np.inf)
+  if top_k > 0:
+    x = np.where(x >= np.sort(x)[::-1][top_k - 1], x, -np.inf)
+  if top_p < 1:
+    p = softmax(x)
+    order = np.argsort(-x, kind="stable")
+    before = np.cumsum(p[order]) - p[order]
+    keep = before < top_p
+    keep[0] = True
+    x = np.where(x >= x[order][keep].min(), x, -np.inf)
+  return softmax(x)
+
+
+@pytest.fixture(scope="module")
+def logits():
+  return np.random.default_rng(0).normal(size=VOCAB).astype(np.float32) * 1.5
+
+
+@pytest.mark.parametrize("params", [
+    dict(temperature=0.7), dict(temperature=1.6), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1),
+    dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.02)], ids=str)
+def test_draws_follow_the_exact_filtered_distribution(logits, params):
+  expected = reference_probs(logits, **params)
+  names = dict(temperature="temperature_B", top_k="top_k_B", top_p="top_p_B", min_p="min_p_B")
+  s = inputs(NUM_DRAWS, **{names[k]: v for k, v in params.items()})
+  batch_logits = jnp.broadcast_to(jnp.asarray(logits), (NUM_DRAWS, VOCAB))
+  out = sampler.sample_jit(batch_logits, s, empty_state(NUM_DRAWS, VOCAB), no_mask(NUM_DRAWS, VOCAB))
+  counts = np.bincount(np.asarray(out.tokens_B), minlength=VOCAB)
+  support = expected > 0
+  assert counts[~support].sum() == 0, "drew a token the filters remove"
+  stat, _ = scipy.stats.chisquare(counts[support], expected[support] * NUM_DRAWS)
+  bound = scipy.stats.chi2.ppf(CHI2_QUANTILE, support.sum() - 1)
+  tv = 0.5 * np.abs(counts / NUM_DRAWS - expected).sum()
+  assert stat < bound, f"chi2={stat:.1f} over {bound:.1f} (support {support.sum()}, TV {tv:.4f})"
+
+
+def test_greedy_takes_the_argmax_whatever_the_seed(logits):
+  # The statistical tests' shape, so their compiled program serves.
+  s = inputs(NUM_DRAWS, temperature_B=0.0, top_k_B=3, top_p_B=0.5)
+  out = sampler.sample_jit(jnp.broadcast_to(jnp.asarray(logits), (NUM_DRAWS, VOCAB)), s,
+                           empty_state(NUM_DRAWS, VOCAB), no_mask(NUM_DRAWS, VOCAB))
+  assert set(np.asarray(out.tokens_B).tolist()) == {int(np.argmax(logits))}
+
+
+@jax.jit
+def _both_thresholds(x, top_k, top_p, min_p):
+  v, _, bound = sampler.shortlist(x, chunk=100)
+  fast, ok = sampler.thresholds(x, v, bound, top_k, top_p, min_p)
+  full, _ = sampler.thresholds(x, -jnp.sort(-x, axis=-1), jnp.full(x.shape[:1], -jnp.inf), top_k, top_p, min_p)
+  return fast, ok, full
+
+
+_filter = jax.jit(functools.partial(sampler.filter_logits, chunk=100))
+
+
+def test_shortlist_thresholds_equal_full_sort_thresholds():
+  rng = np.random.default_rng(1)
+  batch, vocab = 64, 1000
+  for scale in (0.3, 1.0, 4.0):
+    x = jnp.asarray(rng.normal(size=(batch, vocab)).astype(np.float32) * scale)
+    top_k = jnp.asarray(rng.choice([0, 1, 5, 40, 200], batch).astype(np.int32))
+    top_p = jnp.asarray(rng.choice([1.0, 0.5, 0.9, 0.99], batch).astype(np.float32))
+    min_p = jnp.asarray(rng.choice([0.0, 0.05, 0.3], batch).astype(np.float32))
+    fast, ok, full = _both_thresholds(x, top_k, top_p, min_p)
+    ok = np.asarray(ok)
+    assert ok.any()
+    np.testing.assert_array_equal(np.asarray(fast)[ok], np.asarray(full)[ok])
+    # The filter as a whole (shortlist, falling back to the sort where unresolved) keeps what the sort keeps.
+    kept = np.asarray(_filter(x, top_k, top_p, min_p)) > -np.inf
+    np.testing.assert_array_equal(kept, np.asarray(x) >= np.asarray(full)[:, None])
+
+
+def test_top_logprobs_are_the_largest_entries():
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(8, 5000)).astype(np.float32))
+  ids, vals = jax.jit(functools.partial(sampler.top_logprobs, chunk=256))(x)
+  np.testing.assert_array_equal(np.asarray(ids), np.argsort(-np.asarray(x), axis=1)[:, :20])
+  np.testing.assert_array_equal(np.asarray(vals), -np.sort(-np.asarray(x), axis=1)[:, :20])
+
+
+def slot_state(prompts, outputs, vocab):
+  """SlotState of one slot per row, written from the prompt and recorded from the output like the runner."""
+  batch = len(prompts)
+  state = empty_state(batch, vocab)
+  prompt_BV = np.zeros((batch, vocab), np.uint8)
+  for i, p in enumerate(prompts):
+    prompt_BV[i, p] = 1
+  z = np.zeros((batch, BIAS_TABLE_SIZE))
+  state = jax.jit(sampler.write_slots)(state, np.arange(batch, dtype=np.int32), prompt_BV, np.zeros((batch, vocab), np.int32),
+                              z.astype(np.int32), z.astype(np.float32), z.astype(bool))
+  toks = np.concatenate(outputs).astype(np.int32)
+  slots = np.concatenate([np.full(len(o), i) for i, o in enumerate(outputs)]).astype(np.int32)
+  return jax.jit(sampler.record_tokens)(state, np.full_like(slots, batch + 1), slots, toks)
+
+
+def test_penalties_match_vllm_and_transformers_definitions():
+  rng = np.random.default_rng(3)
+  batch, vocab = 6, 50
+  logits = rng.normal(size=(batch, vocab)).astype(np.float32) * 3
+  prompts = [rng.integers(0, vocab, 12) for _ in range(batch)]
+  outputs = [rng.integers(0, vocab, 9) for _ in range(batch)]
+  rep, pres, freq = [1.0, 1.3, 0.7, 2.0, 1.0, 1.5], [0.0, 0.5, -1.0, 0.0, 2.0, 0.3], [0.0, 0.2, 0.0, -0.5, 1.0, 1.2]
+  s = inputs(batch, slot_B=np.arange(batch), repetition_penalty_B=rep, presence_penalty_B=pres,
+             frequency_penalty_B=freq)
+  got = np.asarray(jax.jit(sampler.apply_penalties)(jnp.asarray(logits), s, slot_state(prompts, outputs, vocab)))
+  for i in range(batch):
+    counts = np.bincount(outputs[i], minlength=vocab)
+    # Repetition penalty over prompt and output, by transformers' own processor.
+    ids = torch.tensor(np.concatenate([prompts[i], outputs[i]])[None])
+    want = RepetitionPenaltyLogitsProcessor(rep[i])(ids, torch.tensor(logits[i:i + 1]))[0].numpy()
+    # Frequency and presence over the output only (vLLM's and OpenAI's definition).
+    want = want - freq[i] * counts - pres[i] * (counts > 0)
+    np.testing.assert_allclose(got[i], want, rtol=1e-6, atol=1e-6)
+
+
+def test_logit_bias_and_min_tokens_ban_apply_per_row():
+  batch, vocab = 3, 40
+  state = empty_state(batch, vocab)
+  ids = np.zeros((batch, BIAS_TABLE_SIZE), np.int32)
+  vals = np.zeros((batch, BIAS_TABLE_SIZE), np.float32)
+  stop = np.zeros((batch, BIAS_TABLE_SIZE), bool)
+  ids[0, :2], vals[0, :2] = [3, 7], [5.0, -2.0]
+  ids[1, :1], vals[1, :1], stop[1, :1] = [9], [-np.inf], [True]
+  state = jax.jit(sampler.write_slots)(state, np.arange(batch, dtype=np.int32), np.zeros((batch, vocab), np.uint8),
+                              np.zeros((batch, vocab), np.int32), ids, vals, stop)
+  logits = np.zeros((batch, vocab), np.float32)
+  for ban in (True, False):
+    s = inputs(batch, slot_B=[0, 1, 2], use_bias_B=[True, True, False], ban_stop_B=ban)
+    got = np.asarray(jax.jit(sampler.apply_bias)(jnp.asarray(logits), s, state))
+    want = logits.copy()
+    want[0, 3], want[0, 7] = 5.0, -2.0
+    if ban:
+      want[1, 9] = -np.inf
+    np.testing.assert_array_equal(got, want)
+
+
+def test_bitmask_allows_exactly_its_bits():
+  rng = np.random.default_rng(4)
+  batch, vocab = 4, 70
+  allowed = rng.random((batch, vocab)) < 0.3
+  words = np.zeros((batch, 3), np.uint32)
+  for b, t in zip(*np.nonzero(allowed)):
+    words[b, t // 32] |= np.uint32(1 << (t % 32))
+  use = np.array([True, True, False, True])
+  got = np.asarray(jax.jit(sampler.apply_bitmask)(jnp.zeros((batch, vocab)), jnp.asarray(words.view(np.int32)),
+                                         jnp.asarray(use)))
+  np.testing.assert_array_equal(got > -np.inf, allowed | ~use[:, None])
+
+
+def test_noise_depends_on_seed_and_position_only():
+  seeds, positions = jnp.asarray([5, 5, 6], jnp.uint32), jnp.asarray([10, 11, 10], jnp.int32)
+  noise_fn = jax.jit(sampler.gumbel_noise, static_argnums=2)
+  noise = np.asarray(noise_fn(seeds, positions, 1000))
+  again = np.asarray(noise_fn(seeds[::-1], positions[::-1], 1000))[::-1]
+  np.testing.assert_array_equal(noise, again)
+  assert not np.allclose(noise[0], noise[1]) and not np.allclose(noise[0], noise[2])
+  # Standard Gumbel: mean is the Euler-Mascheroni constant, variance pi^2 / 6.
+  assert abs(noise.mean() - 0.5772) < 0.06 and abs(noise.var() - np.pi**2 / 6) < 0.15
