@@ -99,3 +99,8 @@ def test_tensor_8_step_communicates_only_the_megatron_all_reduces(report, varian
   cfg = VARIANTS[variant]
   expected = 2 * cfg.num_layers + (cfg.vocab_size % 8 == 0)
   assert report[variant]["degrees"]["8"]["collectives"] == {"all-reduce": expected}
+
+
+@pytest.mark.parametrize("variant,tp", CASES)
+def test_orbax_copy_written_at_tensor_8_restores_into_the_shards_of_any_degree(report, variant, tp):
+  assert report[variant]["degrees"][str(tp)]["orbax_restored_equals_sharded"]

@@ -18,7 +18,7 @@ from jserve.config import ModelConfig
 from jserve.models import llama
 from jserve.weights import load_params, save_hf_checkpoint
 from sharding import mesh as mesh_lib
-from sharding import rules
+from sharding import checkpoint, rules
 from tests.sharding.greedy import Layout, greedy, step_inputs
 
 VARIANTS = {
@@ -84,8 +84,12 @@ def run_variant(cfg):
   caches = [jnp.zeros(pool, jnp.float32) for _ in range(cfg.num_layers)]
   ref_tokens, ref_logits = greedy(make_step(params, caches, cfg, None)[0], PROMPTS, NUM_NEW, LAYOUT)
   out = {"reference_tokens": ref_tokens, "degrees": {}}
-  with tempfile.TemporaryDirectory() as ckpt:
+  with tempfile.TemporaryDirectory() as ckpt, tempfile.TemporaryDirectory() as tmp:
     save_hf_checkpoint(params, cfg, ckpt)
+    # An orbax copy written from the widest placement (KV heads widened there), restored at every degree.
+    orbax_dir = os.path.join(tmp, "orbax")
+    mesh8 = mesh_lib.make_mesh(mesh_lib.MeshShape(tensor=8))
+    checkpoint.save(rules.shard_params(params, specs, mesh8), specs, orbax_dir, tp=8)
     for tp in DEGREES:
       mesh = mesh_lib.make_mesh(mesh_lib.MeshShape(tensor=tp))
       sharded = rules.shard_params(params, specs, mesh)
@@ -93,6 +97,10 @@ def run_variant(cfg):
       same_as_loaded = all(
           a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
           for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(loaded)))
+      restored = checkpoint.restore(orbax_dir, specs, mesh, jnp.float32)
+      same_as_restored = all(
+          a.sharding == b.sharding and np.array_equal(np.asarray(a), np.asarray(b))
+          for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(restored)))
       caches = rules.make_kv_caches(cfg, mesh, LAYOUT.num_pages, LAYOUT.page_size, jnp.float32)
       step, state = make_step(sharded, caches, cfg, mesh)
       tokens, logits = greedy(step, PROMPTS, NUM_NEW, LAYOUT)
@@ -101,6 +109,7 @@ def run_variant(cfg):
           "max_logit_diff": float(np.abs(logits - ref_logits).max()),
           "specs": {name: spec_of(a) for name, a in named_leaves(sharded).items()},
           "loaded_equals_sharded": same_as_loaded,
+          "orbax_restored_equals_sharded": same_as_restored,
           "loaded_shard_shapes": {name: [list(s.data.shape) for s in a.addressable_shards]
                                   for name, a in named_leaves(loaded).items()},
           "device_weight_bytes": device_bytes(sharded),
