@@ -17,8 +17,8 @@ import numpy as np
 from jserve.config import ModelConfig
 from jserve.models import llama
 from jserve.weights import load_params, save_hf_checkpoint
-from sharding import mesh as mesh_lib
 from sharding import checkpoint, rules
+from sharding import mesh as mesh_lib
 from tests.sharding.greedy import Layout, greedy, step_inputs
 
 VARIANTS = {
