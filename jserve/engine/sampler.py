@@ -19,13 +19,19 @@ arithmetic everywhere, fuses into the argmax, and costs a few integer
 operations per logit instead of threefry's twenty rounds.
 
 Filtering needs per-row thresholds (the k-th largest logit, the smallest logit
-of the top-p nucleus). A full sort of [256, 128k] costs milliseconds, so rows
-are first resolved from a shortlist: the top 16 of each 2048-token chunk
-(one pass with XLA's top-k kernel), sorted. Every token outside the shortlist
-is at most `bound` (the largest 16th-of-a-chunk), so shortlist entries above
-`bound` are the exact head of the sorted row. When some row's threshold lies
-below that head (a flat distribution under a wide top-p), the batch falls back
-to the full sort; both paths give the same thresholds.
+of the top-p nucleus). A full sort of [256, 128k] costs 2.2 ms on an H200, so
+rows are first resolved from a shortlist: the row is cut into chunks of 16
+tokens, the 256 chunks with the largest maxima are gathered and their 4096
+tokens sorted. Every token outside them is at most `bound` (the 257th largest
+chunk maximum), so shortlist entries above `bound` are the exact head of the
+sorted row (at least 256 tokens). When some row's threshold lies below that head
+(a flat distribution under a wide top-p, or a large top_k), the batch falls back
+to the full sort; both paths give the same thresholds. (A first version took
+the top 16 of each 2048-token chunk with `lax.top_k`; on the H200 that cost
+1.9 ms, nearly a full sort: see docs/benchmarks/sampler.md.)
+
+A batch that uses none of the optional stages (greedy and temperature only,
+the common case) takes one fused pass over the logits.
 
 Per-request state that outlives a step (penalty counts, logit-bias tables)
 lives on the device in `SlotState`, one row per slot; the runner assigns slots
@@ -40,9 +46,8 @@ import jax
 import jax.numpy as jnp
 
 MAX_LOGPROBS = 20
-# XLA's GPU top-k kernel does k <= 16 in one pass over the data; a larger k becomes a full sort.
-SHORTLIST_PER_CHUNK = 16
-SHORTLIST_CHUNK = 2048
+SHORTLIST_CHUNK = 16  # tokens per chunk: the chunk maxima take one read of the logits
+SHORTLIST_CHUNKS = 256  # best chunks gathered into the shortlist: its exact head has >= 256 tokens
 
 _NEG_INF = float("-inf")
 
@@ -192,22 +197,28 @@ def gumbel_noise(seed_B, position_B, vocab: int):
 
 
 # --- thresholds for min-p, top-k and top-p -------------------------------------------------------
-def shortlist(x_BV, chunk: int = SHORTLIST_CHUNK):
+def shortlist(x_BV, chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS):
   """The row's largest values, sorted descending, with their ids, and a bound no other value exceeds.
 
   Entries above the bound are exactly the head of the sorted row. A bound of -inf means every
   value left out is -inf.
   """
   batch, vocab = x_BV.shape
-  num_chunks = -(-vocab // chunk)
-  chunk = -(-vocab // num_chunks)
-  per_chunk = min(SHORTLIST_PER_CHUNK, chunk)
-  x_BV = jnp.pad(x_BV, ((0, 0), (0, num_chunks * chunk - vocab)), constant_values=_NEG_INF)
-  vals_XK, idx_XK = jax.lax.top_k(x_BV.reshape(batch * num_chunks, chunk), per_chunk)
-  vals_BUK = vals_XK.reshape(batch, num_chunks, per_chunk)
-  ids_BUK = idx_XK.reshape(batch, num_chunks, per_chunk) + (jnp.arange(num_chunks, dtype=jnp.int32) * chunk)[:, None]
-  bound_B = jnp.max(vals_BUK[:, :, -1], axis=1) if per_chunk < chunk else jnp.full((batch,), _NEG_INF)
-  neg_BM, ids_BM = jax.lax.sort((-vals_BUK.reshape(batch, -1), ids_BUK.reshape(batch, -1)), num_keys=1)
+  total_chunks = -(-vocab // chunk)
+  x_BUY = jnp.pad(x_BV, ((0, 0), (0, total_chunks * chunk - vocab)), constant_values=_NEG_INF).reshape(
+      batch, total_chunks, chunk)
+  offsets_Y = jnp.arange(chunk, dtype=jnp.int32)
+  if num_chunks >= total_chunks:
+    cand_BUY, ids_BUY = x_BUY, jnp.arange(total_chunks, dtype=jnp.int32)[:, None] * chunk + offsets_Y
+    ids_BUY = jnp.broadcast_to(ids_BUY, x_BUY.shape)
+    bound_B = jnp.full((batch,), _NEG_INF)
+  else:
+    best_BU, chunk_ids_BU = jax.lax.top_k(jnp.max(x_BUY, axis=2), num_chunks + 1)
+    bound_B = best_BU[:, -1]
+    chunk_ids_BU = chunk_ids_BU[:, :-1]
+    cand_BUY = jnp.take_along_axis(x_BUY, chunk_ids_BU[:, :, None], axis=1)
+    ids_BUY = chunk_ids_BU[:, :, None] * chunk + offsets_Y
+  neg_BM, ids_BM = jax.lax.sort((-cand_BUY.reshape(batch, -1), ids_BUY.reshape(batch, -1)), num_keys=1)
   return -neg_BM, ids_BM, bound_B
 
 
@@ -242,9 +253,10 @@ def thresholds(x_BV, v_BM, bound_B, top_k_B, top_p_B, min_p_B):
   return t_B, k_ok_B & p_ok_B
 
 
-def filter_logits(x_BV, top_k_B, top_p_B, min_p_B, chunk: int = SHORTLIST_CHUNK):
+def filter_logits(x_BV, top_k_B, top_p_B, min_p_B, chunk: int = SHORTLIST_CHUNK,
+                  num_chunks: int = SHORTLIST_CHUNKS):
   """x_BV with -inf below each row's min-p / top-k / top-p threshold."""
-  v_BM, _, bound_B = shortlist(x_BV, chunk)
+  v_BM, _, bound_B = shortlist(x_BV, chunk, num_chunks)
   t_B, ok_B = thresholds(x_BV, v_BM, bound_B, top_k_B, top_p_B, min_p_B)
 
   def full_sort(x_BV):
@@ -255,10 +267,10 @@ def filter_logits(x_BV, top_k_B, top_p_B, min_p_B, chunk: int = SHORTLIST_CHUNK)
   return jnp.where(x_BV >= t_B[:, None], x_BV, _NEG_INF)
 
 
-def top_logprobs(logprobs_BV, chunk: int = SHORTLIST_CHUNK):
+def top_logprobs(logprobs_BV, chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS):
   """The MAX_LOGPROBS largest entries of each row: (ids [B, A], values [B, A])."""
   num = min(MAX_LOGPROBS, logprobs_BV.shape[1])
-  vals_BM, ids_BM, bound_B = shortlist(logprobs_BV, chunk)
+  vals_BM, ids_BM, bound_B = shortlist(logprobs_BV, chunk, num_chunks)
   if vals_BM.shape[1] < num:
     vals_BA, ids_BA = jax.lax.top_k(logprobs_BV, num)
     return ids_BA, vals_BA
@@ -276,29 +288,51 @@ def _maybe(pred, fn, x):
   return jax.lax.cond(pred, fn, lambda x: x, x)
 
 
-def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, chunk: int = SHORTLIST_CHUNK) -> SamplerOutput:
-  """Samples one token per sequence. mask_BW: grammar bitmask words, read where use_mask_B."""
-  raw_BV = logits_BV.astype(jnp.float32)
-  batch, vocab = raw_BV.shape
-  greedy_B = s.temperature_B <= 0
+def _draw(scaled_BV, s: SamplingInputs, greedy_B):
+  """Argmax for greedy rows, Gumbel-max for the others, of logits already divided by the temperature."""
+  def noisy(x_BV):
+    noise_BV = gumbel_noise(s.seed_B, s.position_B, x_BV.shape[1])
+    return jnp.argmax(jnp.where(greedy_B[:, None], x_BV, x_BV + noise_BV), axis=-1)
+
+  tokens_B = jax.lax.cond(jnp.all(greedy_B), lambda x: jnp.argmax(x, axis=-1), noisy, scaled_BV)
+  return tokens_B.astype(jnp.int32)
+
+
+def _scale(x_BV, s: SamplingInputs, greedy_B):
+  return x_BV / jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
+
+
+def _process(raw_BV, s: SamplingInputs, state: SlotState, mask_BW, greedy_B, filtered_B, chunk, num_chunks):
+  """The optional stages, then the draw."""
   x_BV = _maybe(jnp.any(s.use_mask_B), lambda x: apply_bitmask(x, mask_BW, s.use_mask_B), raw_BV)
   x_BV = _maybe(jnp.any(s.use_bias_B), lambda x: apply_bias(x, s, state), x_BV)
   penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
   x_BV = _maybe(jnp.any(penalized_B), lambda x: apply_penalties(x, s, state), x_BV)
-
-  x_BV = x_BV / jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
-  filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
-  no_filter_B = ~filtered_B
+  off_B = ~filtered_B
   x_BV = _maybe(jnp.any(filtered_B), lambda x: filter_logits(
-      x, jnp.where(no_filter_B, 0, s.top_k_B), jnp.where(no_filter_B, 1.0, s.top_p_B),
-      jnp.where(no_filter_B, 0.0, s.min_p_B), chunk), x_BV)
-  noise_BV = gumbel_noise(s.seed_B, s.position_B, vocab)
-  tokens_B = jnp.argmax(jnp.where(greedy_B[:, None], x_BV, x_BV + noise_BV), axis=-1).astype(jnp.int32)
+      x, jnp.where(off_B, 0, s.top_k_B), jnp.where(off_B, 1.0, s.top_p_B), jnp.where(off_B, 0.0, s.min_p_B),
+      chunk, num_chunks), _scale(x_BV, s, greedy_B))
+  return _draw(x_BV, s, greedy_B)
+
+
+def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, chunk: int = SHORTLIST_CHUNK,
+           num_chunks: int = SHORTLIST_CHUNKS) -> SamplerOutput:
+  """Samples one token per sequence. mask_BW: grammar bitmask words, read where use_mask_B."""
+  raw_BV = logits_BV.astype(jnp.float32)
+  batch, vocab = raw_BV.shape
+  greedy_B = s.temperature_B <= 0
+  filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
+  penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
+  optional = jnp.any(s.use_mask_B | s.use_bias_B | penalized_B | filtered_B)
+  # Without optional stages the draw reads the raw logits once; each stage's cond would copy them.
+  tokens_B = jax.lax.cond(
+      optional, lambda x: _process(x, s, state, mask_BW, greedy_B, filtered_B, chunk, num_chunks),
+      lambda x: _draw(_scale(x, s, greedy_B), s, greedy_B), raw_BV)
 
   def logprobs(raw_BV):
     logprobs_BV = jax.nn.log_softmax(raw_BV, axis=-1)
     chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    ids_BA, vals_BA = top_logprobs(logprobs_BV, chunk)
+    ids_BA, vals_BA = top_logprobs(logprobs_BV, chunk, num_chunks)
     return chosen_B, ids_BA, vals_BA
 
   num = min(MAX_LOGPROBS, vocab)
@@ -307,7 +341,8 @@ def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, chunk: in
   return SamplerOutput(tokens_B=tokens_B, logprob_B=chosen_B, top_ids_BA=ids_BA, top_logprobs_BA=vals_BA)
 
 
-@functools.partial(jax.jit, static_argnames="chunk")
-def sample_jit(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, chunk: int = SHORTLIST_CHUNK):
+@functools.partial(jax.jit, static_argnames=("chunk", "num_chunks"))
+def sample_jit(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, chunk: int = SHORTLIST_CHUNK,
+               num_chunks: int = SHORTLIST_CHUNKS):
   """`sample` as its own program, for tests and benchmarks (the engine's step inlines `sample`)."""
-  return sample(logits_BV, s, state, mask_BW, chunk=chunk)
+  return sample(logits_BV, s, state, mask_BW, chunk=chunk, num_chunks=num_chunks)

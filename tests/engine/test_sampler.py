@@ -95,13 +95,13 @@ def test_greedy_takes_the_argmax_whatever_the_seed(logits):
 
 @jax.jit
 def _both_thresholds(x, top_k, top_p, min_p):
-  v, _, bound = sampler.shortlist(x, chunk=100)
+  v, _, bound = sampler.shortlist(x, chunk=10, num_chunks=8)
   fast, ok = sampler.thresholds(x, v, bound, top_k, top_p, min_p)
   full, _ = sampler.thresholds(x, -jnp.sort(-x, axis=-1), jnp.full(x.shape[:1], -jnp.inf), top_k, top_p, min_p)
   return fast, ok, full
 
 
-_filter = jax.jit(functools.partial(sampler.filter_logits, chunk=100))
+_filter = jax.jit(functools.partial(sampler.filter_logits, chunk=10, num_chunks=8))
 
 
 def test_shortlist_thresholds_equal_full_sort_thresholds():
@@ -124,7 +124,7 @@ def test_shortlist_thresholds_equal_full_sort_thresholds():
 def test_top_logprobs_are_the_largest_entries():
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(8, 5000)).astype(np.float32))
-  ids, vals = jax.jit(functools.partial(sampler.top_logprobs, chunk=256))(x)
+  ids, vals = jax.jit(functools.partial(sampler.top_logprobs, chunk=16, num_chunks=24))(x)
   np.testing.assert_array_equal(np.asarray(ids), np.argsort(-np.asarray(x), axis=1)[:, :20])
   np.testing.assert_array_equal(np.asarray(vals), -np.sort(-np.asarray(x), axis=1)[:, :20])
 
