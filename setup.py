@@ -33,7 +33,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-timeout", "pytest-xdist", "hypothesis", "torch>=2.4", "transformers>=4.45",
-                 "openai", "jsonschema", "grpcio-tools", "matplotlib"],
+                 "openai", "jsonschema", "scipy", "grpcio-tools", "matplotlib"],
         "gpu": ["jax[cuda13]>=0.10,<0.12"],
         "tpu": ["jax[tpu]>=0.10,<0.12"],
     },

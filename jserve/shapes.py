@@ -20,4 +20,10 @@ per axis, in order: `q_TNH` is [tokens, query heads, head dim].
     Q  query positions of one sequence (a padded per-sequence query block)
     X  positions in a context (keys and values of one sequence)
     E  one past the end: cu_q_lens_E has B + 1 entries
+    R  slots of the sampler's per-request state (max_num_seqs rows plus a null row)
+    J  entries of a per-request logit-bias table
+    W  32-bit words of a token bitmask (ceil(V / 32)); I  the 32 bits of one word
+    A  alternatives reported with log-probabilities (the MAX_LOGPROBS most likely tokens)
+    M  entries of the sampler's shortlist of candidate tokens
+    U  chunks of the vocabulary; Y  tokens in one chunk (V padded = U * Y)
 """

@@ -172,10 +172,6 @@ class ModelRunner:
     """Programs compiled so far (a request must never add one after start-up)."""
     return self._step._cache_size()
 
-  def num_seqs_for(self, num_tokens: int) -> int:
-    """Rows of the sequence axis in the bucket of a step with `num_tokens` tokens."""
-    return min(self.rc.max_num_seqs, self.bucket_for(num_tokens))
-
   def _empty_inputs(self, num_tokens: int):
     rc = self.rc
     num_seqs = min(rc.max_num_seqs, num_tokens)

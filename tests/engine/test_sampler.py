@@ -137,8 +137,9 @@ def slot_state(prompts, outputs, vocab):
   for i, p in enumerate(prompts):
     prompt_BV[i, p] = 1
   z = np.zeros((batch, BIAS_TABLE_SIZE))
-  state = jax.jit(sampler.write_slots)(state, np.arange(batch, dtype=np.int32), prompt_BV, np.zeros((batch, vocab), np.int32),
-                              z.astype(np.int32), z.astype(np.float32), z.astype(bool))
+  state = jax.jit(sampler.write_slots)(state, np.arange(batch, dtype=np.int32), prompt_BV,
+                                       np.zeros((batch, vocab), np.int32), z.astype(np.int32),
+                                       z.astype(np.float32), z.astype(bool))
   toks = np.concatenate(outputs).astype(np.int32)
   slots = np.concatenate([np.full(len(o), i) for i, o in enumerate(outputs)]).astype(np.int32)
   return jax.jit(sampler.record_tokens)(state, np.full_like(slots, batch + 1), slots, toks)
