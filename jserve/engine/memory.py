@@ -27,7 +27,8 @@ def size_kv_pool(cfg: ModelConfig, params, *, page_size: int, kv_dtype, gpu_memo
   if kv_cache_gib is not None:
     budget = int(kv_cache_gib * (1 << 30))
   else:
-    device = jax.local_devices()[0]
+    # The device the weights were put on (a data-parallel replica's, not always device 0).
+    device = min(jax.tree_util.tree_leaves(params)[0].devices(), key=lambda d: d.id)
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
       budget = int(_CPU_DEFAULT_KV_GIB * (1 << 30))
