@@ -1,12 +1,15 @@
 """Block sizes of the ragged paged attention kernels, as data.
 
 GPU table: keyed by (head_dim, page_size, query heads per KV head). How it was
-produced: `tools/bench_kernels.py --sweep` on one H200 (JAX 0.11.2) timed the
-candidates in `GPU_SWEEP` on the benchmark's decode and prefill cases and kept
-the fastest that passed the correctness check; docs/benchmarks/kernels.md has
-the run. Shapes not in the table take `GPU_DEFAULT`, the rule the table's
-entries were seeded from (FlashAttention-2 style tiles for prefill, 16-row
-tiles for decode, which is Triton's smallest tensor-core tile).
+produced: `tools/bench_kernels.py --sweep` on one H200 (JAX 0.11.2, 2026-11-28)
+timed the candidates in `GPU_SWEEP_DECODE` x {1, 2, 4} KV splits on decode
+64 x 2048 (head dim 128, page 16) and decode 256 x 1024 (head dim 64), and the
+candidates in `GPU_SWEEP_PREFILL` on prefill 4 x 4096, each checked against an
+exact float32 attention on the GPU before timing; the fastest is kept. Raw
+output: docs/benchmarks/raw/h200_run{1,2}.*. Pages 32 and 64 were not swept
+separately: they take the page-16 tiles (run 1 timed them with the old
+default, within 15% of page 16). Shapes not in the table take
+`_default_gpu`, which is the same winners keyed by head dim only.
 
 TPU table: block sizes chosen for VMEM budget on paper (not tuned on a TPU,
 none was available): a KV block of 128 positions and a query block of 32
@@ -35,19 +38,27 @@ class GpuConfig:
   max_splits: int = 8
 
 
+# Decode: 16 rows (Triton's smallest tensor-core tile) x 64 positions, two warps
+# and four stages: 160 us on decode 64 x 2048 against 224-337 us for the other
+# candidates (a decode program is latency-bound, so more stages in flight per
+# warp beat more warps). Prefill: 128 x 64 tiles with four warps (2013 us on
+# 4 x 4096) beat eight warps (2498 us) and 128 x 128 (2352 us).
+_DECODE = GpuBlocks(block_m=16, block_n=64, num_warps=2, num_stages=4)
+_PREFILL = GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=3)
+
+
 def _default_gpu(head_dim: int, page_size: int, group: int) -> GpuConfig:
-  del page_size
-  decode_m = max(16, _next_pow2(group))
-  if head_dim <= 64:
-    prefill = GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=3)
-  else:
-    prefill = GpuBlocks(block_m=128, block_n=64, num_warps=8, num_stages=3)
-  decode = GpuBlocks(block_m=decode_m, block_n=64, num_warps=4, num_stages=3)
-  return GpuConfig(decode=decode, prefill=prefill)
+  del head_dim, page_size
+  return GpuConfig(decode=dataclasses.replace(_DECODE, block_m=max(16, _next_pow2(group))), prefill=_PREFILL)
 
 
-# (head_dim, page_size, group) -> config; filled from the H200 sweep.
-GPU_TABLE: dict[tuple[int, int, int], GpuConfig] = {}
+# (head_dim, page_size, group) -> config, from the H200 sweep.
+GPU_TABLE: dict[tuple[int, int, int], GpuConfig] = {
+    (128, 16, 4): GpuConfig(decode=_DECODE, prefill=_PREFILL),  # decode 160.7 us, prefill 2013 us
+    (128, 32, 4): GpuConfig(decode=_DECODE, prefill=_PREFILL),
+    (128, 64, 4): GpuConfig(decode=_DECODE, prefill=_PREFILL),
+    (64, 16, 4): GpuConfig(decode=_DECODE, prefill=_PREFILL),  # decode 156.4 us (256 x 1024)
+}
 
 # The candidates `tools/bench_kernels.py --sweep` tries.
 GPU_SWEEP_DECODE = (
@@ -76,7 +87,9 @@ def gpu_config(head_dim: int, page_size: int, group: int) -> GpuConfig:
 
 
 # Programs a decode launch should have to fill an H200 (132 SMs, two or more
-# resident programs each); fewer live sequences x KV heads than this get split.
+# resident programs each); fewer sequence slots x KV heads than this get split.
+# At 512 programs (64 x 2048) splitting lost: 161 us unsplit, 171 us with 2
+# splits, 182 us with 4 (the combine pass costs more than the tail it saves).
 GPU_TARGET_PROGRAMS = 264
 
 

@@ -35,8 +35,12 @@ class Case:
 
 
 def make_case(seed, seqs, *, num_heads, num_kv_heads, head_dim, page_size, dtype, extra_seqs=1, extra_tokens=3,
-              extra_pages=3, permute=True):
-  """seqs: [(q_len, kv_len), ...] with q_len <= kv_len."""
+              extra_pages=3, permute=True, shape=None):
+  """seqs: [(q_len, kv_len), ...] with q_len <= kv_len.
+
+  `shape` (num_tokens, max_seqs, pages_per_seq, num_pages) pads every array to
+  fixed sizes, so that cases share one compiled kernel.
+  """
   rng = np.random.default_rng(seed)
   q_lens = np.array([q for q, _ in seqs], np.int32)
   kv_lens = np.array([k for _, k in seqs], np.int32)
@@ -48,6 +52,10 @@ def make_case(seed, seqs, *, num_heads, num_kv_heads, head_dim, page_size, dtype
   pages_B = -(-kv_lens // page_size)
   pages_per_seq = int(pages_B.max()) + 1
   num_pages = int(pages_B.sum()) + extra_pages
+  if shape is not None:
+    need = (num_tokens, max_seqs, pages_per_seq, num_pages)
+    assert all(a >= b for a, b in zip(shape, need)), f"shape={shape} is smaller than {need}"
+    num_tokens, max_seqs, pages_per_seq, num_pages = shape
   order = rng.permutation(num_pages) if permute else np.arange(num_pages)
 
   page_indices_BP = np.full((max_seqs, pages_per_seq), _FAR_PAGE, np.int32)
@@ -78,6 +86,10 @@ def relative_error(out, ref):
   ref = np.asarray(ref, np.float64)
   return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
 
+
+# Array sizes that hold every case of SEQS with page size 8 (tokens, sequence
+# slots, pages per sequence, pages): the tests compile each kernel once for them.
+SEQS_SHAPE = (48, 6, 9, 32)
 
 # Named shapes of the kernel tests, also checked on the GPU by tools/bench_kernels.py.
 # Each: (query length, context length) per live sequence; page size 8 makes

@@ -1,0 +1,132 @@
+"""The GPU and TPU ragged paged attention kernels, run in Pallas' interpreters, against the reference.
+
+Every case poisons what a kernel must not touch (see rpa_cases): padding
+query rows and unused KV slots are NaN, page-table entries past a sequence's
+pages point far outside the pool, and the output starts as NaN. A kernel
+passes when the live rows match the reference and every other row is still
+NaN. Shapes are small so the interpreters finish in seconds; the tiles are
+shrunk to match, so that sequences span several KV blocks and splits.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, tpu, tuning
+from tests.kernels.rpa_cases import SEQS, SEQS_SHAPE, make_case, relative_error
+
+TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # relative, ||out - ref|| / ||ref||
+
+# Small tiles: 16 KV positions a step (two pages of 8), so the cases below
+# cross block boundaries, the causal diagonal and the window edge.
+GPU_TILES = tuning.GpuConfig(decode=tuning.GpuBlocks(block_m=16, block_n=16, num_warps=4, num_stages=2),
+                             prefill=tuning.GpuBlocks(block_m=32, block_n=16, num_warps=4, num_stages=2))
+TPU_TILES = tuning.TpuConfig(block_q=8, pages_per_block=2)
+
+KERNELS = {
+    "gpu": functools.partial(gpu.ragged_paged_attention, interpret=True, config=GPU_TILES),
+    "tpu": functools.partial(tpu.ragged_paged_attention, interpret=True, config=TPU_TILES),
+}
+
+
+def check(kernel, case, dtype, *, head_dim, **attn_kw):
+  """Runs `kernel` over `case` into a NaN output and checks it against the reference."""
+  sm_scale = head_dim**-0.5
+  ref_kw = {k: v for k, v in attn_kw.items() if k in ("sliding_window", "soft_cap")}
+  ref = reference.ragged_paged_attention(*case.reference_args(), sm_scale=sm_scale, **ref_kw)
+  poison = jnp.full(case.q_TNH.shape, jnp.nan, dtype)
+  out = np.asarray(kernel(*case.args(), sm_scale=sm_scale, out_TNH=poison, **attn_kw), np.float32)
+  live = case.live_rows
+  assert not np.isnan(out[:live]).any(), "a live row was left unwritten or read poison"
+  assert np.isnan(out[live:]).all(), "a padding row was written"
+  err = relative_error(out[:live], np.asarray(ref, np.float32)[:live])
+  assert err <= TOLERANCE[dtype], f"relative error {err:.2e} > {TOLERANCE[dtype]:.0e}"
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("name,dtype", [(name, jnp.float32) for name in SEQS] + [("mixed", jnp.bfloat16)])
+def test_kernel_matches_reference_and_writes_only_live_rows(kernel, name, dtype):
+  case = make_case(0, SEQS[name], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=dtype,
+                   shape=SEQS_SHAPE)
+  check(KERNELS[kernel], case, dtype, head_dim=64)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 1)])  # GQA 1 and 8 (4 is above)
+def test_kernel_handles_head_dim_128_and_gqa_ratios(kernel, num_heads, num_kv_heads):
+  case = make_case(1, SEQS["mixed"], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=128, page_size=8,
+                   dtype=jnp.bfloat16, shape=SEQS_SHAPE)
+  check(KERNELS[kernel], case, jnp.bfloat16, head_dim=128)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("attn_kw", [dict(sliding_window=7), dict(soft_cap=2.0)], ids=["window", "soft_cap"])
+def test_kernel_applies_sliding_window_and_soft_cap(kernel, attn_kw):
+  case = make_case(2, SEQS["mixed"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                   shape=SEQS_SHAPE)
+  check(KERNELS[kernel], case, jnp.float32, head_dim=64, **attn_kw)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_kernel_writes_the_last_row_when_nothing_is_padding(kernel):
+  # No padding rows or sequences: the last sequence's rows end the array.
+  seqs = [(5, 21), (1, 30), (1, 9)]
+  case = make_case(3, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                   extra_seqs=0, extra_tokens=0, permute=False)
+  check(KERNELS[kernel], case, jnp.float32, head_dim=64)
+
+
+@pytest.mark.parametrize("num_splits", [2, 4])
+def test_gpu_split_k_decode_matches_reference(num_splits):
+  seqs = [(1, 70), (2, 45), (1, 3), (1, 128)]
+  case = make_case(4, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32)
+  check(KERNELS["gpu"], case, jnp.float32, head_dim=64, num_splits=num_splits, sliding_window=40)
+
+
+def test_gpu_tuned_tiles_match_reference():
+  seqs = [(1, 200), (150, 150), (1, 77), (40, 90)]
+  case = make_case(5, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16, dtype=jnp.bfloat16)
+  check(functools.partial(gpu.ragged_paged_attention, interpret=True), case, jnp.bfloat16, head_dim=64)
+
+
+def test_dispatcher_uses_the_reference_on_cpu_and_a_kernel_when_asked():
+  case = make_case(6, SEQS["mixed"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                   shape=SEQS_SHAPE)
+  clean = case.reference_args()
+  ref = reference.ragged_paged_attention(*clean, sm_scale=0.125)
+  auto = ragged_paged_attention(*clean, sm_scale=0.125)
+  np.testing.assert_array_equal(np.asarray(auto), np.asarray(ref))  # rows past the live ones are zero
+  out = ragged_paged_attention(*clean, sm_scale=0.125, impl="gpu", interpret=True)
+  assert relative_error(out, ref) <= 1e-5
+  assert not np.asarray(out[case.live_rows:]).any()
+
+
+def test_dispatcher_rejects_an_unknown_impl():
+  case = make_case(7, SEQS["decode_only"], num_heads=4, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32)
+  with pytest.raises(ValueError, match=r"impl='cuda'; expected one of \('auto', 'gpu', 'tpu', 'reference'\)"):
+    ragged_paged_attention(*case.args(), sm_scale=0.125, impl="cuda")
+
+
+def _abstract_args(dtype, num_tokens=256, num_heads=32, num_kv_heads=8, head_dim=128, page_size=16):
+  shape = jax.ShapeDtypeStruct
+  return (shape((num_tokens, num_heads, head_dim), dtype), shape((1024, page_size, 2 * num_kv_heads, head_dim), dtype),
+          shape((64,), jnp.int32), shape((64, 128), jnp.int32), shape((65,), jnp.int32), shape((1,), jnp.int32))
+
+
+@pytest.mark.parametrize("attn_kw", [dict(), dict(num_splits=4, sliding_window=64, soft_cap=30.0)])
+def test_gpu_kernel_lowers_to_triton_for_cuda(attn_kw):
+  # Cross-platform lowering runs the Pallas Triton lowering on the CPU: it
+  # catches what the interpreter accepts and Triton cannot express.
+  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, **attn_kw)
+  text = jax.jit(fn).trace(*_abstract_args(jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2  # the prefill launch and the decode launch
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_tpu_kernel_lowers_to_mosaic(dtype):
+  fn = functools.partial(tpu.ragged_paged_attention, sm_scale=0.1, sliding_window=64, soft_cap=30.0)
+  text = jax.jit(fn).trace(*_abstract_args(dtype)).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("tpu_custom_call") == 1
