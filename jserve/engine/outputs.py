@@ -45,10 +45,13 @@ class OutputProcessor:
   def add_prompt_logprobs(self, req: Request, first_position: int, logprobs, top_ids, top_logprobs):
     """Records prompt logprobs for prompt positions first_position, first_position + 1, ..."""
     st = self._states[req.request_id]
-    if st.prompt_logprobs is None or first_position != len(st.prompt_logprobs):
-      return  # a recomputation after preemption: these positions are already recorded
+    if st.prompt_logprobs is None:
+      return
     num = req.params.prompt_logprobs
-    for i, lp in enumerate(logprobs):
+    assert first_position <= len(st.prompt_logprobs), "prompt chunks arrive in order"
+    # After a preemption the prompt is computed again: skip the positions already recorded.
+    for i in range(len(st.prompt_logprobs) - first_position, len(logprobs)):
+      lp = logprobs[i]
       token = req.prompt_token_ids[first_position + i]
       st.prompt_logprobs.append(logprob_entry(token, lp, top_ids[i], top_logprobs[i], num))
 
