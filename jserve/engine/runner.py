@@ -338,7 +338,8 @@ class ModelRunner:
     self._next_start[req.request_id] = end
     s.slot_B[i] = slot
     s.use_bias_B[i] = bool(p.logit_bias) or p.min_tokens > 0
-    s.ban_stop_B[i] = req.num_output_tokens < p.min_tokens
+    # Under a grammar the grammar decides where the output ends; banning EOS could leave no token allowed.
+    s.ban_stop_B[i] = req.num_output_tokens < p.min_tokens and req.grammar is None
     s.repetition_penalty_B[i] = p.repetition_penalty
     s.presence_penalty_B[i] = p.presence_penalty
     s.frequency_penalty_B[i] = p.frequency_penalty
