@@ -68,7 +68,7 @@ def logits():
 
 
 @pytest.mark.parametrize("params", [
-    dict(temperature=0.7), dict(temperature=1.6), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.1),
+    dict(temperature=0.7), dict(temperature=1.6), dict(top_k=5), dict(top_p=0.8), dict(min_p=0.05),
     dict(temperature=1.3, top_k=20, top_p=0.9, min_p=0.02)], ids=str)
 def test_draws_follow_the_exact_filtered_distribution(logits, params):
   expected = reference_probs(logits, **params)
