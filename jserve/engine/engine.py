@@ -190,13 +190,15 @@ class LLMEngine:
       if bad:
         raise InvalidRequestError(f"stop_token_ids token id {bad[0]} is outside the vocabulary [0, {vocab})")
     children = self._make_children(request_id, token_ids, text, params, priority, arrival_time)
+    deferred = []
     if len(children) > 1:
-      share = self.config.enable_prefix_caching
-      self._groups[request_id] = _Group(n=len(children), stream=stream, deferred=children[1:] if share else [])
-    for i, req in enumerate(children):
+      # With prefix caching the others wait for the first child's prompt pages, then share them.
+      deferred = children[1:] if self.config.enable_prefix_caching else []
+      self._groups[request_id] = _Group(n=len(children), stream=stream, deferred=deferred)
+    for req in children:
       self.requests[req.request_id] = req
       self.outputs.add(req, stream=stream)
-      if i == 0 or request_id not in self._groups or not self._groups[request_id].deferred:
+      if req not in deferred:
         self.scheduler.add(req)
     return request_id
 
@@ -231,13 +233,16 @@ class LLMEngine:
     group = self._groups.pop(request_id, None)
     if group is None:
       return self._abort_one(request_id)
-    outputs = list(group.finals.values())
+    outputs, last = list(group.finals.values()), None
     for index in range(group.n):
       out = self._abort_one(f"{request_id}-{index}")
       if out is not None:
         outputs += out.outputs
-    return RequestOutput(request_id=request_id, prompt=None, prompt_token_ids=[], finished=True,
-                         outputs=sorted(outputs, key=lambda c: c.index))
+        last = out
+    if last is None:
+      return None
+    return dataclasses.replace(last, request_id=request_id, finished=True, prompt_logprobs=group.prompt_logprobs,
+                               outputs=sorted(outputs, key=lambda c: c.index))
 
   def _abort_one(self, request_id: str) -> RequestOutput | None:
     req = self.requests.pop(request_id, None)
