@@ -135,7 +135,7 @@ def bench_sampler(batch, vocab, meta):
   save(meta)
 
   blocks = {
-      "block: shortlist (top 16 of each 2048-token chunk, sorted)": jax.jit(lambda x: sampler.shortlist(x)[0]),
+      "block: shortlist (256 best 16-token chunks, sorted)": jax.jit(lambda x: sampler.shortlist(x)[0]),
       "block: full sort of the logits": jax.jit(lambda x: jnp.sort(x, axis=-1)),
       "block: jax.lax.top_k(logits, 20)": jax.jit(lambda x: jax.lax.top_k(x, 20)[0]),
       "block: one read of the logits (row max)": jax.jit(lambda x: jnp.max(x, axis=-1)),
