@@ -43,9 +43,8 @@ flags.DEFINE_string("json_out", None, "write the results as JSON here")
 
 def _write_prompts(path: str, prompts: list[list[int]], max_tokens: int):
   with open(path, "w") as f:
-    for i, ids in enumerate(prompts):
-      f.write(json.dumps({"id": f"p{i}", "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0,
-                          "ignore_eos": True}) + "\n")
+    f.writelines(json.dumps({"id": f"p{i}", "prompt_token_ids": ids, "max_tokens": max_tokens, "temperature": 0,
+                             "ignore_eos": True}) + "\n" for i, ids in enumerate(prompts))
 
 
 def main(argv):

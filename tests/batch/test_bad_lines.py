@@ -1,13 +1,14 @@
 """Bad input lines become error records; the good lines around them still run."""
 
 import re
+import sys
 
 import pytest
 
 from jserve.batch import BatchConfig, run_batch
 from jserve.batch.errors import BatchInputError
 from jserve.errors import ConfigError
-from tests.batch.util import by_key, read_jsonl, write_jsonl
+from tests.batch.util import by_key, read_jsonl, run_cli, write_jsonl
 
 
 def test_mixed_good_and_bad_lines_each_get_one_record_and_the_job_goes_on(tmp_path, replicas):
@@ -78,3 +79,11 @@ def test_bad_default_parameters_are_a_config_error(tmp_path):
     BatchConfig(input_path="in.jsonl", output_path="out.jsonl", defaults={"top_q": 0.5})
   with pytest.raises(ConfigError, match="is the input file"):
     BatchConfig(input_path="x.jsonl", output_path="./x.jsonl")
+
+
+def test_cli_usage_errors_are_one_line(tmp_path):
+  proc = run_cli([sys.executable, "-m", "jserve", "batch", f"--output={tmp_path / 'out.jsonl'}",
+                  "--sampling_params={\"min_p\": 0.1}"])
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert proc.stderr.strip().splitlines()[-1] == (
+      "jserve batch: error: --input is required (or --merge to merge shard outputs)")
