@@ -189,14 +189,12 @@ def rel_err(a, b):
 def check_test_shapes():
   """The test matrix, compiled for the GPU, against the reference. Returns rows."""
   rows = []
-  combos = []
-  for name in rpa_cases.SEQS:
-    for dtype in (jnp.float32, jnp.bfloat16) if name in ("decode_only", "mixed") else (jnp.float32,):
-      combos.append((name, dtype, 8, 2, 64, {}))
-  combos += [("mixed", jnp.bfloat16, 8, 8, 128, {}), ("mixed", jnp.bfloat16, 8, 1, 128, {}),
-             ("mixed", jnp.float32, 4, 1, 64, {}),
-             ("mixed", jnp.float32, 8, 2, 64, dict(sliding_window=8)),
-             ("mixed", jnp.float32, 8, 2, 64, dict(soft_cap=5.0)),
+  # Mostly bfloat16: a float32 kernel (IEEE-precision dots) took 15-20 s to
+  # compile on the H200, a bfloat16 one about 3 s.
+  combos = [(name, jnp.bfloat16, 8, 2, 64, {}) for name in rpa_cases.SEQS]
+  combos += [("mixed", jnp.float32, 8, 2, 64, {}), ("mixed", jnp.bfloat16, 8, 8, 128, {}),
+             ("mixed", jnp.bfloat16, 8, 1, 128, {}), ("mixed", jnp.bfloat16, 8, 2, 64, dict(sliding_window=8)),
+             ("mixed", jnp.bfloat16, 8, 2, 64, dict(soft_cap=5.0)),
              ("decode_only", jnp.float32, 8, 2, 128, dict(num_splits=4)),
              ("mixed", jnp.bfloat16, 8, 2, 128, dict(num_splits=2, sliding_window=16, soft_cap=20.0))]
   if _QUICK.value:
@@ -205,7 +203,7 @@ def check_test_shapes():
     label = f"{name} {jnp.dtype(dtype).name} N={nh} K={nkv} H={hd} {kw}"
     try:
       c = rpa_cases.make_case(1, rpa_cases.SEQS[name], num_heads=nh, num_kv_heads=nkv, head_dim=hd, page_size=8,
-                              dtype=dtype)
+                              dtype=dtype, shape=rpa_cases.SEQS_SHAPE)  # one shape: fewer compiles
       ref_kw = {k: v for k, v in kw.items() if k != "num_splits"}
       ref = jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=hd**-0.5, **ref_kw))(
           *c.reference_args())
