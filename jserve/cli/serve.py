@@ -1,8 +1,11 @@
 """`jserve serve`: the gRPC service and the OpenAI-compatible HTTP endpoint for one model."""
 
 import asyncio
+import os
+import sys
+import threading
 
-from absl import flags
+from absl import flags, logging
 
 from jserve.cli.flags import engine_config
 from jserve.server.service import read_api_keys
@@ -35,3 +38,10 @@ def server_config():
 def main():
   from jserve.server.server import serve
   asyncio.run(serve(server_config(), engine_config()))
+  if any(t.name == "jserve-engine" and t.is_alive() for t in threading.enumerate()):
+    # Stopped while the model was still compiling: finalizing the interpreter under a thread that is
+    # inside XLA aborts the process, so leave without it (the drain is done; nothing is lost).
+    logging.flush()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

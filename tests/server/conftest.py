@@ -69,17 +69,32 @@ class ServerProcess:
     return self.proc.returncode
 
 
+SHUTDOWN_TIMEOUT_S = 2.0
+MAX_WAITING = 300  # above the 256 concurrent requests of the concurrency test
+
+
 @pytest.fixture(scope="session")
 def server(tiny_model_dir, tmp_path_factory):
-  """The shared server: API key required, 64 KiB message limit, room for 256 concurrent requests."""
+  """The one server of the session (a start compiles for tens of seconds on a busy 2-core machine).
+
+  API key required, 64 KiB message limit, priority scheduling. test_shutdown.py sends it SIGTERM as the
+  session's last test (see pytest_collection_modifyitems); otherwise the teardown does.
+  """
   log = str(tmp_path_factory.mktemp("server") / "server.log")
   s = ServerProcess(tiny_model_dir, log, f"--api_key={API_KEY}", "--max_message_bytes=65536",
-                    "--max_waiting_requests=1000", "--served_model_name=tiny")
+                    f"--max_waiting_requests={MAX_WAITING}", "--served_model_name=tiny",
+                    "--scheduling_policy=priority", f"--shutdown_timeout_s={SHUTDOWN_TIMEOUT_S}")
   try:
     yield s.wait_ready()
   finally:
     code = s.terminate()
-    assert code == 0, f"shared server exited with {code}:\n{s.log()[-3000:]}"
+    assert code == 0, f"server exited with {code}:\n{s.log()[-3000:]}"
+
+
+def pytest_collection_modifyitems(items):
+  # The shutdown tests end the shared server: they run last, overload before SIGTERM.
+  last = [i for i in items if i.module.__name__.endswith("test_shutdown")]
+  items[:] = [i for i in items if i not in last] + last
 
 
 def scrape(server: ServerProcess) -> dict[str, float]:

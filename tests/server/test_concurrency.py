@@ -80,9 +80,8 @@ def test_256_streams_with_a_quarter_cancelled(server):
   alone, results = asyncio.run(asyncio.wait_for(main(), 300))
   assert all(len(a) == MAX_TOKENS for a in alone)
   for i, tokens in enumerate(results):
-    if i in cancelled:
-      assert tokens is None
-    else:
+    # Deltas that pile up are merged, so a stream may end before its cancel point: then it is whole.
+    if i not in cancelled or tokens is not None:
       assert tokens == alone[i % NUM_PROMPTS][:max_tokens[i]], f"request {i} ({'HTTP' if i in http_ids else 'gRPC'})"
 
   after = wait_idle(server)
