@@ -328,7 +328,6 @@ def sweep_all(cases):
   """
   dec_h128, dec_h64, pre = cases[0], cases[3], cases[4]
   base = tuning.gpu_config(128, 16, 4)
-  dec = {d.block_n * 100 + d.num_warps * 10 + d.num_stages: d for d in tuning.GPU_SWEEP_DECODE}
   rows, chosen = [], {}
   variants = [(dataclasses.replace(base, decode=d), s) for d in tuning.GPU_SWEEP_DECODE[:2] for s in (1, 2, 4)]
   r, best = sweep(dec_h128, variants)
@@ -349,7 +348,6 @@ def sweep_all(cases):
     cfg = dataclasses.replace(dec_cfg, prefill=best[1].prefill)
     for c in cases[4:]:
       chosen[c.name] = (cfg, None if c.kind != "decode" else chosen.get(dec_h128.name, (None, None))[1])
-  del dec
   return rows, chosen
 
 

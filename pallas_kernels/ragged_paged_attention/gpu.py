@@ -17,6 +17,10 @@ once per query head. Keys and values are gathered straight from the paged
 pool through the page table, `block_n` positions per step; only the blocks
 that straddle the causal diagonal, the sliding-window edge or the end of the
 context pay for masking. Both launches write only the live rows of `out_TNH`.
+
+Axis letters beyond jserve/shapes.py, local to the kernels: M rows of a tile
+(query token x query head of one KV head), W work items of a launch, 1 an
+axis of size one kept for broadcasting; X is the KV positions of one block.
 """
 
 import functools
@@ -108,35 +112,35 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
 
     def body(j, carry, masked):
       m_M, l_M, acc_MH = carry
-      x_N = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
+      x_X = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
       if masked:
-        x_ok_N = x_N < kv_len
-        slot_N = jnp.minimum(x_N // page_size, pages_per_seq - 1)
-        page_N = plgpu.load(page_indices_ref.at[seq, slot_N], mask=x_ok_N, other=0)
-        page_N1, off_N1 = page_N[:, None], (x_N % page_size)[:, None]
-        k_NH = plgpu.load(kv_ref.at[page_N1, off_N1, 2 * kv_head, h_1H], mask=x_ok_N[:, None], other=0)
-        v_NH = plgpu.load(kv_ref.at[page_N1, off_N1, 2 * kv_head + 1, h_1H], mask=x_ok_N[:, None], other=0)
+        x_ok_X = x_X < kv_len
+        slot_X = jnp.minimum(x_X // page_size, pages_per_seq - 1)
+        page_X = plgpu.load(page_indices_ref.at[seq, slot_X], mask=x_ok_X, other=0)
+        page_X1, off_X1 = page_X[:, None], (x_X % page_size)[:, None]
+        k_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head, h_1H], mask=x_ok_X[:, None], other=0)
+        v_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head + 1, h_1H], mask=x_ok_X[:, None], other=0)
       else:
-        page_N1 = page_indices_ref[seq, x_N // page_size][:, None]
-        off_N1 = (x_N % page_size)[:, None]
-        k_NH = kv_ref[page_N1, off_N1, 2 * kv_head, h_1H]
-        v_NH = kv_ref[page_N1, off_N1, 2 * kv_head + 1, h_1H]
-      s_MN = lax.dot_general(q_MH, k_NH.astype(q_MH.dtype), (((1,), (1,)), ((), ())),
+        page_X1 = page_indices_ref[seq, x_X // page_size][:, None]
+        off_X1 = (x_X % page_size)[:, None]
+        k_XH = kv_ref[page_X1, off_X1, 2 * kv_head, h_1H]
+        v_XH = kv_ref[page_X1, off_X1, 2 * kv_head + 1, h_1H]
+      s_MX = lax.dot_general(q_MH, k_XH.astype(q_MH.dtype), (((1,), (1,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
       if soft_cap is not None:
-        s_MN = jnp.tanh(s_MN * (sm_scale / soft_cap)) * (soft_cap * _LOG2E)
+        s_MX = jnp.tanh(s_MX * (sm_scale / soft_cap)) * (soft_cap * _LOG2E)
       else:
-        s_MN = s_MN * (sm_scale * _LOG2E)
+        s_MX = s_MX * (sm_scale * _LOG2E)
       if masked:
-        visible_MN = (x_N[None, :] <= pos_M[:, None]) & (x_N[None, :] < kv_len)
+        visible_MX = (x_X[None, :] <= pos_M[:, None]) & (x_X[None, :] < kv_len)
         if sliding_window is not None:
-          visible_MN &= x_N[None, :] > pos_M[:, None] - sliding_window
-        s_MN = jnp.where(visible_MN, s_MN, _MASKED)
-      m_new_M = jnp.maximum(m_M, jnp.max(s_MN, axis=1))
+          visible_MX &= x_X[None, :] > pos_M[:, None] - sliding_window
+        s_MX = jnp.where(visible_MX, s_MX, _MASKED)
+      m_new_M = jnp.maximum(m_M, jnp.max(s_MX, axis=1))
       alpha_M = jnp.exp2(m_M - m_new_M)
-      p_MN = jnp.exp2(s_MN - m_new_M[:, None])
-      l_M = l_M * alpha_M + jnp.sum(p_MN, axis=1)
-      pv_MH = lax.dot_general(p_MN.astype(v_NH.dtype), v_NH, (((1,), (0,)), ((), ())),
+      p_MX = jnp.exp2(s_MX - m_new_M[:, None])
+      l_M = l_M * alpha_M + jnp.sum(p_MX, axis=1)
+      pv_MH = lax.dot_general(p_MX.astype(v_XH.dtype), v_XH, (((1,), (0,)), ((), ())),
                               precision=precision, preferred_element_type=jnp.float32)
       return m_new_M, l_M, acc_MH * alpha_M[:, None] + pv_MH
 

@@ -23,6 +23,9 @@ reshaped as a value instead.
 
 This file runs under TPU interpret mode on the CPU (the tests); it has not
 been run on a TPU.
+
+Axis letters as in gpu.py: M rows of a tile (query head x token), X KV
+positions of one block, 1 a kept axis of size one (TPU vectors stay 2-D).
 """
 
 import functools
@@ -117,27 +120,27 @@ def _kernel(kv_lens_ref, pages_ref, cu_q_lens_ref, first_seq_ref, last_seq_ref, 
     q_end = cu_q_lens_ref[seq + 1]
     kv_len = kv_lens_ref[seq]
     q_MH = q_ref[...].reshape(rows, head_dim)
-    k_NH = k_buf[slot].reshape(block_n, head_dim)
-    v_NH = v_buf[slot].reshape(block_n, head_dim)
-    s_MN = lax.dot_general(q_MH, k_NH, (((1,), (1,)), ((), ())), precision=precision,
+    k_XH = k_buf[slot].reshape(block_n, head_dim)
+    v_XH = v_buf[slot].reshape(block_n, head_dim)
+    s_MX = lax.dot_general(q_MH, k_XH, (((1,), (1,)), ((), ())), precision=precision,
                            preferred_element_type=jnp.float32) * sm_scale
     if soft_cap is not None:
-      s_MN = soft_cap * jnp.tanh(s_MN / soft_cap)
+      s_MX = soft_cap * jnp.tanh(s_MX / soft_cap)
     pos_M1 = kv_len - q_end + t_M1
-    x_1N = blk * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
-    visible_MN = (t_M1 >= cu_q_lens_ref[seq]) & (t_M1 < q_end) & (x_1N <= pos_M1) & (x_1N < kv_len)
+    x_1X = blk * block_n + lax.broadcasted_iota(jnp.int32, (1, block_n), 1)
+    visible_MX = (t_M1 >= cu_q_lens_ref[seq]) & (t_M1 < q_end) & (x_1X <= pos_M1) & (x_1X < kv_len)
     if sliding_window is not None:
-      visible_MN &= x_1N > pos_M1 - sliding_window
-    s_MN = jnp.where(visible_MN, s_MN, _MASKED)
-    m_new_M1 = jnp.maximum(m_M1, jnp.max(s_MN, axis=1, keepdims=True))
+      visible_MX &= x_1X > pos_M1 - sliding_window
+    s_MX = jnp.where(visible_MX, s_MX, _MASKED)
+    m_new_M1 = jnp.maximum(m_M1, jnp.max(s_MX, axis=1, keepdims=True))
     alpha_M1 = jnp.exp(m_M1 - m_new_M1)
-    p_MN = jnp.exp(s_MN - m_new_M1)
+    p_MX = jnp.exp(s_MX - m_new_M1)
     # Masked values (past the context, or another sequence's copy of a last
     # page) may be anything, NaN included: zero them so p = 0 cancels them.
-    v_NH = jnp.where(x_1N.reshape(block_n, 1) < kv_len, v_NH, 0).astype(v_NH.dtype)
-    pv_MH = lax.dot_general(p_MN.astype(v_NH.dtype), v_NH, (((1,), (0,)), ((), ())), precision=precision,
+    v_XH = jnp.where(x_1X.reshape(block_n, 1) < kv_len, v_XH, 0).astype(v_XH.dtype)
+    pv_MH = lax.dot_general(p_MX.astype(v_XH.dtype), v_XH, (((1,), (0,)), ((), ())), precision=precision,
                             preferred_element_type=jnp.float32)
-    return m_new_M1, l_M1 * alpha_M1 + jnp.sum(p_MN, axis=1, keepdims=True), acc_MH * alpha_M1 + pv_MH
+    return m_new_M1, l_M1 * alpha_M1 + jnp.sum(p_MX, axis=1, keepdims=True), acc_MH * alpha_M1 + pv_MH
 
   def seq_body(seq, slot):
     lo, hi = seq_bounds(seq)
