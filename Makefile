@@ -20,14 +20,9 @@ $(VENV)/.installed-test: setup.py $(VENV)/.installed
 	touch $@
 
 .PHONY: demo test
-# Until the trained default model ships, the demo writes a small random checkpoint first.
-DEMO_MODEL := demo_model
-$(DEMO_MODEL)/config.json: $(VENV)/.installed
-	$(PY) -m tools.make_random_checkpoint --preset=tiny-llama --out=$(DEMO_MODEL)
-
-demo: $(DEMO_MODEL)/config.json
-	$(VENV)/bin/jserve generate --model=$(DEMO_MODEL) --prompt='def fibonacci(n):' --max_tokens=48 \
-	  --max_num_batched_tokens=256 --max_model_len=1024
+# The default model (jserve/default_model, trained by tools/train_default_model.py) completes Python.
+demo: $(VENV)/.installed
+	$(VENV)/bin/jserve generate --prompt="$$(printf 'import os\n\n\ndef read_lines(path):')" --max_tokens=64
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q -n 2 tests

@@ -22,3 +22,11 @@ def tiny_model_dir(tmp_path_factory, bpe_tokenizer):
   out = tmp_path_factory.mktemp("tiny_llama")
   write_hf_model(str(out), bpe_tokenizer, "llama")
   return str(out)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache per test session: engines of equal shapes compile once."""
+  import jax
+  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("jax_cache")))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

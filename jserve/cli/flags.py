@@ -10,7 +10,8 @@ flags.DEFINE_string("model", None, "Hugging Face checkpoint directory (default: 
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "weight and KV cache dtype")
 flags.DEFINE_integer("max_model_len", None, "longest prompt + output in tokens (default: the model's limit)")
 flags.DEFINE_integer("max_num_seqs", 256, "most sequences in one step")
-flags.DEFINE_integer("max_num_batched_tokens", 8192, "most tokens in one step (the prefill chunk budget)")
+flags.DEFINE_integer("max_num_batched_tokens", None,
+                     "most tokens in one step, the prefill chunk budget (default 8192; 512 on CPU)")
 flags.DEFINE_integer("page_size", 16, "tokens per KV page")
 flags.DEFINE_bool("enable_prefix_caching", True, "reuse KV pages of shared prompt prefixes")
 flags.DEFINE_float("gpu_memory_utilization", 0.9, "fraction of device memory jserve may use")

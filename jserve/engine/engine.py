@@ -28,6 +28,7 @@ from jserve.tokenizer import Tokenizer
 from jserve.weights import load_params, resolve_dtype
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
+CPU_DEFAULT_BATCHED_TOKENS = 512
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jserve", "jax")
 
 
@@ -39,7 +40,7 @@ class EngineConfig:
   dtype: str = "bfloat16"
   max_model_len: int | None = None
   max_num_seqs: int = 256
-  max_num_batched_tokens: int = 8192
+  max_num_batched_tokens: int | None = None  # 8192 on accelerators, 512 on CPU
   page_size: int = 16
   enable_prefix_caching: bool = True
   gpu_memory_utilization: float = 0.9
@@ -109,7 +110,11 @@ class LLMEngine:
     if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
       raise ConfigError(f"max_model_len={config.max_model_len} exceeds the model's "
                         f"max_position_embeddings={cfg.max_position_embeddings}")
-    self.max_num_batched_tokens = max(config.max_num_batched_tokens, config.max_num_seqs)
+    budget = config.max_num_batched_tokens
+    if budget is None:
+      # A CPU step of thousands of tokens takes seconds; small buckets also compile quicker.
+      budget = CPU_DEFAULT_BATCHED_TOKENS if jax.default_backend() == "cpu" else 8192
+    self.max_num_batched_tokens = max(budget, config.max_num_seqs)
     self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
     if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
       raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
