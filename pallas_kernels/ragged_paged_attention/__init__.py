@@ -21,8 +21,9 @@ def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_
                            *, sm_scale, sliding_window=None, soft_cap=None, impl="auto", interpret=False):
   """See `reference.ragged_paged_attention` for the semantics; `impl` picks the backend.
 
-  Rows past `cu_q_lens_E[num_seqs]` are zero, as in the reference; the kernels
-  neither read their queries nor compute them.
+  Rows past `cu_q_lens_E[num_seqs]` are zero, as in the reference; no kernel
+  computes them (the GPU kernel does not even load them; the TPU kernel moves
+  whole query tiles and writes such rows back unchanged).
   """
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
