@@ -38,6 +38,7 @@ class StepTimer:
   """Wraps the engine's scheduler and batch builder to time them, and the device step."""
 
   def __init__(self, engine):
+    import jax
     self.sched, self.build, self.device, self.seqs = [], [], [], []
     schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
 
@@ -56,10 +57,10 @@ class StepTimer:
 
     def timed_execute(*a, **k):
       t = time.perf_counter()
-      tokens, logprobs = execute(*a, **k)
-      tokens.block_until_ready()
+      out = execute(*a, **k)
+      jax.block_until_ready(out)
       self.device.append(time.perf_counter() - t)
-      return tokens, logprobs
+      return out
 
     engine.scheduler.schedule, engine.runner.build, engine.runner.execute = timed_schedule, timed_build, \
         timed_execute

@@ -10,6 +10,7 @@ updated in place.
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 
@@ -288,42 +289,62 @@ class ModelRunner:
   # --- the step -------------------------------------------------------------------------------
   def build(self, requests: list[Request], num_new_tokens: list[int], page_tables: dict[str, list[int]],
             constrained: set | None = None):
-    """The padded ragged batch of one step, in numpy. `constrained`: ids of rows with a grammar mask."""
+    """The padded ragged batch of one step, in numpy. `constrained`: ids of rows with a grammar mask.
+
+    Vectorized over sequences: at 256 running sequences this runs on the host every step, so it
+    must stay well under a millisecond. Only rows with logprobs, penalties, bias tables or grammars
+    take the per-row path.
+    """
     rc = self.rc
-    total = sum(num_new_tokens)
+    count = len(requests)
+    n_B = np.asarray(num_new_tokens, np.int32)
+    total = int(n_B.sum())
     inputs, sampling, tokens = self._empty_inputs(self.bucket_for(total))
-    inputs.cu_q_lens_E[:] = total
-    inputs.cu_q_lens_E[0] = 0
-    inputs.num_seqs[0] = len(requests)
-    batch_ids = {r.request_id for r in requests}
-    plan = StepPlan(num_seqs=len(requests), want_logprobs=False, prompt_rows={})
-    offset = 0
-    for i, (req, n) in enumerate(zip(requests, num_new_tokens)):
-      start = req.num_computed_tokens
-      end = start + n
-      table = page_tables[req.request_id]
-      pos = np.arange(start, end, dtype=np.int32)
-      inputs.token_ids_T[offset:offset + n] = req.all_token_ids[start:end]
-      inputs.positions_T[offset:offset + n] = pos
-      inputs.slots_T[offset:offset + n] = np.asarray(table, np.int32)[pos // rc.page_size] * rc.page_size + (
-          pos % rc.page_size)
-      inputs.cu_q_lens_E[i + 1] = offset + n
-      inputs.kv_lens_B[i] = end
-      inputs.page_indices_BP[i, :len(table)] = table
-      inputs.logits_indices_B[i] = offset + n - 1
-      self._fill_sampling(sampling, tokens, i, req, start, end, offset, batch_ids, plan, constrained)
-      offset += n
+    start_B = np.fromiter((r.num_computed_tokens for r in requests), np.int32, count)
+    end_B = start_B + n_B
+    cu_B = np.cumsum(n_B, dtype=np.int32)
+    inputs.cu_q_lens_E[1:count + 1] = cu_B
+    inputs.cu_q_lens_E[count + 1:] = total
+    inputs.num_seqs[0] = count
+    inputs.kv_lens_B[:count] = end_B
+    inputs.logits_indices_B[:count] = cu_B - 1
+    starts, ends = start_B.tolist(), end_B.tolist()
+    if total == count:  # decodes only: one token each
+      inputs.token_ids_T[:total] = [r.all_token_ids[s] for r, s in zip(requests, starts)]
+    else:
+      inputs.token_ids_T[:total] = list(itertools.chain.from_iterable(
+          r.all_token_ids[s:e] for r, s, e in zip(requests, starts, ends)))
+    row_T = np.repeat(np.arange(count, dtype=np.int32), n_B)
+    pos_T = np.arange(total, dtype=np.int32) + np.repeat(start_B - (cu_B - n_B), n_B)
+    inputs.positions_T[:total] = pos_T
+    table_BP = inputs.page_indices_BP
+    for i, r in enumerate(requests):
+      table = page_tables[r.request_id]
+      table_BP[i, :len(table)] = table
+    inputs.slots_T[:total] = table_BP[row_T, pos_T // rc.page_size] * rc.page_size + pos_T % rc.page_size
+
+    params = [r.params for r in requests]
+    sampling.temperature_B[:count] = [p.temperature for p in params]
+    sampling.top_k_B[:count] = [max(p.top_k, 0) for p in params]
+    sampling.top_p_B[:count] = [p.top_p for p in params]
+    sampling.min_p_B[:count] = [p.min_p for p in params]
+    sampling.seed_B[:count] = [r.seed for r in requests]
+    sampling.position_B[:count] = end_B
+    plan = StepPlan(num_seqs=count, want_logprobs=False, prompt_rows={})
+    batch_ids = None
+    offsets = (cu_B - n_B).tolist()
+    for i, (req, p) in enumerate(zip(requests, params)):
+      if (p.logprobs is None and p.prompt_logprobs is None and not _tracked(req)
+          and not (constrained and req.request_id in constrained)):
+        continue
+      batch_ids = batch_ids if batch_ids is not None else {r.request_id for r in requests}
+      self._fill_sampling(sampling, tokens, i, req, starts[i], ends[i], offsets[i], batch_ids, plan, constrained)
     return inputs, sampling, tokens, plan
 
   def _fill_sampling(self, s: SamplingInputs, tokens: TokenInputs, i: int, req: Request, start: int, end: int,
                      offset: int, batch_ids: set, plan: StepPlan, constrained):
+    """The per-row sampling inputs beyond the common ones: grammar, logprobs, penalties, bias."""
     p = req.params
-    s.temperature_B[i] = p.temperature
-    s.top_k_B[i] = max(p.top_k, 0)
-    s.top_p_B[i] = p.top_p
-    s.min_p_B[i] = p.min_p
-    s.seed_B[i] = req.seed
-    s.position_B[i] = end
     s.use_mask_B[i] = constrained is not None and req.request_id in constrained
     if p.logprobs is not None:
       s.logprobs_B[i] = plan.want_logprobs = True
