@@ -18,6 +18,7 @@ from absl import logging
 from jserve.config import ModelConfig, load_model_config
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.memory import size_kv_pool
+from jserve.engine.placement import engine_mesh, load_engine_params, tensor_size
 from jserve.engine.outputs import OutputProcessor
 from jserve.engine.request import (MAX_EOS_TOKEN_IDS, FinishReason, Request, RequestOutput, RequestStatus,
                                    SamplingParams)
@@ -25,7 +26,7 @@ from jserve.engine.runner import ModelRunner, RunnerConfig
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
 from jserve.tokenizer import Tokenizer
-from jserve.weights import load_params, resolve_dtype
+from jserve.weights import resolve_dtype
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 CPU_DEFAULT_BATCHED_TOKENS = 512
@@ -44,7 +45,7 @@ class EngineConfig:
   page_size: int = 16
   enable_prefix_caching: bool = True
   gpu_memory_utilization: float = 0.9
-  kv_cache_gib: float | None = None
+  kv_cache_gib: float | None = None  # per device
   num_pages: int | None = None
   scheduling_policy: str = "fcfs"
   seed: int = 0
@@ -58,9 +59,11 @@ class EngineConfig:
       raise ConfigError(f"page_size={self.page_size}: need a multiple of 8")
     if not 0 < self.gpu_memory_utilization <= 1:
       raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization}: need a value in (0, 1]")
-    if self.tensor_parallel_size != 1 or self.pipeline_parallel_size != 1:
-      raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}, pipeline_parallel_size="
-                        f"{self.pipeline_parallel_size}: the engine runs on one device for now")
+    if self.tensor_parallel_size < 1:
+      raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}: need at least 1")
+    if self.pipeline_parallel_size != 1:
+      raise ConfigError(f"pipeline_parallel_size={self.pipeline_parallel_size}: the engine does not run "
+                        f"pipeline stages yet; use tensor_parallel_size")
 
   @property
   def model_dir(self) -> str:
@@ -99,7 +102,9 @@ def _enable_compilation_cache(path: str | None):
 class LLMEngine:
   """The engine of one model replica."""
 
-  def __init__(self, config: EngineConfig, progress=None):
+  def __init__(self, config: EngineConfig, progress=None, devices=None):
+    """`devices`: where this replica runs (it takes the first `tensor_parallel_size` of them); default:
+    JAX's default device, or this host's first devices with tensor parallelism."""
     self.config = config
     _enable_compilation_cache(config.compilation_cache_dir)
     model_dir = config.model_dir
@@ -119,12 +124,13 @@ class LLMEngine:
     if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
       raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
     logging.info("loading %s from %s", cfg.architecture, model_dir)
-    self.params = load_params(model_dir, cfg, config.dtype)
+    self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices)
+    self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh)
     kv_dtype = resolve_dtype(config.dtype)
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,
-        max_num_batched_tokens=self.max_num_batched_tokens)
+        max_num_batched_tokens=self.max_num_batched_tokens, tp=tensor_size(self.mesh))
     pages_per_max_seq = -(-self.max_model_len // config.page_size)
     if num_pages - 1 < pages_per_max_seq:
       raise CapacityError(
@@ -140,7 +146,7 @@ class LLMEngine:
     self.runner = ModelRunner(cfg, self.params, RunnerConfig(
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-        kv_dtype=kv_dtype, attn_impl=config.attn_impl))
+        kv_dtype=kv_dtype, attn_impl=config.attn_impl), mesh=self.mesh)
     self.runner.compile_all(progress)
     self.outputs = OutputProcessor(self.tokenizer)
     self.requests: dict[str, Request] = {}

@@ -23,6 +23,7 @@ from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
 from jserve.engine.sampler import SamplingInputs, SlotState, record_tokens, sample, top_logprobs, write_slots
 from jserve.models.llama import StepInputs, compute_logits, forward_layers, rms_norm
+from sharding.rules import kv_cache_shardings, make_kv_caches, replicated
 
 MIN_TOKEN_BUCKET = 16
 PROMPT_LOGPROBS_ROWS = 128  # rows of [rows, V] logits computed at once for prompt_logprobs
@@ -88,9 +89,9 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
 
 
 def _step(params, kv_caches, slots: SlotState, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs,
-          *, cfg: ModelConfig, attn_impl: str, mask_callback):
+          *, cfg: ModelConfig, attn_impl: str, mask_callback, mesh: jax.sharding.Mesh | None = None):
   x_TD = params["embed"][inputs.token_ids_T]
-  x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl)
+  x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh)
   x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
   logits_BV = compute_logits(params, x_BD, cfg)
   slots = record_tokens(slots, tokens.prompt_slot_T, tokens.output_slot_T, inputs.token_ids_T)
@@ -103,6 +104,10 @@ def _step(params, kv_caches, slots: SlotState, inputs: StepInputs, sampling: Sam
 
   mask_BW = jax.lax.cond(jnp.any(sampling.use_mask_B), host_mask,
                          lambda _: jnp.zeros(mask_shape.shape, jnp.int32), logits_BV)
+  if mesh is not None:
+    # The callback runs on one device; broadcast its small result rather than let the partitioner
+    # split it by vocabulary words straight from that device (which it can only do by a full copy).
+    mask_BW = jax.lax.with_sharding_constraint(mask_BW, replicated(mesh))
   out = sample(logits_BV, sampling, slots, mask_BW)
   num_tokens = x_TD.shape[0]
   num_alt = out.top_ids_BA.shape[1]
@@ -145,23 +150,39 @@ def _tracked(req: Request) -> bool:
 class ModelRunner:
   """Owns the params, the KV pool and the sampler's slot state on the device; runs one step per call."""
 
-  def __init__(self, cfg: ModelConfig, params: dict, rc: RunnerConfig):
+  def __init__(self, cfg: ModelConfig, params: dict, rc: RunnerConfig, mesh: jax.sharding.Mesh | None = None):
+    """`mesh`: the replica's tensor-parallel mesh, with `params` placed on it by `sharding.rules`;
+    None runs on JAX's default device."""
     self.cfg = cfg
     self.params = params
     self.rc = rc
+    self.mesh = mesh
     self.buckets = token_buckets(rc.max_num_batched_tokens)
-    shape = (rc.num_pages, rc.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-    self.kv_caches = [jnp.zeros(shape, dtype=rc.kv_dtype) for _ in range(cfg.num_layers)]
     self.num_slots = rc.max_num_seqs
-    self.slots = SlotState.zeros(self.num_slots, cfg.vocab_size, BIAS_TABLE_SIZE)
+    slots = SlotState.zeros(self.num_slots, cfg.vocab_size, BIAS_TABLE_SIZE)
+    if mesh is None:
+      shape = (rc.num_pages, rc.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
+      self.kv_caches = [jnp.zeros(shape, dtype=rc.kv_dtype) for _ in range(cfg.num_layers)]
+      self.slots = slots
+      step_shardings = {}
+    else:
+      # The pool is split by KV heads (it may hold more heads than the model when K < tp). Step inputs
+      # and the sampler's slot state are small and read whole by every device: replicated. The outputs'
+      # shardings are pinned so that the pool and slots come back exactly as they went in: an inferred
+      # sharding that drifted would make the next step compile again.
+      self.kv_caches = make_kv_caches(cfg, mesh, rc.num_pages, rc.page_size, rc.kv_dtype)
+      self.slots = jax.device_put(slots, replicated(mesh))
+      step_shardings = {"out_shardings": (replicated(mesh), replicated(mesh), kv_cache_shardings(cfg, mesh),
+                                          replicated(mesh))}
     self._slot_of: dict[str, int] = {}
     self._next_start: dict[str, int] = {}  # where a tracked request's next step starts; else it restarted
     self._free_slots = list(range(self.num_slots))
     self._pending_writes: list[tuple] = []
     self._mask_future = None
-    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mask_callback=self._host_mask),
-                         donate_argnums=(1, 2))
-    self._write_slots = jax.jit(write_slots, donate_argnums=(0,))
+    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mask_callback=self._host_mask,
+                                           mesh=mesh), donate_argnums=(1, 2), **step_shardings)
+    self._write_slots = jax.jit(write_slots, donate_argnums=(0,),
+                                **({} if mesh is None else {"out_shardings": replicated(mesh)}))
 
   def bucket_for(self, num_tokens: int) -> int:
     for b in self.buckets:
@@ -199,11 +220,17 @@ class ModelRunner:
                          prompt_target_T=np.full(num_tokens, -1, i32))
     return inputs, sampling, tokens
 
+  def _put(self, host_arrays):
+    """Copies a step's host arrays to the devices in one call: replicated over the mesh, if any."""
+    if self.mesh is None:
+      return host_arrays
+    return jax.device_put(host_arrays, replicated(self.mesh))
+
   def compile_all(self, progress=None):
     """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
     start = time.monotonic()
     for i, b in enumerate(self.buckets):
-      inputs, sampling, tokens = self._empty_inputs(b)
+      inputs, sampling, tokens = self._put(self._empty_inputs(b))
       out, _, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, inputs, sampling,
                                                       tokens)
       out.tokens_B.block_until_ready()
@@ -371,6 +398,7 @@ class ModelRunner:
   def execute(self, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs):
     """Runs one step; returns the sampler's and the prompt-logprob device arrays without waiting for them."""
     self._flush_slot_writes()
+    inputs, sampling, tokens = self._put((inputs, sampling, tokens))
     out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, inputs,
                                                          sampling, tokens)
     return out, prompt

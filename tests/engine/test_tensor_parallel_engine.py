@@ -1,0 +1,112 @@
+"""`LLM(tensor_parallel_size=N)`: the whole engine on N of 8 simulated CPU devices gives one device's outputs.
+
+One worker process (tp_engine_worker.py) builds the engine at every degree on
+a float32 checkpoint written by transformers with 8 query and 2 KV heads, so
+tensor 2 splits the KV heads and tensor 4 and 8 replicate them; the tests
+check its report. The rest runs in this process, on one device.
+"""
+
+import pytest
+
+from jserve.config import ModelConfig
+from jserve.engine.engine import EngineConfig
+from jserve.engine.memory import page_bytes_per_device, size_kv_pool
+from jserve.engine.placement import engine_mesh
+from jserve.errors import ConfigError
+from tests.hf_models import write_hf_model
+from tests.sharding.subprocess_util import run_worker
+
+DEGREES = ("1", "2", "4", "8")
+PARALLEL = DEGREES[1:]
+
+
+@pytest.fixture(scope="module")
+def gqa_model_dir(tmp_path_factory, bpe_tokenizer):
+  # The "mistral" variant: 8 query heads, 2 KV heads, head_dim 8, vocabulary 1024.
+  return write_hf_model(str(tmp_path_factory.mktemp("tp_gqa")), bpe_tokenizer, "mistral")
+
+
+@pytest.fixture(scope="module")
+def report(gqa_model_dir):
+  return run_worker("tests.engine.tp_engine_worker", 8, gqa_model_dir, ",".join(DEGREES))[gqa_model_dir]
+
+
+@pytest.mark.parametrize("tp", PARALLEL)
+def test_greedy_batch_equals_one_device(report, tp):
+  assert report[tp]["greedy"] == report["1"]["greedy"]
+
+
+@pytest.mark.parametrize("tp", PARALLEL)
+def test_seeded_sample_with_repetition_penalty_equals_one_device(report, tp):
+  assert report[tp]["sampled"] == report["1"]["sampled"]
+
+
+@pytest.mark.parametrize("tp", PARALLEL)
+def test_regex_constrained_output_equals_one_device(report, tp):
+  assert report[tp]["constrained"] == report["1"]["constrained"]
+  assert report[tp]["constrained"].endswith(")")
+
+
+@pytest.mark.parametrize("tp", DEGREES)
+def test_serving_compiles_nothing_after_start(report, tp):
+  assert report[tp]["num_compiled"] == report[tp]["num_buckets"]
+
+
+@pytest.mark.parametrize("tp", PARALLEL)
+def test_kv_pool_is_split_by_kv_heads_and_widened_when_fewer_than_devices(report, tp):
+  got = report[tp]
+  # 2 KV heads: tensor 2 splits them; tensor 4 and 8 hold tp copies, one head (K and V) per device.
+  assert got["kv_pool_shape"] == [48, 16, 2 * max(2, int(tp)), 8]
+  assert got["kv_shard_shape"] == [48, 16, 2, 8]
+  assert got["kv_devices"] == int(tp)
+
+
+@pytest.mark.parametrize("tp", PARALLEL)
+def test_weights_are_split_by_the_rules(report, tp):
+  got = report[tp]
+  assert got["wq_spec"] == [None, "tensor", None]
+  assert got["wq_shard_shape"] == [64, 8 // int(tp), 8]
+  assert got["w_down_spec"] == ["tensor", None]
+
+
+@pytest.mark.parametrize("tp", DEGREES)
+def test_sampler_slot_state_is_replicated(report, tp):
+  assert report[tp]["slots_replicated"]
+
+
+CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
+                  head_dim=8)
+
+
+def test_tensor_degree_that_does_not_divide_the_heads_names_the_ones_that_do():
+  with pytest.raises(ConfigError, match=r"tensor_parallel_size=3: tensor=3 does not divide num_heads=8; "
+                                        r"tensor degrees that work: 1, 2, 4, 8"):
+    engine_mesh(CFG, 3)
+
+
+def test_more_tensor_devices_than_present_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"tensor_parallel_size=2: only 1 cpu device\(s\) available"):
+    engine_mesh(CFG, 2)
+
+
+def test_one_device_without_devices_keeps_the_plain_path():
+  assert engine_mesh(CFG, 1) is None
+
+
+def test_engine_config_refuses_zero_tensor_degree_and_pipeline_stages():
+  with pytest.raises(ConfigError, match="tensor_parallel_size=0: need at least 1"):
+    EngineConfig(tensor_parallel_size=0)
+  with pytest.raises(ConfigError, match="pipeline_parallel_size=2: the engine does not run pipeline stages yet"):
+    EngineConfig(pipeline_parallel_size=2)
+
+
+@pytest.mark.parametrize("tp,heads_per_device", [(1, 2), (2, 1), (4, 1), (8, 1)])
+def test_kv_page_bytes_are_per_device_and_count_replicated_heads(tp, heads_per_device):
+  # page 16 x K and V x 2 layers x heads x head_dim 8 x 4 bytes
+  assert page_bytes_per_device(CFG, 16, "float32", tp) == 16 * 2 * 2 * heads_per_device * 8 * 4
+
+
+def test_kv_cache_gib_is_a_per_device_budget():
+  pages = size_kv_pool(CFG, params=None, page_size=16, kv_dtype="float32", gpu_memory_utilization=0.9,
+                       kv_cache_gib=1 / 1024, max_num_batched_tokens=16, tp=8)
+  assert pages == (1 << 20) // (16 * 2 * 2 * 1 * 8 * 4)

@@ -1,0 +1,70 @@
+"""Worker for test_tensor_parallel_engine.py: `LLM(tensor_parallel_size=...)` on 8 simulated CPU devices.
+
+    python -m tests.engine.tp_engine_worker MODEL_DIR TP[,TP...] [MODEL_DIR TP[,TP...] ...]
+
+Prints one JSON line: per model directory and degree, the tokens of a batch of
+greedy prompts, of one seeded sampled request with a repetition penalty (the
+sampler's per-slot state) and of one under a regex (the grammar mask), the
+programs compiled, and where the weights and the KV pool went.
+"""
+
+import json
+import sys
+
+import jax
+
+from jserve import LLM, SamplingParams
+
+PROMPTS = [
+    "import os\nimport sys\n\nclass Config:\n    def __init__(self, path):\n        self.path = path\n",
+    "def main(argv):",
+    "for i in range(10):\n    print(i)\n",
+    "x",
+    "    return self._cache.get(key, default)\n\n\n",
+]
+# Token budget 16 (one bucket, one compile per engine): the first prompt is prefilled in chunks.
+ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batched_tokens=16, num_pages=48,
+              compilation_cache_dir=None)
+GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, repetition_penalty=1.3, seed=5, ignore_eos=True)
+# A grammar's bitmask comes from a host callback inside the sharded step.
+CONSTRAINED = SamplingParams(max_tokens=12, temperature=1.0, seed=3, regex=r"[a-z]{3,8}\([0-9]\)")
+
+
+def spec_of(a) -> list:
+  spec = [None if s is None else str(s) for s in getattr(a.sharding, "spec", ())]  # none on one device
+  return spec + [None] * (a.ndim - len(spec))
+
+
+def run(model_dir: str, tp: int) -> dict:
+  llm = LLM(model_dir, tensor_parallel_size=tp, **ENGINE)
+  outs = llm.generate(PROMPTS + PROMPTS[:2], [GREEDY] * len(PROMPTS) + [SAMPLED, CONSTRAINED], use_tqdm=False)
+  engine = llm.engine
+  pool = engine.runner.kv_caches[0]
+  layer = engine.params["layers"][0]
+  return {
+      "greedy": [o.outputs[0].token_ids for o in outs[:-2]],
+      "sampled": outs[-2].outputs[0].token_ids,
+      "constrained": outs[-1].outputs[0].text,
+      "num_compiled": engine.runner.num_compiled(),
+      "num_buckets": len(engine.runner.buckets),
+      "kv_pool_shape": list(pool.shape),
+      "kv_shard_shape": list(pool.addressable_shards[0].data.shape),
+      "kv_devices": len(pool.devices()),
+      "wq_spec": spec_of(layer["wq"]),
+      "wq_shard_shape": list(layer["wq"].addressable_shards[0].data.shape),
+      "w_down_spec": spec_of(layer["w_down"]),
+      "slots_replicated": all(s.data.shape == engine.runner.slots.counts_RV.shape
+                              for s in engine.runner.slots.counts_RV.addressable_shards),
+  }
+
+
+def main(argv):
+  report = {"num_devices": jax.device_count()}
+  for model_dir, degrees in zip(argv[::2], argv[1::2]):
+    report[model_dir] = {tp: run(model_dir, int(tp)) for tp in degrees.split(",")}
+  print(json.dumps(report))
+
+
+if __name__ == "__main__":
+  main(sys.argv[1:])
