@@ -18,6 +18,8 @@ import time
 
 from absl import app, flags
 
+from tools.step_timer import StepTimer
+
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "checkpoint directory")
 flags.DEFINE_string("preset", None, "write a random checkpoint of this preset instead of --model")
@@ -32,47 +34,6 @@ flags.DEFINE_integer("max_num_batched_tokens", 8192, "engine token budget per st
 flags.DEFINE_integer("max_model_len", None, "engine max_model_len (default input_len + output_len)")
 flags.DEFINE_float("kv_cache_gib", None, "KV pool size (default: from device memory)")
 flags.DEFINE_string("json_out", None, "write results as JSON here")
-
-
-class StepTimer:
-  """Wraps the engine's scheduler and batch builder to time them, and the device step."""
-
-  def __init__(self, engine):
-    import jax
-    self.sched, self.build, self.device, self.seqs = [], [], [], []
-    schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
-
-    def timed_schedule():
-      t = time.perf_counter()
-      out = schedule()
-      self.sched.append(time.perf_counter() - t)
-      self.seqs.append(len(out.requests))
-      return out
-
-    def timed_build(*a, **k):
-      t = time.perf_counter()
-      out = build(*a, **k)
-      self.build.append(time.perf_counter() - t)
-      return out
-
-    def timed_execute(*a, **k):
-      t = time.perf_counter()
-      out = execute(*a, **k)
-      jax.block_until_ready(out)
-      self.device.append(time.perf_counter() - t)
-      return out
-
-    engine.scheduler.schedule, engine.runner.build, engine.runner.execute = timed_schedule, timed_build, \
-        timed_execute
-
-  def summary(self, min_seqs):
-    import numpy as np
-    rows = [i for i, n in enumerate(self.seqs) if n >= min_seqs and i < len(self.build)]
-    if not rows:
-      return None
-    pick = lambda xs: float(np.median([xs[i] for i in rows]) * 1e3)
-    return {"steps": len(rows), "schedule_ms": pick(self.sched), "build_ms": pick(self.build),
-            "host_ms": pick([s + b for s, b in zip(self.sched, self.build)]), "device_ms": pick(self.device)}
 
 
 def main(argv):

@@ -17,7 +17,6 @@ import sysconfig
 from absl import app, flags
 
 import jax
-import jax.numpy as jnp
 
 from configs import get_model_preset
 from jserve.models.llama import init_params
@@ -85,19 +84,23 @@ def make_checkpoint(preset: str, out_dir: str, *, num_layers: int | None = None,
 
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "tiny-llama", "model preset from configs/models.py")
-flags.DEFINE_string("out", None, "output directory", required=True)
-flags.DEFINE_integer("num_layers", None, "override the preset's layer count (smaller files)")
-flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype")
-flags.DEFINE_integer("seed", 0, "random seed of the weights")
+
+
+def _define_flags():
+  # Defined only when run as a script: benchmarks import this module and define flags of their own.
+  flags.DEFINE_string("preset", "tiny-llama", "model preset from configs/models.py")
+  flags.DEFINE_string("out", None, "output directory", required=True)
+  flags.DEFINE_integer("num_layers", None, "override the preset's layer count (smaller files)")
+  flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "weight dtype")
+  flags.DEFINE_integer("seed", 0, "random seed of the weights")
 
 
 def main(argv):
   del argv
-  jnp.zeros(())  # start JAX before timing-sensitive work
   cfg = make_checkpoint(FLAGS.preset, FLAGS.out, num_layers=FLAGS.num_layers, dtype=FLAGS.dtype, seed=FLAGS.seed)
   print(f"wrote {FLAGS.out}: {cfg.architecture}, {cfg.param_count() / 1e6:.1f}M parameters", file=sys.stderr)
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

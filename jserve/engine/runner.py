@@ -88,26 +88,17 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
   return tuple(a.reshape(num_tokens, *a.shape[2:]) for a in out)
 
 
-def _step(params, kv_caches, slots: SlotState, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs,
-          *, cfg: ModelConfig, attn_impl: str, mask_callback, mesh: jax.sharding.Mesh | None = None):
+def _step(params, kv_caches, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
+          tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None):
   x_TD = params["embed"][inputs.token_ids_T]
   x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh)
   x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
   logits_BV = compute_logits(params, x_BD, cfg)
   slots = record_tokens(slots, tokens.prompt_slot_T, tokens.output_slot_T, inputs.token_ids_T)
-  batch, vocab = logits_BV.shape
-  mask_shape = jax.ShapeDtypeStruct((batch, (vocab + 31) // 32), jnp.int32)
-
-  def host_mask(logits_BV):
-    # The logits operand only orders the callback after the forward pass, which it overlaps.
-    return jax.pure_callback(mask_callback, mask_shape, logits_BV[0, 0])
-
-  mask_BW = jax.lax.cond(jnp.any(sampling.use_mask_B), host_mask,
-                         lambda _: jnp.zeros(mask_shape.shape, jnp.int32), logits_BV)
-  if mesh is not None:
-    # The callback runs on one device; broadcast its small result rather than let the partitioner
-    # split it by vocabulary words straight from that device (which it can only do by a full copy).
-    mask_BW = jax.lax.with_sharding_constraint(mask_BW, replicated(mesh))
+  # Grammar bitmask rows of this step's sequences, uploaded before the step (see `execute`). A host
+  # callback here would overlap computing the mask with the forward pass, but JAX keeps no program
+  # with a host callback in its persistent compilation cache: every start would compile again.
+  mask_BW = mask_SW[:logits_BV.shape[0]]
   out = sample(logits_BV, sampling, slots, mask_BW)
   num_tokens = x_TD.shape[0]
   num_alt = out.top_ids_BA.shape[1]
@@ -179,8 +170,10 @@ class ModelRunner:
     self._free_slots = list(range(self.num_slots))
     self._pending_writes: list[tuple] = []
     self._mask_future = None
-    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mask_callback=self._host_mask,
-                                           mesh=mesh), donate_argnums=(1, 2), **step_shardings)
+    mask_SW = np.zeros((rc.max_num_seqs, (cfg.vocab_size + 31) // 32), np.int32)
+    self._mask_SW = jax.device_put(mask_SW, None if mesh is None else replicated(mesh))
+    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
+                         donate_argnums=(1, 2), **step_shardings)
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),
                                 **({} if mesh is None else {"out_shardings": replicated(mesh)}))
 
@@ -231,8 +224,8 @@ class ModelRunner:
     start = time.monotonic()
     for i, b in enumerate(self.buckets):
       inputs, sampling, tokens = self._put(self._empty_inputs(b))
-      out, _, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, inputs, sampling,
-                                                      tokens)
+      out, _, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
+                                                      inputs, sampling, tokens)
       out.tokens_B.block_until_ready()
       if progress:
         progress(i + 1, len(self.buckets), b)
@@ -309,9 +302,13 @@ class ModelRunner:
     """The next step's grammar bitmask: a future of a [num_seqs bucket, words] int32 array."""
     self._mask_future = future
 
-  def _host_mask(self, _):
+  def _upload_mask(self):
+    """Waits for the host's bitmask of this step and puts it on the device (steps with grammars only)."""
     future, self._mask_future = self._mask_future, None
-    return future.result()
+    mask_BW = np.asarray(future.result(), np.int32)
+    mask_SW = np.zeros(self._mask_SW.shape, np.int32)
+    mask_SW[:mask_BW.shape[0]] = mask_BW
+    self._mask_SW = jax.device_put(mask_SW, self._mask_SW.sharding)
 
   # --- the step -------------------------------------------------------------------------------
   def build(self, requests: list[Request], num_new_tokens: list[int], page_tables: dict[str, list[int]],
@@ -399,8 +396,10 @@ class ModelRunner:
     """Runs one step; returns the sampler's and the prompt-logprob device arrays without waiting for them."""
     self._flush_slot_writes()
     inputs, sampling, tokens = self._put((inputs, sampling, tokens))
-    out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, inputs,
-                                                         sampling, tokens)
+    if self._mask_future is not None:
+      self._upload_mask()
+    out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
+                                                         inputs, sampling, tokens)
     return out, prompt
 
   @staticmethod
