@@ -40,6 +40,8 @@ flags.DEFINE_integer("random_input_len", 128, "prompt tokens of random prompts")
 flags.DEFINE_integer("random_output_len", 64, "output tokens per request (when a JSONL line gives none, too)")
 flags.DEFINE_float("random_range_ratio", 0.0, "lengths drawn uniformly from [len * (1 - r), len * (1 + r)]")
 flags.DEFINE_integer("vocab_size", 1000, "random prompt token ids are drawn from [0, vocab_size)")
+flags.DEFINE_string("tokenizer", None, "checkpoint directory whose tokenizer turns random prompts into text, for "
+                    "--backend=http-chat (default: random words, about one token each)")
 flags.DEFINE_bool("ignore_eos", True, "generate exactly max_tokens (so runs are comparable)")
 flags.DEFINE_string("goodput", None, "limits for goodput in ms, e.g. ttft:500,tpot:50,e2e:5000")
 flags.DEFINE_integer("seed", 0, "seed of prompts, lengths and arrival times")
@@ -81,7 +83,15 @@ def load_prompts(rng: random.Random) -> list[Prompt]:
   if FLAGS.dataset == "random":
     ins = _lengths(FLAGS.random_input_len, FLAGS.random_range_ratio, n, rng)
     outs = _lengths(FLAGS.random_output_len, FLAGS.random_range_ratio, n, rng)
-    return [Prompt(None, [rng.randrange(FLAGS.vocab_size) for _ in range(i)], o) for i, o in zip(ins, outs)]
+    prompts = [Prompt(None, [rng.randrange(FLAGS.vocab_size) for _ in range(i)], o) for i, o in zip(ins, outs)]
+    if FLAGS.backend == "http-chat":  # chat messages are text
+      tokenizer = None
+      if FLAGS.tokenizer:
+        from jserve.tokenizer import Tokenizer
+        tokenizer = Tokenizer(FLAGS.tokenizer)
+      for p in prompts:
+        p.text, p.token_ids = _as_text(p.token_ids, tokenizer, rng), None
+    return prompts
   if not FLAGS.dataset_path:
     raise app.UsageError("--dataset=jsonl needs --dataset_path")
   with open(FLAGS.dataset_path) as f:
@@ -94,6 +104,17 @@ def load_prompts(rng: random.Random) -> list[Prompt]:
     prompts.append(Prompt(line.get("prompt"), line.get("prompt_token_ids"),
                           int(line.get("max_tokens", FLAGS.random_output_len))))
   return prompts
+
+
+_WORDS = ("the", "of", "and", "to", "in", "is", "for", "on", "with", "as", "by", "at", "from", "or", "an", "be",
+          "this", "which", "value", "return", "list", "data", "file", "name", "time", "first", "number", "line")
+
+
+def _as_text(token_ids: list[int], tokenizer, rng: random.Random) -> str:
+  """Text of about len(token_ids) tokens: the ids decoded by --tokenizer, or common words."""
+  if tokenizer is not None:
+    return tokenizer.decode(token_ids)
+  return " ".join(rng.choice(_WORDS) for _ in token_ids)
 
 
 # --- clients --------------------------------------------------------------------------------------
@@ -129,7 +150,8 @@ class GrpcClient:
           r.prompt_tokens = msg.usage.prompt_tokens
       r.e2e, r.ok = time.perf_counter() - start, True
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
-      r.error = f"{type(e).__name__}: {getattr(e, 'details', lambda: str(e))()}"
+      details = e.details() if hasattr(e, "details") else str(e)
+      r.error = f"{type(e).__name__}: {details}"
     return r
 
   async def close(self):
@@ -151,8 +173,7 @@ class HttpClient:
     body = {"model": self.model, "max_tokens": p.max_tokens, "temperature": 0, "stream": True,
             "ignore_eos": FLAGS.ignore_eos, "stream_options": {"include_usage": True}, "return_token_ids": True}
     if self.chat:
-      text = p.text if p.text is not None else " ".join(map(str, p.token_ids))
-      body["messages"], path = [{"role": "user", "content": text}], "/v1/chat/completions"
+      body["messages"], path = [{"role": "user", "content": p.text}], "/v1/chat/completions"
     else:
       body["prompt"], path = (p.token_ids if p.token_ids else p.text), "/v1/completions"
     r, start = Result(), time.perf_counter()

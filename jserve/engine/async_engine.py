@@ -220,7 +220,13 @@ class AsyncEngine:
     # Engine ids are unique whatever the clients send; the caller's id is kept as a prefix for logs.
     rid = f"{request_id}-{next(self._ids)}" if request_id else f"{uuid.uuid4().hex[:16]}-{next(self._ids)}"
     stream = RequestStream(self, rid, RequestTimes(arrival=time.monotonic()))
-    await self._call("add", (stream, prompt, params, priority))
+    try:
+      await self._call("add", (stream, prompt, params, priority))
+    except asyncio.CancelledError:
+      # The caller left while the add was queued; it may still land, and the queue's order puts this
+      # abort after it.
+      self._abort(rid)
+      raise
     return stream
 
   async def get_stats(self) -> EngineStats:

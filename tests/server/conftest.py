@@ -36,7 +36,7 @@ class ServerProcess:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, TOKENIZERS_PARALLELISM="false")
     self.args = [sys.executable, "-m", "jserve", "serve", f"--model={model_dir}", f"--port={self.grpc_port}",
                  f"--http_port={self.http_port}", *ENGINE_FLAGS, *extra]
-    self._log = open(log_path, "w")
+    self._log = open(log_path, "w")  # noqa: SIM115 - open as long as the process runs
     self.proc = subprocess.Popen(self.args, stdout=self._log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
   def log(self) -> str:

@@ -161,3 +161,23 @@ def test_stop_and_abort_all_end_streams_with_unavailable():
         pass
     assert not fake.has_unfinished()
   _run(main())
+
+
+def test_caller_cancelled_during_add_still_aborts_the_request():
+  async def main():
+    fake = FakeEngine(step_s=0.2)  # the add waits for the step in progress
+    engine = await _started(fake)
+    busy = await engine.add_request("a", SamplingParams(max_tokens=1000))
+    await asyncio.sleep(0.05)
+    task = asyncio.ensure_future(engine.add_request("b", SamplingParams(max_tokens=1000), request_id="late"))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    busy.abort()
+    for _ in range(100):
+      if not fake.has_unfinished():
+        break
+      await asyncio.sleep(0.02)
+    assert any(rid.startswith("late-") for rid in fake.aborted) and not fake.has_unfinished()
+    await engine.stop()
+  _run(main())

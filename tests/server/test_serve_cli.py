@@ -4,8 +4,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
+import grpc
+import httpx2
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jserve.server.proto import jserve_pb2 as pb
+from jserve.server.proto import jserve_pb2_grpc as pb_grpc
 from tests.server.conftest import ENGINE_FLAGS, REPO, free_port
 
 
@@ -36,15 +42,23 @@ def test_busy_port_is_a_one_line_error(tiny_model_dir):
                     f"HTTP cannot listen on 127.0.0.1:{port}")
 
 
-def test_sigterm_while_compiling_exits_0(tiny_model_dir):
-  proc = _serve(f"--model={tiny_model_dir}", f"--port={free_port()}", f"--http_port={free_port()}",
+def test_not_serving_while_compiling_and_sigterm_then_exits_0(tiny_model_dir):
+  grpc_port, http_port = free_port(), free_port()
+  proc = _serve(f"--model={tiny_model_dir}", f"--port={grpc_port}", f"--http_port={http_port}",
                 "--compilation_cache_dir=")
   lines = []
   for line in proc.stdout:
     lines.append(line)
-    if "KV pool:" in line:  # the engine thread is about to compile
+    if "KV pool:" in line:  # the engine thread is about to compile (seconds)
       break
-  time.sleep(0.5)
+  with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert reply.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    with pytest.raises(grpc.RpcError) as e:
+      list(pb_grpc.GenerationStub(channel).Generate(pb.GenerateRequest(text="hi"), timeout=10))
+    assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "still loading" in e.value.details()
+  r = httpx2.get(f"http://127.0.0.1:{http_port}/health", timeout=10)
+  assert r.status_code == 503 and r.json()["status"] == "loading"
   proc.terminate()
   out, _ = proc.communicate(timeout=60)
   assert proc.returncode == 0, "".join(lines) + out

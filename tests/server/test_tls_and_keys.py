@@ -42,6 +42,9 @@ def test_tls_and_key_file(cert, tmp_path):
   keys = read_api_keys(None, str(key_file))
   assert keys == ("key-one", "key-two")
 
+  with open(cert_path, "rb") as f:
+    root_certificates = f.read()
+
   async def main():
     fake = FakeEngine()
     metrics = ServerMetrics("fake")
@@ -55,8 +58,7 @@ def test_tls_and_key_file(cert, tmp_path):
     await h.start()
     await g.set_serving(True)
     try:
-      with open(cert_path, "rb") as f:
-        creds = grpc.ssl_channel_credentials(root_certificates=f.read())
+      creds = grpc.ssl_channel_credentials(root_certificates=root_certificates)
       async with grpc.aio.secure_channel(g.address, creds) as channel:
         reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
