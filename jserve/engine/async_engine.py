@@ -163,6 +163,7 @@ class AsyncEngine:
     self._ready: asyncio.Future | None = None
     self._accepting = True
     self._error: BaseException | None = None
+    self._orphaned = False
     self.engine: LLMEngine | None = None  # set once loaded; read-only from the asyncio side
 
   # --- lifecycle ------------------------------------------------------------------------------
@@ -252,11 +253,18 @@ class AsyncEngine:
     self._commands.put(("abort", request_id, None))
 
   # --- the engine thread ----------------------------------------------------------------------
+  def _post(self, fn, *args):
+    """Runs fn(*args) on the event loop; once the loop is closed, the engine thread winds down instead."""
+    try:
+      self._loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:  # the loop closed under us (its owner exited without stop())
+      self._orphaned = True
+
   def _resolve(self, fut, result=None, error=None):
     def done():
       if not fut.done():
         fut.set_exception(error) if error is not None else fut.set_result(result)
-    self._loop.call_soon_threadsafe(done)
+    self._post(done)
 
   def _run(self):
     try:
@@ -276,7 +284,7 @@ class AsyncEngine:
 
   def _loop_forever(self):
     engine = self.engine
-    while True:
+    while not self._orphaned:
       block = not engine.has_unfinished()
       try:
         command = self._commands.get(block=block)
@@ -340,7 +348,7 @@ class AsyncEngine:
       batch.append((stream, error))
     self._streams.clear()
     if batch:
-      self._loop.call_soon_threadsafe(self._dispatch, batch)
+      self._post(self._dispatch, batch)
 
   def _deliver(self, outputs: list[RequestOutput]):
     now = time.monotonic()
@@ -360,7 +368,7 @@ class AsyncEngine:
         self._record_done(stream, out, now)
       batch.append((stream, out))
     if batch:
-      self._loop.call_soon_threadsafe(self._dispatch, batch)
+      self._post(self._dispatch, batch)
 
   def _record_done(self, stream: RequestStream, out: RequestOutput | None, now: float):
     times = stream.times
@@ -368,7 +376,7 @@ class AsyncEngine:
     reasons = [c.finish_reason for c in out.outputs if c.finish_reason] if out else []
     times.finish_reason = reasons[0] if reasons else "abort"
     if self._on_request_done is not None:
-      self._loop.call_soon_threadsafe(self._on_request_done, times)
+      self._post(self._on_request_done, times)
 
   @staticmethod
   def _dispatch(batch):

@@ -94,10 +94,9 @@ def test_cancelled_consumer_aborts_the_request():
 
 def test_full_waiting_queue_refuses_at_once():
   async def main():
-    fake = FakeEngine(max_num_seqs=1, step_s=0.01)
+    fake = FakeEngine(max_num_seqs=0, step_s=0.01)  # nothing runs: every request waits
     engine = await _started(fake, max_waiting_requests=2)
-    streams = [await engine.add_request("hi", SamplingParams(max_tokens=1000)) for _ in range(3)]
-    # One runs, two wait: the next is refused.
+    streams = [await engine.add_request("hi", SamplingParams(max_tokens=1000)) for _ in range(2)]
     with pytest.raises(OverloadedError, match=r"2 requests are waiting, the limit \(--max_waiting_requests\) is 2"):
       await engine.add_request("hi", SamplingParams(max_tokens=1000))
     for s in streams:
@@ -181,3 +180,16 @@ def test_caller_cancelled_during_add_still_aborts_the_request():
     assert any(rid.startswith("late-") for rid in fake.aborted) and not fake.has_unfinished()
     await engine.stop()
   _run(main())
+
+
+def test_engine_thread_ends_quietly_when_its_loop_is_gone():
+  fake = FakeEngine(step_s=0.01)
+  holder = {}
+
+  async def main():
+    holder["engine"] = engine = await _started(fake)
+    await engine.add_request("hi", SamplingParams(max_tokens=1000))  # left running on purpose
+  _run(main())
+  thread = holder["engine"]._thread
+  thread.join(5)
+  assert not thread.is_alive()
