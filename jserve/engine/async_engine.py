@@ -194,7 +194,8 @@ class AsyncEngine:
 
   async def abort_all(self, reason: str):
     """Aborts every request in flight; their streams raise EngineUnavailableError(reason)."""
-    await self._call("abort_all", reason)
+    if self._thread is not None and self._thread.is_alive():
+      await self._call("abort_all", reason)
 
   async def stop(self):
     """Aborts what is left, ends the engine thread and waits for it."""
@@ -245,6 +246,8 @@ class AsyncEngine:
     return "the model is still loading"
 
   async def _call(self, kind: str, payload):
+    if not self._thread.is_alive():
+      raise EngineUnavailableError(f"the engine is not running: {self.not_ready_reason()}")
     fut = self._loop.create_future()
     self._commands.put((kind, payload, fut))
     return await fut
@@ -281,6 +284,18 @@ class AsyncEngine:
       logging.exception("engine loop failed")
       self._error = e
       self._fail_all(EngineUnavailableError(f"the engine failed: {e}"))
+    finally:
+      self._reject_pending()
+
+  def _reject_pending(self):
+    """Fails the commands still queued when the thread ends, so that no caller waits forever."""
+    while True:
+      try:
+        _, _, fut = self._commands.get_nowait()
+      except queue.Empty:
+        return
+      if fut is not None:
+        self._resolve(fut, error=EngineUnavailableError("the engine has stopped"))
 
   def _loop_forever(self):
     engine = self.engine

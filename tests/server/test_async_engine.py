@@ -193,3 +193,17 @@ def test_engine_thread_ends_quietly_when_its_loop_is_gone():
   thread = holder["engine"]._thread
   thread.join(5)
   assert not thread.is_alive()
+
+
+def test_calls_after_a_failure_do_not_hang():
+  async def main():
+    engine = await _started(FakeEngine(fail_at_step=1))
+    stream = await engine.add_request("hi", SamplingParams(max_tokens=10))
+    with pytest.raises(EngineUnavailableError):
+      async for _ in stream:
+        pass
+    engine._thread.join(5)
+    await engine.abort_all("shutting down")  # the drain after a failure returns at once
+    assert (await engine.get_stats()).num_running == 0
+    await engine.stop()
+  _run(main())
