@@ -5,7 +5,7 @@ import sys
 
 from absl import app, logging
 
-COMMANDS = ("generate", "serve", "batch", "plan", "bench")
+COMMANDS = ("generate", "serve", "batch", "plan", "convert", "bench")
 USAGE = f"usage: jserve {{{','.join(COMMANDS)}}} [--flags]   (jserve <command> --helpfull lists the flags)"
 
 
@@ -34,7 +34,7 @@ def _register_flags():
   # Every command's flags are defined before absl parses argv.
   from jserve.cli import flags as _flags  # noqa: F401
   from jserve.cli import generate as _generate  # noqa: F401
-  for name in ("serve", "batch", "plan", "bench"):
+  for name in ("serve", "batch", "plan", "convert", "bench"):
     try:
       __import__(f"jserve.cli.{name}")
     except ModuleNotFoundError as e:

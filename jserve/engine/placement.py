@@ -9,13 +9,17 @@ holds a full copy of a split tensor), and the runner makes the KV pool with
 `ValueError` that knows nothing of jserve); here it becomes a `ConfigError`.
 """
 
+import os
+
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
+from jserve.convert import ORBAX_SUBDIR, has_orbax_params
 from jserve.errors import ConfigError
 from jserve.models.llama import param_specs
-from jserve.weights import load_params
+from jserve.weights import load_params, resolve_dtype
 from sharding import rules
 from sharding.errors import ShardingError
 from sharding.mesh import TENSOR, MeshShape, make_mesh
@@ -41,10 +45,24 @@ def engine_mesh(cfg: ModelConfig, tensor_parallel_size: int, devices=None) -> Me
 
 
 def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh | None) -> dict:
-  """The checkpoint's weights, each tensor placed straight into its shards on `mesh` (if any)."""
+  """The checkpoint's weights, each tensor placed straight into its shards on `mesh` (if any).
+
+  A directory written by `jserve convert` has its weights in `orbax/`; they are restored into the
+  shards directly (without a mesh, onto a one-device mesh of the default device).
+  """
+  if has_orbax_params(model_dir):
+    from sharding import checkpoint
+    target = mesh or make_mesh(MeshShape(), [default_device()])
+    return checkpoint.restore(os.path.join(model_dir, ORBAX_SUBDIR), param_specs(cfg), target,
+                              resolve_dtype(dtype))
   if mesh is None:
     return load_params(model_dir, cfg, dtype)
   return load_params(model_dir, cfg, dtype, place=rules.make_place(param_specs(cfg), mesh))
+
+
+def default_device():
+  """The device uncommitted arrays go to: a data-parallel replica's, inside its `jax.default_device`."""
+  return next(iter(jnp.zeros((), jnp.int32).devices()))
 
 
 def tensor_size(mesh: Mesh | None) -> int:

@@ -23,6 +23,7 @@ from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
 from jserve.engine.sampler import SamplingInputs, SlotState, record_tokens, sample, top_logprobs, write_slots
 from jserve.models.llama import StepInputs, compute_logits, forward_layers, rms_norm
+from jserve.engine.placement import default_device
 from sharding.rules import kv_cache_shardings, make_kv_caches, replicated
 
 MIN_TOKEN_BUCKET = 16
@@ -152,17 +153,21 @@ class ModelRunner:
     self.num_slots = rc.max_num_seqs
     slots = SlotState.zeros(self.num_slots, cfg.vocab_size, BIAS_TABLE_SIZE)
     if mesh is None:
+      # Committed to the default device (a data-parallel replica's): the step's outputs are committed,
+      # and a jit called with committed and then uncommitted state compiles twice.
+      self._home = default_device()
       shape = (rc.num_pages, rc.page_size, 2 * cfg.num_kv_heads, cfg.head_dim)
-      self.kv_caches = [jnp.zeros(shape, dtype=rc.kv_dtype) for _ in range(cfg.num_layers)]
-      self.slots = slots
+      self.kv_caches = [jnp.zeros(shape, dtype=rc.kv_dtype, device=self._home) for _ in range(cfg.num_layers)]
+      self.slots = jax.device_put(slots, self._home)
       step_shardings = {}
     else:
+      self._home = replicated(mesh)
       # The pool is split by KV heads (it may hold more heads than the model when K < tp). Step inputs
       # and the sampler's slot state are small and read whole by every device: replicated. The outputs'
       # shardings are pinned so that the pool and slots come back exactly as they went in: an inferred
       # sharding that drifted would make the next step compile again.
       self.kv_caches = make_kv_caches(cfg, mesh, rc.num_pages, rc.page_size, rc.kv_dtype)
-      self.slots = jax.device_put(slots, replicated(mesh))
+      self.slots = jax.device_put(slots, self._home)
       step_shardings = {"out_shardings": (replicated(mesh), replicated(mesh), kv_cache_shardings(cfg, mesh),
                                           replicated(mesh))}
     self._slot_of: dict[str, int] = {}
@@ -171,7 +176,7 @@ class ModelRunner:
     self._pending_writes: list[tuple] = []
     self._mask_future = None
     mask_SW = np.zeros((rc.max_num_seqs, (cfg.vocab_size + 31) // 32), np.int32)
-    self._mask_SW = jax.device_put(mask_SW, None if mesh is None else replicated(mesh))
+    self._mask_SW = jax.device_put(mask_SW, self._home)
     self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
                          donate_argnums=(1, 2), **step_shardings)
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),

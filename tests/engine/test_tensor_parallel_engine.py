@@ -3,12 +3,14 @@
 One worker process (tp_engine_worker.py) builds the engine at every degree on
 a float32 checkpoint written by transformers with 8 query and 2 KV heads, so
 tensor 2 splits the KV heads and tensor 4 and 8 replicate them; the tests
-check its report. The rest runs in this process, on one device.
+check its report; it also serves the `jserve convert` (orbax) copy of the
+checkpoint at tensor 4. The rest runs in this process, on one device.
 """
 
 import pytest
 
 from jserve.config import ModelConfig
+from jserve.convert import convert_to_orbax
 from jserve.engine.engine import EngineConfig
 from jserve.engine.memory import page_bytes_per_device, size_kv_pool
 from jserve.engine.placement import engine_mesh
@@ -27,8 +29,22 @@ def gqa_model_dir(tmp_path_factory, bpe_tokenizer):
 
 
 @pytest.fixture(scope="module")
-def report(gqa_model_dir):
-  return run_worker("tests.engine.tp_engine_worker", 8, gqa_model_dir, ",".join(DEGREES))[gqa_model_dir]
+def orbax_model_dir(tmp_path_factory, gqa_model_dir):
+  """The same model after `jserve convert`: weights in orbax/."""
+  out = str(tmp_path_factory.mktemp("tp_gqa_orbax") / "model")
+  convert_to_orbax(gqa_model_dir, out, "float32")
+  return out
+
+
+@pytest.fixture(scope="module")
+def reports(gqa_model_dir, orbax_model_dir):
+  # The orbax copy at tensor 4, where restoring must also widen the 2 KV heads to 4.
+  return run_worker("tests.engine.tp_engine_worker", 8, gqa_model_dir, ",".join(DEGREES), orbax_model_dir, "4")
+
+
+@pytest.fixture(scope="module")
+def report(reports, gqa_model_dir):
+  return reports[gqa_model_dir]
 
 
 @pytest.mark.parametrize("tp", PARALLEL)
@@ -47,9 +63,17 @@ def test_regex_constrained_output_equals_one_device(report, tp):
   assert report[tp]["constrained"].endswith(")")
 
 
+def test_orbax_copy_restored_into_four_shards_gives_the_same_tokens(reports, report, orbax_model_dir):
+  got = reports[orbax_model_dir]["4"]
+  assert got["greedy"] == report["1"]["greedy"]
+  assert got["sampled"] == report["1"]["sampled"]
+  assert got["kv_shard_shape"] == [48, 16, 2, 8]
+
+
 @pytest.mark.parametrize("tp", DEGREES)
 def test_serving_compiles_nothing_after_start(report, tp):
-  assert report[tp]["num_compiled"] == report[tp]["num_buckets"]
+  # With a mesh the pool and slot state come back with the shardings they went in with.
+  assert report[tp]["compiles_while_serving"] == 0
 
 
 @pytest.mark.parametrize("tp", PARALLEL)

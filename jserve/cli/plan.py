@@ -1,0 +1,69 @@
+"""`jserve plan`: ranked (data, pipeline, tensor) layouts for a model on a cluster, with the numbers behind them.
+
+    jserve plan --model=llama-3.1-70b --num_devices=8 --device=H100-80GB
+    jserve plan --model=/path/to/hf_dir --num_devices=16 --num_hosts=2 --device=H200-141GB --max_model_len=8192
+
+--model is a checkpoint directory (its config.json is read; no weights) or a
+preset name from configs/models.py. The workload comes from the engine flags
+--dtype, --max_model_len (default here 4096, not the model's limit),
+--max_num_seqs, --max_num_batched_tokens and --gpu_memory_utilization, plus
+--concurrency. The planner itself is sharding.planner (docs/planner.md).
+"""
+
+import os
+import sys
+
+from absl import flags
+
+from jserve.cli import flags as _engine_flags  # noqa: F401  (--model, --dtype, --max_model_len, ...)
+from jserve.errors import ConfigError
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("num_devices", 1, "accelerators in the cluster, all hosts together")
+flags.DEFINE_integer("num_hosts", None, "hosts they sit in (default: as few as the device preset's devices/host allow)")
+flags.DEFINE_string("device", "H100-80GB", "device preset: H100-80GB, H200-141GB, TPU-v5e, TPU-v5p, TPU-v6e")
+flags.DEFINE_float("device_memory_gib", None, "memory of one device in GiB (default: the preset's)")
+flags.DEFINE_integer("concurrency", 256, "sequences decoding at once over the whole cluster")
+flags.DEFINE_integer("num_plans", 10, "how many of the ranked plans to print")
+
+PLAN_MAX_MODEL_LEN = 4096  # a model's own limit (128k for Llama-3.1) would size the KV pool for nobody's workload
+
+
+def model_config(model: str | None):
+  """(config, name) of a checkpoint directory, a preset name, or the shipped default model (None)."""
+  from configs import MODEL_PRESETS
+  from jserve.config import load_model_config
+  from jserve.engine.engine import DEFAULT_MODEL_DIR
+  if model is None:
+    return load_model_config(DEFAULT_MODEL_DIR), "the default model"
+  if os.path.isdir(model):
+    return load_model_config(model), os.path.basename(os.path.normpath(model))
+  if model in MODEL_PRESETS:
+    return MODEL_PRESETS[model], model
+  raise ConfigError(f"--model={model!r} is neither a checkpoint directory nor a preset; presets: "
+                    f"{', '.join(sorted(MODEL_PRESETS))}")
+
+
+def workload():
+  import jax.numpy as jnp
+
+  from jserve.weights import resolve_dtype
+  from sharding.costs import Workload
+  itemsize = jnp.dtype(resolve_dtype(FLAGS.dtype)).itemsize
+  return Workload(max_model_len=FLAGS.max_model_len or PLAN_MAX_MODEL_LEN, concurrency=FLAGS.concurrency,
+                  max_num_batched_tokens=FLAGS.max_num_batched_tokens or 8192, max_num_seqs=FLAGS.max_num_seqs,
+                  weight_bytes=itemsize, kv_bytes=itemsize, memory_utilization=FLAGS.gpu_memory_utilization)
+
+
+def main():
+  from sharding.errors import ShardingError
+  from sharding.planner import plan_report
+  cfg, name = model_config(FLAGS.model)
+  try:
+    report = plan_report(cfg, model_name=name, num_devices=FLAGS.num_devices, device=FLAGS.device,
+                         num_hosts=FLAGS.num_hosts, device_memory_gib=FLAGS.device_memory_gib, workload=workload(),
+                         limit=FLAGS.num_plans)
+  except ShardingError as e:
+    # The planner says what would fit; that is the user's answer, not a crash.
+    raise ConfigError(str(e)) from None
+  sys.stdout.write(report + "\n")
