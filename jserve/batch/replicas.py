@@ -1,8 +1,9 @@
 """Data-parallel replicas on one host: independent engines on disjoint devices.
 
-The engine has no device argument: it puts its params and KV pool on JAX's default device.
+With `tensor_parallel_size=1` an engine puts its params and KV pool on JAX's default device.
 Each replica is therefore built (and later run, see feeder.py) inside
-`jax.default_device(its device)`, in its own thread, since that setting is thread-local.
+`jax.default_device(its first device)`, in its own thread, since that setting is thread-local.
+With tensor parallelism a replica is given its group of devices and builds its mesh over them.
 """
 
 import dataclasses
@@ -23,35 +24,42 @@ class Replica:
   device: object = None
 
 
-def replica_devices(num_replicas: int, devices=None) -> list:
-  """The first device of each replica's share of `devices` (default: this host's devices)."""
+def replica_device_groups(num_replicas: int, tensor_parallel_size: int = 1, devices=None) -> list[list]:
+  """Each replica's devices: `tensor_parallel_size` consecutive ones of `devices` (default: this host's)."""
   devices = list(devices if devices is not None else jax.local_devices())
   if num_replicas < 1:
     raise ConfigError(f"num_replicas={num_replicas}: need at least 1")
-  if num_replicas > len(devices):
-    raise ConfigError(f"num_replicas={num_replicas}: this host has only {len(devices)} "
-                      f"{devices[0].platform} device(s)")
-  per_replica = len(devices) // num_replicas
-  if per_replica * num_replicas != len(devices):
-    logging.warning("%d devices for %d replicas: %d stay idle", len(devices), num_replicas,
-                    len(devices) - per_replica * num_replicas)
-  # The engine runs on one device for now; with tensor parallelism a replica would take its whole share.
-  return [devices[i * per_replica] for i in range(num_replicas)]
+  need = num_replicas * tensor_parallel_size
+  if need > len(devices):
+    raise ConfigError(f"num_replicas={num_replicas} x tensor_parallel_size={tensor_parallel_size} needs {need} "
+                      f"devices; this host has only {len(devices)} {devices[0].platform} device(s)")
+  if need != len(devices):
+    logging.warning("%d devices for %d replicas of %d: %d stay idle", len(devices), num_replicas,
+                    tensor_parallel_size, len(devices) - need)
+  tp = tensor_parallel_size
+  return [devices[i * tp:(i + 1) * tp] for i in range(num_replicas)]
+
+
+def replica_devices(num_replicas: int, devices=None) -> list:
+  """The device of each replica of one device."""
+  return [group[0] for group in replica_device_groups(num_replicas, 1, devices)]
 
 
 def build_replicas(config: EngineConfig, num_replicas: int = 1, devices=None) -> list[Replica]:
-  """Builds `num_replicas` engines, each on its own device; all at once, in threads."""
+  """Builds `num_replicas` engines, each on its own `tensor_parallel_size` devices; all at once, in threads."""
   if num_replicas == 1 and devices is None:
     return [Replica(LLMEngine(config))]
-  targets = replica_devices(num_replicas, devices)
+  tp = config.tensor_parallel_size
+  groups = replica_device_groups(num_replicas, tp, devices)
+  targets = [group[0] for group in groups]
   engines: list = [None] * num_replicas
   errors: list = []
 
   def build(i: int):
     try:
       with jax.default_device(targets[i]):
-        engines[i] = LLMEngine(config)
-      logging.info("replica %d of %d ready on %s", i + 1, num_replicas, targets[i])
+        engines[i] = LLMEngine(config, devices=groups[i] if tp > 1 else None)
+      logging.info("replica %d of %d ready on %s", i + 1, num_replicas, ", ".join(map(str, groups[i])))
     except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
       errors.append(e)
 

@@ -18,8 +18,13 @@ from jserve.errors import ConfigError
 from tests.hf_models import write_hf_model
 from tests.sharding.subprocess_util import run_worker
 
-DEGREES = ("1", "2", "4", "8")
+# "2@6": tensor 2 on devices 6 and 7, built by `jserve batch`'s replica builder with its devices given.
+DEGREES = ("1", "2@6", "4", "8")
 PARALLEL = DEGREES[1:]
+
+
+def degree(key: str) -> int:
+  return int(key.split("@")[0])
 
 
 @pytest.fixture(scope="module")
@@ -80,16 +85,16 @@ def test_serving_compiles_nothing_after_start(report, tp):
 def test_kv_pool_is_split_by_kv_heads_and_widened_when_fewer_than_devices(report, tp):
   got = report[tp]
   # 2 KV heads: tensor 2 splits them; tensor 4 and 8 hold tp copies, one head (K and V) per device.
-  assert got["kv_pool_shape"] == [48, 16, 2 * max(2, int(tp)), 8]
+  assert got["kv_pool_shape"] == [48, 16, 2 * max(2, degree(tp)), 8]
   assert got["kv_shard_shape"] == [48, 16, 2, 8]
-  assert got["kv_devices"] == int(tp)
+  assert got["kv_devices"] == ([6, 7] if tp == "2@6" else list(range(degree(tp))))
 
 
 @pytest.mark.parametrize("tp", PARALLEL)
 def test_weights_are_split_by_the_rules(report, tp):
   got = report[tp]
   assert got["wq_spec"] == [None, "tensor", None]
-  assert got["wq_shard_shape"] == [64, 8 // int(tp), 8]
+  assert got["wq_shard_shape"] == [64, 8 // degree(tp), 8]
   assert got["w_down_spec"] == ["tensor", None]
 
 
@@ -134,3 +139,20 @@ def test_kv_cache_gib_is_a_per_device_budget():
   pages = size_kv_pool(CFG, params=None, page_size=16, kv_dtype="float32", gpu_memory_utilization=0.9,
                        kv_cache_gib=1 / 1024, max_num_batched_tokens=16, tp=8)
   assert pages == (1 << 20) // (16 * 2 * 2 * 1 * 8 * 4)
+
+
+class _Device:
+  platform = "cpu"
+
+  def __init__(self, i):
+    self.id = i
+
+
+def test_batch_replicas_take_consecutive_groups_of_tensor_parallel_devices():
+  from jserve.batch.replicas import replica_device_groups
+  devices = [_Device(i) for i in range(8)]
+  groups = replica_device_groups(2, 4, devices)
+  assert [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  with pytest.raises(ConfigError, match=r"num_replicas=3 x tensor_parallel_size=4 needs 12 devices; this host has "
+                                        r"only 8 cpu device\(s\)"):
+    replica_device_groups(3, 4, devices)

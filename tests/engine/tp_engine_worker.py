@@ -2,12 +2,17 @@
 
     python -m tests.engine.tp_engine_worker MODEL_DIR TP[,TP...] [MODEL_DIR TP[,TP...] ...]
 
+A degree `TP@FIRST` builds the engine as `jserve batch` builds a replica, on
+the devices FIRST to FIRST + TP - 1 given explicitly; a plain `TP` uses
+`LLM(tensor_parallel_size=TP)` (this host's first TP devices).
+
 Prints one JSON line: per model directory and degree, the tokens of a batch of
 greedy prompts, of one seeded sampled request with a repetition penalty (the
 sampler's per-slot state) and of one under a regex (the grammar mask), the
 XLA compiles while serving, and where the weights and the KV pool went.
 """
 
+import contextlib
 import json
 import sys
 
@@ -15,6 +20,8 @@ import jax
 import jax.monitoring
 
 from jserve import LLM, SamplingParams
+from jserve.batch import build_replicas
+from jserve.engine.engine import EngineConfig
 
 # XLA compiles in this process (JAX reports each one under this event name).
 _COMPILES = []
@@ -33,7 +40,7 @@ ENGINE = dict(dtype="float32", max_model_len=128, max_num_seqs=8, max_num_batche
               compilation_cache_dir=None)
 GREEDY = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
 SAMPLED = SamplingParams(max_tokens=10, temperature=0.8, top_k=20, repetition_penalty=1.3, seed=5, ignore_eos=True)
-# A grammar's bitmask comes from a host callback inside the sharded step.
+# A grammar's bitmask, uploaded to the mesh before each step.
 CONSTRAINED = SamplingParams(max_tokens=12, temperature=1.0, seed=3, regex=r"[a-z]{3,8}\([0-9]\)")
 
 
@@ -42,11 +49,29 @@ def spec_of(a) -> list:
   return spec + [None] * (a.ndim - len(spec))
 
 
-def run(model_dir: str, tp: int) -> dict:
-  llm = LLM(model_dir, tensor_parallel_size=tp, **ENGINE)
+def _generate(engine, prompts, params) -> list:
+  ids = [engine.add_request(None, prompt, p) for prompt, p in zip(prompts, params)]
+  done = {}
+  while engine.has_unfinished():
+    done.update((out.request_id, out) for out in engine.step() if out.finished)
+  return [done[i] for i in ids]
+
+
+def run(model_dir: str, degree: str) -> dict:
+  tp, _, first = degree.partition("@")
+  tp = int(tp)
+  scope = contextlib.nullcontext()
+  if first:
+    devices = jax.devices()[int(first):int(first) + tp]
+    (replica,) = build_replicas(EngineConfig(model=model_dir, tensor_parallel_size=tp, **ENGINE), 1, devices)
+    engine = replica.engine
+    # As the batch feeder does: the default device is part of jit's cache key.
+    scope = jax.default_device(replica.device)
+  else:
+    engine = LLM(model_dir, tensor_parallel_size=tp, **ENGINE).engine
   compiled_at_start = len(_COMPILES)
-  outs = llm.generate(PROMPTS + PROMPTS[:2], [GREEDY] * len(PROMPTS) + [SAMPLED, CONSTRAINED], use_tqdm=False)
-  engine = llm.engine
+  with scope:
+    outs = _generate(engine, PROMPTS + PROMPTS[:2], [GREEDY] * len(PROMPTS) + [SAMPLED, CONSTRAINED])
   pool = engine.runner.kv_caches[0]
   layer = engine.params["layers"][0]
   return {
@@ -56,7 +81,7 @@ def run(model_dir: str, tp: int) -> dict:
       "compiles_while_serving": len(_COMPILES) - compiled_at_start,
       "kv_pool_shape": list(pool.shape),
       "kv_shard_shape": list(pool.addressable_shards[0].data.shape),
-      "kv_devices": len(pool.devices()),
+      "kv_devices": sorted(d.id for d in pool.devices()),
       "wq_spec": spec_of(layer["wq"]),
       "wq_shard_shape": list(layer["wq"].addressable_shards[0].data.shape),
       "w_down_spec": spec_of(layer["w_down"]),
@@ -68,7 +93,7 @@ def run(model_dir: str, tp: int) -> dict:
 def main(argv):
   report = {"num_devices": jax.device_count()}
   for model_dir, degrees in zip(argv[::2], argv[1::2]):
-    report[model_dir] = {tp: run(model_dir, int(tp)) for tp in degrees.split(",")}
+    report[model_dir] = {degree: run(model_dir, degree) for degree in degrees.split(",")}
   print(json.dumps(report))
 
 
