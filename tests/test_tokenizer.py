@@ -44,3 +44,19 @@ def test_incremental_detokenizer_streams_exactly_the_full_text(tok, text):
   pieces.append(detok.flush())
   assert all("\ufffd" not in p for p in pieces[:-1])
   assert "".join(pieces) == tok.decode(ids)
+
+
+def test_text_decoded_once_at_the_end_equals_streamed_text(tiny_model_dir):
+  """Non-streamed requests without stop strings decode once at the finish; the text must not differ."""
+  from jserve import LLM, SamplingParams
+  llm = LLM(tiny_model_dir, dtype="float32", max_model_len=128, max_num_seqs=4, max_num_batched_tokens=32,
+            kv_cache_gib=0.01)
+  params = SamplingParams(max_tokens=24, temperature=1.0, seed=7, ignore_eos=True)
+  final = llm.generate(["é€ x = '😀'"], params, use_tqdm=False)[0].outputs[0]
+  engine = llm.engine
+  engine.add_request("s", "é€ x = '😀'", params, stream=True)
+  pieces = []
+  while engine.has_unfinished():
+    pieces += [o.outputs[0].text for o in engine.step()]
+  assert "".join(pieces) == final.text
+  assert final.text == llm.tokenizer.decode(final.token_ids)

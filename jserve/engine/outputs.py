@@ -17,6 +17,9 @@ class _State:
   logprobs: list | None = None  # one {token id: logprob} per output token, when asked for
   prompt_logprobs: list | None = None  # None first, then one dict per prompt token, when asked for
   prompt_logprobs_sent: bool = False
+  # Text nobody reads before the end (not streamed, no stop strings) is decoded once at the finish:
+  # two tokenizer calls per token per step were most of the host's time between decode steps.
+  lazy_text: bool = False
 
 
 def logprob_entry(token: int, logprob: float, top_ids, top_logprobs, num: int) -> dict[int, float]:
@@ -35,7 +38,7 @@ class OutputProcessor:
 
   def add(self, req: Request, stream: bool):
     detok = IncrementalDetokenizer(self.tokenizer, req.prompt_token_ids, req.params.skip_special_tokens)
-    st = _State(detok, stream)
+    st = _State(detok, stream, lazy_text=not stream and not req.params.stop)
     if req.params.logprobs is not None:
       st.logprobs = []
     if req.params.prompt_logprobs is not None:
@@ -73,14 +76,17 @@ class OutputProcessor:
       req.grammar.consume_token(token)
       if req.grammar.is_stopped():  # complete (or broken): nothing but EOS could follow
         self._finish(req, FinishReason.STOP, None)
-    delta = st.detokenizer.add([token])
-    start = len(st.text)
-    st.text += delta
-    if delta and p.stop and can_stop and not req.is_finished:
-      self._check_stop_strings(req, st, start)
+    if not st.lazy_text:
+      delta = st.detokenizer.add([token])
+      start = len(st.text)
+      st.text += delta
+      if delta and p.stop and can_stop and not req.is_finished:
+        self._check_stop_strings(req, st, start)
     if not req.is_finished and (n_out >= p.max_tokens or req.num_tokens >= max_model_len):
       self._finish(req, FinishReason.LENGTH, None)
     if req.is_finished:
+      if st.lazy_text:
+        st.text = st.detokenizer.add(req.output_token_ids)
       if not isinstance(req.stop_reason, str):
         st.text += st.detokenizer.flush()
       return self._output(req, st, final=True)
@@ -110,6 +116,8 @@ class OutputProcessor:
   def finish(self, req: Request) -> RequestOutput:
     """The final output of a request that ended outside `append` (an abort)."""
     st = self._states[req.request_id]
+    if st.lazy_text:
+      st.text = st.detokenizer.add(req.output_token_ids) + st.detokenizer.flush()
     return self._output(req, st, final=True)
 
   def _output(self, req: Request, st: _State, final: bool) -> RequestOutput:
