@@ -3,7 +3,8 @@
 With `tensor_parallel_size=1` an engine puts its params and KV pool on JAX's default device.
 Each replica is therefore built (and later run, see feeder.py) inside
 `jax.default_device(its first device)`, in its own thread, since that setting is thread-local.
-With tensor parallelism a replica is given its group of devices and builds its mesh over them.
+With tensor or pipeline parallelism a replica is given its group of devices and builds its mesh
+over them.
 """
 
 import dataclasses
@@ -24,20 +25,20 @@ class Replica:
   device: object = None
 
 
-def replica_device_groups(num_replicas: int, tensor_parallel_size: int = 1, devices=None) -> list[list]:
-  """Each replica's devices: `tensor_parallel_size` consecutive ones of `devices` (default: this host's)."""
+def replica_device_groups(num_replicas: int, per_replica: int = 1, devices=None) -> list[list]:
+  """Each replica's devices: `per_replica` (pipeline x tensor degree) consecutive ones of `devices`
+  (default: this host's)."""
   devices = list(devices if devices is not None else jax.local_devices())
   if num_replicas < 1:
     raise ConfigError(f"num_replicas={num_replicas}: need at least 1")
-  need = num_replicas * tensor_parallel_size
+  need = num_replicas * per_replica
   if need > len(devices):
-    raise ConfigError(f"num_replicas={num_replicas} x tensor_parallel_size={tensor_parallel_size} needs {need} "
-                      f"devices; this host has only {len(devices)} {devices[0].platform} device(s)")
+    raise ConfigError(f"num_replicas={num_replicas} x {per_replica} device(s) per replica needs {need} devices; "
+                      f"this host has only {len(devices)} {devices[0].platform} device(s)")
   if need != len(devices):
-    logging.warning("%d devices for %d replicas of %d: %d stay idle", len(devices), num_replicas,
-                    tensor_parallel_size, len(devices) - need)
-  tp = tensor_parallel_size
-  return [devices[i * tp:(i + 1) * tp] for i in range(num_replicas)]
+    logging.warning("%d devices for %d replicas of %d: %d stay idle", len(devices), num_replicas, per_replica,
+                    len(devices) - need)
+  return [devices[i * per_replica:(i + 1) * per_replica] for i in range(num_replicas)]
 
 
 def replica_devices(num_replicas: int, devices=None) -> list:
@@ -46,11 +47,11 @@ def replica_devices(num_replicas: int, devices=None) -> list:
 
 
 def build_replicas(config: EngineConfig, num_replicas: int = 1, devices=None) -> list[Replica]:
-  """Builds `num_replicas` engines, each on its own `tensor_parallel_size` devices; all at once, in threads."""
+  """Builds `num_replicas` engines, each on its own pipeline x tensor devices; all at once, in threads."""
   if num_replicas == 1 and devices is None:
     return [Replica(LLMEngine(config))]
-  tp = config.tensor_parallel_size
-  groups = replica_device_groups(num_replicas, tp, devices)
+  per_replica = config.tensor_parallel_size * config.pipeline_parallel_size
+  groups = replica_device_groups(num_replicas, per_replica, devices)
   targets = [group[0] for group in groups]
   engines: list = [None] * num_replicas
   errors: list = []
@@ -58,7 +59,7 @@ def build_replicas(config: EngineConfig, num_replicas: int = 1, devices=None) ->
   def build(i: int):
     try:
       with jax.default_device(targets[i]):
-        engines[i] = LLMEngine(config, devices=groups[i] if tp > 1 else None)
+        engines[i] = LLMEngine(config, devices=groups[i] if per_replica > 1 else None)
       logging.info("replica %d of %d ready on %s", i + 1, num_replicas, ", ".join(map(str, groups[i])))
     except BaseException as e:  # noqa: BLE001 (re-raised in the caller's thread)
       errors.append(e)

@@ -24,8 +24,8 @@ flags.DEFINE_string("sampling_params", None,
                     "JSON object of SamplingParams fields used as every line's defaults, after the "
                     "--max_tokens/--temperature/--top_p/--top_k/--sample_seed flags, e.g. '{\"min_p\": 0.05}'")
 flags.DEFINE_bool("sort_by_prefix", False, "start prompts in sorted order so that shared prefixes hit the cache")
-flags.DEFINE_integer("num_replicas", 1, "independent engines on this host, each on its own --tensor_parallel_size "
-                     "devices")
+flags.DEFINE_integer("num_replicas", 1, "independent engines on this host, each on its own "
+                     "--pipeline_parallel_size x --tensor_parallel_size devices")
 flags.DEFINE_integer("num_shards", 1, "hosts sharing the input: this one takes lines i with i % num_shards == "
                      "shard_index")
 flags.DEFINE_integer("shard_index", 0, "this host's shard, in [0, num_shards)")

@@ -21,7 +21,7 @@ flags.DEFINE_integer("seed", 0, "engine seed (per-request seeds are drawn from i
 flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "JAX persistent compilation cache ('' disables)")
 flags.DEFINE_integer("tensor_parallel_size", 1, "devices per tensor-parallel group")
-flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages")
+flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages, each of --tensor_parallel_size devices")
 
 
 def engine_config() -> EngineConfig:

@@ -18,7 +18,7 @@ from absl import logging
 from jserve.config import ModelConfig, load_model_config
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.memory import size_kv_pool
-from jserve.engine.placement import engine_mesh, load_engine_params, tensor_size
+from jserve.engine.placement import engine_mesh, load_engine_params, stage_count, tensor_size
 from jserve.engine.outputs import OutputProcessor
 from jserve.engine.request import (MAX_EOS_TOKEN_IDS, FinishReason, Request, RequestOutput, RequestStatus,
                                    SamplingParams)
@@ -59,11 +59,9 @@ class EngineConfig:
       raise ConfigError(f"page_size={self.page_size}: need a multiple of 8")
     if not 0 < self.gpu_memory_utilization <= 1:
       raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization}: need a value in (0, 1]")
-    if self.tensor_parallel_size < 1:
-      raise ConfigError(f"tensor_parallel_size={self.tensor_parallel_size}: need at least 1")
-    if self.pipeline_parallel_size != 1:
-      raise ConfigError(f"pipeline_parallel_size={self.pipeline_parallel_size}: the engine does not run "
-                        f"pipeline stages yet; use tensor_parallel_size")
+    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+      if getattr(self, name) < 1:
+        raise ConfigError(f"{name}={getattr(self, name)}: need at least 1")
 
   @property
   def model_dir(self) -> str:
@@ -103,8 +101,8 @@ class LLMEngine:
   """The engine of one model replica."""
 
   def __init__(self, config: EngineConfig, progress=None, devices=None):
-    """`devices`: where this replica runs (it takes the first `tensor_parallel_size` of them); default:
-    JAX's default device, or this host's first devices with tensor parallelism."""
+    """`devices`: where this replica runs (it takes the first `pipeline_parallel_size` x
+    `tensor_parallel_size` of them); default: JAX's default device, or this host's first devices."""
     self.config = config
     _enable_compilation_cache(config.compilation_cache_dir)
     model_dir = config.model_dir
@@ -124,13 +122,13 @@ class LLMEngine:
     if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
       raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
     logging.info("loading %s from %s", cfg.architecture, model_dir)
-    self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices)
+    self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices, config.pipeline_parallel_size)
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh)
     kv_dtype = resolve_dtype(config.dtype)
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,
-        max_num_batched_tokens=self.max_num_batched_tokens, tp=tensor_size(self.mesh))
+        max_num_batched_tokens=self.max_num_batched_tokens, tp=tensor_size(self.mesh), pp=stage_count(self.mesh))
     pages_per_max_seq = -(-self.max_model_len // config.page_size)
     if num_pages - 1 < pages_per_max_seq:
       raise CapacityError(

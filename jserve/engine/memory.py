@@ -22,11 +22,12 @@ def _activation_bytes(cfg: ModelConfig, max_num_batched_tokens: int, tp: int = 1
   return t * per_token + logits
 
 
-def page_bytes_per_device(cfg: ModelConfig, page_size: int, kv_dtype, tp: int = 1) -> int:
+def page_bytes_per_device(cfg: ModelConfig, page_size: int, kv_dtype, tp: int = 1, pp: int = 1) -> int:
   """Bytes one KV page takes on each device: its share of the pool's KV heads, which has `tp` heads
-  (one per device) when the model has fewer KV heads than `tp`."""
+  (one per device) when the model has fewer KV heads than `tp`, for the layers of the largest stage."""
   heads = sharded_kv_heads(cfg.num_kv_heads, tp) // tp
-  return page_size * 2 * cfg.num_layers * heads * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
+  layers = -(-cfg.num_layers // pp)  # uneven stages: the first ones get one more layer
+  return page_size * 2 * layers * heads * cfg.head_dim * jnp.dtype(kv_dtype).itemsize
 
 
 def _weight_bytes_on(params, device) -> int:
@@ -35,17 +36,18 @@ def _weight_bytes_on(params, device) -> int:
 
 
 def size_kv_pool(cfg: ModelConfig, params, *, page_size: int, kv_dtype, gpu_memory_utilization: float,
-                 kv_cache_gib: float | None, max_num_batched_tokens: int, tp: int = 1) -> int:
+                 kv_cache_gib: float | None, max_num_batched_tokens: int, tp: int = 1, pp: int = 1) -> int:
   """Number of KV pages (including the reserved page 0) that fit the budget of each device.
 
   `kv_cache_gib` is per device, like the memory limit it replaces (vLLM's convention).
   """
-  page_bytes = page_bytes_per_device(cfg, page_size, kv_dtype, tp)
+  page_bytes = page_bytes_per_device(cfg, page_size, kv_dtype, tp, pp)
   if kv_cache_gib is not None:
     budget = int(kv_cache_gib * (1 << 30))
   else:
     # The device the weights were put on (a data-parallel replica's, not always device 0); with
-    # tensor parallelism every device of the mesh holds the same share, up to a replicated vocabulary.
+    # tensor parallelism every device of the mesh holds the same share, up to a replicated vocabulary,
+    # and with stages the first device is on the first stage, which holds the most layers.
     device = min(jax.tree_util.tree_leaves(params)[0].devices(), key=lambda d: d.id)
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if not stats or "bytes_limit" not in stats:
@@ -59,7 +61,7 @@ def size_kv_pool(cfg: ModelConfig, params, *, page_size: int, kv_dtype, gpu_memo
       budget = int(total * gpu_memory_utilization) - stats.get("bytes_in_use", weights) - activations
       logging.info("device memory %.1f GiB x %.2f: weights %.1f GiB, activations %.1f GiB, KV pool %.1f GiB"
                    "%s", total / 2**30, gpu_memory_utilization, weights / 2**30, activations / 2**30,
-                   budget / 2**30, f" (per device of {tp})" if tp > 1 else "")
+                   budget / 2**30, f" (per device of {tp * pp})" if tp * pp > 1 else "")
       if budget <= 0:
         raise CapacityError(f"no memory left for the KV cache: device has {total / 2**30:.1f} GiB, weights "
                             f"take {weights / 2**30:.1f} GiB; raise gpu_memory_utilization or use more devices")

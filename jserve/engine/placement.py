@@ -1,10 +1,11 @@
 """Where one engine replica runs: its device mesh, and its weights put straight into their shards.
 
-With `tensor_parallel_size=1` and no devices given, the engine keeps the plain
+With one device and no devices given, the engine keeps the plain
 single-device path (arrays on JAX's default device, no mesh). Otherwise the
-replica gets a mesh of `tensor_parallel_size` devices (`sharding.mesh`), every
-weight is loaded into its shards by `sharding.rules.make_place` (no device
-holds a full copy of a split tensor), and the runner makes the KV pool with
+replica gets a mesh of `pipeline_parallel_size` stages of
+`tensor_parallel_size` devices (`sharding.mesh`), every weight is loaded into
+its shards on its stage by `sharding.rules.make_place` (no device holds a full
+copy of a split tensor), and the runner makes the KV pool with
 `sharding.rules.make_kv_caches`. `sharding` raises `ShardingError` (a
 `ValueError` that knows nothing of jserve); here it becomes a `ConfigError`.
 """
@@ -22,26 +23,29 @@ from jserve.models.llama import param_specs
 from jserve.weights import load_params, resolve_dtype
 from sharding import rules
 from sharding.errors import ShardingError
-from sharding.mesh import TENSOR, MeshShape, make_mesh
+from sharding.mesh import STAGE, TENSOR, MeshShape, make_mesh
 
 
-def engine_mesh(cfg: ModelConfig, tensor_parallel_size: int, devices=None) -> Mesh | None:
-  """The replica's mesh (data=1, stage=1, tensor=tp) over the first tp of `devices` (default: this
-  host's devices); None for one device with no devices given."""
-  tp = tensor_parallel_size
-  if tp < 1:
-    raise ConfigError(f"tensor_parallel_size={tp}: need at least 1")
-  if tp == 1 and devices is None:
+def engine_mesh(cfg: ModelConfig, tensor_parallel_size: int, devices=None, pipeline_parallel_size: int = 1
+                ) -> Mesh | None:
+  """The replica's mesh (data=1, stage=pp, tensor=tp) over the first pp * tp of `devices` (default:
+  this host's devices); None for one device with no devices given."""
+  tp, pp = tensor_parallel_size, pipeline_parallel_size
+  if tp < 1 or pp < 1:
+    raise ConfigError(f"tensor_parallel_size={tp}, pipeline_parallel_size={pp}: need at least 1 each")
+  if tp == 1 and pp == 1 and devices is None:
     return None
+  what = f"tensor_parallel_size={tp}" + (f" x pipeline_parallel_size={pp}" if pp > 1 else "")
   try:
     rules.check_tensor_degree(cfg, tp)
+    rules.layer_stages(cfg.num_layers, pp)
     devices = list(devices if devices is not None else jax.local_devices())
-    if tp > len(devices):
-      raise ConfigError(f"tensor_parallel_size={tp}: only {len(devices)} {devices[0].platform} device(s) "
+    if tp * pp > len(devices):
+      raise ConfigError(f"{what} needs {tp * pp} devices; only {len(devices)} {devices[0].platform} device(s) "
                         f"available")
-    return make_mesh(MeshShape(tensor=tp), devices[:tp])
+    return make_mesh(MeshShape(stage=pp, tensor=tp), devices[:tp * pp])
   except ShardingError as e:
-    raise ConfigError(f"tensor_parallel_size={tp}: {e}") from None
+    raise ConfigError(f"{what}: {e}") from None
 
 
 def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh | None) -> dict:
@@ -67,3 +71,7 @@ def default_device():
 
 def tensor_size(mesh: Mesh | None) -> int:
   return 1 if mesh is None else mesh.shape[TENSOR]
+
+
+def stage_count(mesh: Mesh | None) -> int:
+  return 1 if mesh is None else mesh.shape[STAGE]

@@ -22,8 +22,11 @@ from absl import logging
 from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
 from jserve.engine.sampler import SamplingInputs, SlotState, record_tokens, sample, top_logprobs, write_slots
-from jserve.models.llama import StepInputs, compute_logits, forward_layers, rms_norm
 from jserve.engine.placement import default_device
+from jserve.engine.stages import PipelineStep
+from jserve.models.llama import StepInputs, compute_logits, forward_layers, param_specs, rms_norm
+from sharding.mesh import STAGE
+from sharding.pipeline import split_params
 from sharding.rules import kv_cache_shardings, make_kv_caches, replicated
 
 MIN_TOKEN_BUCKET = 16
@@ -92,6 +95,13 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
 def _step(params, kv_caches, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
           tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None):
   x_TD = params["embed"][inputs.token_ids_T]
+  return _last_stage(params, kv_caches, x_TD, slots, mask_SW, inputs, sampling, tokens, cfg=cfg, attn_impl=attn_impl,
+                     mesh=mesh)
+
+
+def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
+                tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None):
+  """The layers of `params` (all of them, or the last pipeline stage's), then logits and sampling."""
   x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh)
   x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
   logits_BV = compute_logits(params, x_BD, cfg)
@@ -143,12 +153,13 @@ class ModelRunner:
   """Owns the params, the KV pool and the sampler's slot state on the device; runs one step per call."""
 
   def __init__(self, cfg: ModelConfig, params: dict, rc: RunnerConfig, mesh: jax.sharding.Mesh | None = None):
-    """`mesh`: the replica's tensor-parallel mesh, with `params` placed on it by `sharding.rules`;
-    None runs on JAX's default device."""
+    """`mesh`: the replica's mesh (stage x tensor), with `params` placed on it by `sharding.rules`;
+    None runs on JAX's default device. With pipeline stages `self.params` is the per-stage list."""
     self.cfg = cfg
     self.params = params
     self.rc = rc
     self.mesh = mesh
+    self.num_stages = 1 if mesh is None else mesh.shape[STAGE]
     self.buckets = token_buckets(rc.max_num_batched_tokens)
     self.num_slots = rc.max_num_seqs
     slots = SlotState.zeros(self.num_slots, cfg.vocab_size, BIAS_TABLE_SIZE)
@@ -167,9 +178,14 @@ class ModelRunner:
       # shardings are pinned so that the pool and slots come back exactly as they went in: an inferred
       # sharding that drifted would make the next step compile again.
       self.kv_caches = make_kv_caches(cfg, mesh, rc.num_pages, rc.page_size, rc.kv_dtype)
-      self.slots = jax.device_put(slots, self._home)
       step_shardings = {"out_shardings": (replicated(mesh), replicated(mesh), kv_cache_shardings(cfg, mesh),
                                           replicated(mesh))}
+      if self.num_stages > 1:
+        self.params = split_params(params, param_specs(cfg), mesh)
+        self._pipeline = PipelineStep(cfg, mesh, functools.partial(_last_stage, cfg=cfg, attn_impl=rc.attn_impl),
+                                      rc.attn_impl)
+        self._home = self._pipeline.home
+      self.slots = jax.device_put(slots, self._home)
     self._slot_of: dict[str, int] = {}
     self._next_start: dict[str, int] = {}  # where a tracked request's next step starts; else it restarted
     self._free_slots = list(range(self.num_slots))
@@ -177,10 +193,13 @@ class ModelRunner:
     self._mask_future = None
     mask_SW = np.zeros((rc.max_num_seqs, (cfg.vocab_size + 31) // 32), np.int32)
     self._mask_SW = jax.device_put(mask_SW, self._home)
-    self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
-                         donate_argnums=(1, 2), **step_shardings)
+    if self.num_stages > 1:
+      self._step = self._pipeline
+    else:
+      self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
+                           donate_argnums=(1, 2), **step_shardings)
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),
-                                **({} if mesh is None else {"out_shardings": replicated(mesh)}))
+                                **({} if mesh is None else {"out_shardings": self._home}))
 
   def bucket_for(self, num_tokens: int) -> int:
     for b in self.buckets:
@@ -219,8 +238,9 @@ class ModelRunner:
     return inputs, sampling, tokens
 
   def _put(self, host_arrays):
-    """Copies a step's host arrays to the devices in one call: replicated over the mesh, if any."""
-    if self.mesh is None:
+    """Copies a step's host arrays to the devices in one call: replicated over the mesh, if any (with
+    pipeline stages, the stages put them on their own devices)."""
+    if self.mesh is None or self.num_stages > 1:
       return host_arrays
     return jax.device_put(host_arrays, replicated(self.mesh))
 

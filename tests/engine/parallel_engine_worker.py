@@ -1,10 +1,11 @@
-"""Worker for test_tensor_parallel_engine.py: `LLM(tensor_parallel_size=...)` on 8 simulated CPU devices.
+"""Worker for test_parallel_engine.py: `LLM(tensor_parallel_size=..., pipeline_parallel_size=...)` on 8 CPU devices.
 
-    python -m tests.engine.tp_engine_worker MODEL_DIR TP[,TP...] [MODEL_DIR TP[,TP...] ...]
+    python -m tests.engine.parallel_engine_worker MODEL_DIR TP[,TP...] [MODEL_DIR TP[,TP...] ...]
 
 A degree `TP@FIRST` builds the engine as `jserve batch` builds a replica, on
 the devices FIRST to FIRST + TP - 1 given explicitly; a plain `TP` uses
-`LLM(tensor_parallel_size=TP)` (this host's first TP devices).
+`LLM(tensor_parallel_size=TP)` (this host's first TP devices), and `PPxTP`
+`LLM(pipeline_parallel_size=PP, tensor_parallel_size=TP)`.
 
 Prints one JSON line: per model directory and degree, the tokens of a batch of
 greedy prompts, of one seeded sampled request with a repetition penalty (the
@@ -58,8 +59,9 @@ def _generate(engine, prompts, params) -> list:
 
 
 def run(model_dir: str, degree: str) -> dict:
-  tp, _, first = degree.partition("@")
-  tp = int(tp)
+  pp, _, tp = degree.rpartition("x")
+  tp, _, first = tp.partition("@")
+  pp, tp = int(pp or 1), int(tp)
   scope = contextlib.nullcontext()
   if first:
     devices = jax.devices()[int(first):int(first) + tp]
@@ -68,7 +70,7 @@ def run(model_dir: str, degree: str) -> dict:
     # As the batch feeder does: the default device is part of jit's cache key.
     scope = jax.default_device(replica.device)
   else:
-    engine = LLM(model_dir, tensor_parallel_size=tp, **ENGINE).engine
+    engine = LLM(model_dir, tensor_parallel_size=tp, pipeline_parallel_size=pp, **ENGINE).engine
   compiled_at_start = len(_COMPILES)
   with scope:
     outs = _generate(engine, PROMPTS + PROMPTS[:2], [GREEDY] * len(PROMPTS) + [SAMPLED, CONSTRAINED])
@@ -82,6 +84,8 @@ def run(model_dir: str, degree: str) -> dict:
       "kv_pool_shape": list(pool.shape),
       "kv_shard_shape": list(pool.addressable_shards[0].data.shape),
       "kv_devices": sorted(d.id for d in pool.devices()),
+      "kv_layer_devices": [sorted(d.id for d in a.devices()) for a in engine.runner.kv_caches],
+      "slot_devices": sorted(d.id for d in engine.runner.slots.counts_RV.devices()),
       "wq_spec": spec_of(layer["wq"]),
       "wq_shard_shape": list(layer["wq"].addressable_shards[0].data.shape),
       "w_down_spec": spec_of(layer["w_down"]),

@@ -1,10 +1,19 @@
-"""`LLM(tensor_parallel_size=N)`: the whole engine on N of 8 simulated CPU devices gives one device's outputs.
+"""`LLM(tensor_parallel_size=T, pipeline_parallel_size=P)`: the whole engine on 8 simulated CPU devices
+gives one device's outputs.
 
-One worker process (tp_engine_worker.py) builds the engine at every degree on
-a float32 checkpoint written by transformers with 8 query and 2 KV heads, so
-tensor 2 splits the KV heads and tensor 4 and 8 replicate them; the tests
-check its report; it also serves the `jserve convert` (orbax) copy of the
-checkpoint at tensor 4. The rest runs in this process, on one device.
+One worker process (parallel_engine_worker.py) builds every layout on float32
+checkpoints written by transformers and the tests check its report:
+
+- GQA, 8 query and 2 KV heads ("mistral"): tensor 2 (splits the KV heads; built
+  by `jserve batch`'s replica builder on devices 6 and 7), tensor 4 (from the
+  `jserve convert` orbax copy, restored with the 2 KV heads widened to 4),
+  tensor 8 (KV heads replicated 4 times), pipeline 2 x tensor 2;
+- tied embedding and q/k norms ("qwen3"), pipeline 2 x tensor 2, where the last
+  stage needs its own copy of the embedding for the LM head.
+
+Each engine serves a batch of greedy prompts (one prefilled in chunks), a
+seeded sample with a repetition penalty (the sampler's per-slot state) and a
+regex-constrained sample (the grammar mask). The rest runs in this process.
 """
 
 import pytest
@@ -18,89 +27,95 @@ from jserve.errors import ConfigError
 from tests.hf_models import write_hf_model
 from tests.sharding.subprocess_util import run_worker
 
-# "2@6": tensor 2 on devices 6 and 7, built by `jserve batch`'s replica builder with its devices given.
-DEGREES = ("1", "2@6", "4", "8")
-PARALLEL = DEGREES[1:]
-
-
-def degree(key: str) -> int:
-  return int(key.split("@")[0])
-
-
-@pytest.fixture(scope="module")
-def gqa_model_dir(tmp_path_factory, bpe_tokenizer):
-  # The "mistral" variant: 8 query heads, 2 KV heads, head_dim 8, vocabulary 1024.
-  return write_hf_model(str(tmp_path_factory.mktemp("tp_gqa")), bpe_tokenizer, "mistral")
+# layout -> (checkpoint, worker degree): "2@6" is tensor 2 on devices 6 and 7, "2x2" pipeline 2 x tensor 2.
+LAYOUTS = {"1": ("hf", "1"), "tensor 2": ("hf", "2@6"), "tensor 4": ("orbax", "4"), "tensor 8": ("hf", "8"),
+           "pipeline 2 x tensor 2": ("hf", "2x2")}
+PARALLEL = [name for name in LAYOUTS if name != "1"]
+TENSOR = {"tensor 2": 2, "tensor 4": 4, "tensor 8": 8, "pipeline 2 x tensor 2": 2}
+DEVICES = {"tensor 2": [6, 7], "tensor 4": [0, 1, 2, 3], "tensor 8": list(range(8)),
+           "pipeline 2 x tensor 2": [0, 1]}
 
 
 @pytest.fixture(scope="module")
-def orbax_model_dir(tmp_path_factory, gqa_model_dir):
-  """The same model after `jserve convert`: weights in orbax/."""
-  out = str(tmp_path_factory.mktemp("tp_gqa_orbax") / "model")
-  convert_to_orbax(gqa_model_dir, out, "float32")
-  return out
+def model_dirs(tmp_path_factory, bpe_tokenizer):
+  hf = write_hf_model(str(tmp_path_factory.mktemp("gqa")), bpe_tokenizer, "mistral")  # 8 / 2 heads, head_dim 8
+  orbax = str(tmp_path_factory.mktemp("gqa_orbax") / "model")
+  convert_to_orbax(hf, orbax, "float32")
+  tied = write_hf_model(str(tmp_path_factory.mktemp("tied")), bpe_tokenizer, "qwen3", num_attention_heads=8,
+                        num_key_value_heads=2, head_dim=8)
+  return {"hf": hf, "orbax": orbax, "tied": tied}
 
 
 @pytest.fixture(scope="module")
-def reports(gqa_model_dir, orbax_model_dir):
-  # The orbax copy at tensor 4, where restoring must also widen the 2 KV heads to 4.
-  return run_worker("tests.engine.tp_engine_worker", 8, gqa_model_dir, ",".join(DEGREES), orbax_model_dir, "4")
+def reports(model_dirs):
+  degrees = {}
+  for kind, degree in LAYOUTS.values():
+    degrees.setdefault(kind, []).append(degree)
+  degrees["tied"] = ["1", "2x2"]
+  args = [a for kind, ds in degrees.items() for a in (model_dirs[kind], ",".join(ds))]
+  out = run_worker("tests.engine.parallel_engine_worker", 8, *args)
+  return {kind: out[model_dirs[kind]] for kind in degrees}
 
 
 @pytest.fixture(scope="module")
-def report(reports, gqa_model_dir):
-  return reports[gqa_model_dir]
+def report(reports):
+  return {name: reports[kind][degree] for name, (kind, degree) in LAYOUTS.items()}
 
 
-@pytest.mark.parametrize("tp", PARALLEL)
-def test_greedy_batch_equals_one_device(report, tp):
-  assert report[tp]["greedy"] == report["1"]["greedy"]
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_greedy_batch_equals_one_device(report, layout):
+  assert report[layout]["greedy"] == report["1"]["greedy"]
 
 
-@pytest.mark.parametrize("tp", PARALLEL)
-def test_seeded_sample_with_repetition_penalty_equals_one_device(report, tp):
-  assert report[tp]["sampled"] == report["1"]["sampled"]
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_seeded_sample_with_repetition_penalty_equals_one_device(report, layout):
+  assert report[layout]["sampled"] == report["1"]["sampled"]
 
 
-@pytest.mark.parametrize("tp", PARALLEL)
-def test_regex_constrained_output_equals_one_device(report, tp):
-  assert report[tp]["constrained"] == report["1"]["constrained"]
-  assert report[tp]["constrained"].endswith(")")
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_regex_constrained_output_equals_one_device(report, layout):
+  assert report[layout]["constrained"] == report["1"]["constrained"]
+  assert report[layout]["constrained"].endswith(")")
 
 
-def test_orbax_copy_restored_into_four_shards_gives_the_same_tokens(reports, report, orbax_model_dir):
-  got = reports[orbax_model_dir]["4"]
-  assert got["greedy"] == report["1"]["greedy"]
-  assert got["sampled"] == report["1"]["sampled"]
-  assert got["kv_shard_shape"] == [48, 16, 2, 8]
+def test_tied_embedding_pipeline_equals_one_device(reports):
+  one, piped = reports["tied"]["1"], reports["tied"]["2x2"]
+  assert (piped["greedy"], piped["sampled"], piped["constrained"]) == (
+      one["greedy"], one["sampled"], one["constrained"])
 
 
-@pytest.mark.parametrize("tp", DEGREES)
-def test_serving_compiles_nothing_after_start(report, tp):
-  # With a mesh the pool and slot state come back with the shardings they went in with.
-  assert report[tp]["compiles_while_serving"] == 0
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_serving_compiles_nothing_after_start(report, layout):
+  # The pool and slot state come back from each step with the shardings they went in with.
+  assert report[layout]["compiles_while_serving"] == 0
 
 
-@pytest.mark.parametrize("tp", PARALLEL)
-def test_kv_pool_is_split_by_kv_heads_and_widened_when_fewer_than_devices(report, tp):
-  got = report[tp]
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_kv_pool_is_split_by_kv_heads_and_widened_when_fewer_than_devices(report, layout):
+  got, tp = report[layout], TENSOR[layout]
   # 2 KV heads: tensor 2 splits them; tensor 4 and 8 hold tp copies, one head (K and V) per device.
-  assert got["kv_pool_shape"] == [48, 16, 2 * max(2, degree(tp)), 8]
+  assert got["kv_pool_shape"] == [48, 16, 2 * max(2, tp), 8]
   assert got["kv_shard_shape"] == [48, 16, 2, 8]
-  assert got["kv_devices"] == ([6, 7] if tp == "2@6" else list(range(degree(tp))))
+  assert got["kv_devices"] == DEVICES[layout]
 
 
-@pytest.mark.parametrize("tp", PARALLEL)
-def test_weights_are_split_by_the_rules(report, tp):
-  got = report[tp]
+def test_pipeline_stages_hold_their_layers_and_the_last_the_sampler_state(report):
+  got = report["pipeline 2 x tensor 2"]
+  assert got["kv_layer_devices"] == [[0, 1], [2, 3]]
+  assert got["slot_devices"] == [2, 3]
+
+
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_weights_are_split_by_the_rules(report, layout):
+  got = report[layout]
   assert got["wq_spec"] == [None, "tensor", None]
-  assert got["wq_shard_shape"] == [64, 8 // degree(tp), 8]
+  assert got["wq_shard_shape"] == [64, 8 // TENSOR[layout], 8]
   assert got["w_down_spec"] == ["tensor", None]
 
 
-@pytest.mark.parametrize("tp", DEGREES)
-def test_sampler_slot_state_is_replicated(report, tp):
-  assert report[tp]["slots_replicated"]
+@pytest.mark.parametrize("layout", PARALLEL)
+def test_sampler_slot_state_is_replicated(report, layout):
+  assert report[layout]["slots_replicated"]
 
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
@@ -113,26 +128,33 @@ def test_tensor_degree_that_does_not_divide_the_heads_names_the_ones_that_do():
     engine_mesh(CFG, 3)
 
 
-def test_more_tensor_devices_than_present_is_a_config_error():
-  with pytest.raises(ConfigError, match=r"tensor_parallel_size=2: only 1 cpu device\(s\) available"):
+def test_more_devices_than_present_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"tensor_parallel_size=2 needs 2 devices; only 1 cpu device\(s\) available"):
     engine_mesh(CFG, 2)
+
+
+def test_more_stages_than_layers_is_a_config_error():
+  with pytest.raises(ConfigError, match=r"tensor_parallel_size=1 x pipeline_parallel_size=3: stage=3 with 2 layers: "
+                                        r"need 1 <= stage <= num_layers"):
+    engine_mesh(CFG, 1, pipeline_parallel_size=3)
 
 
 def test_one_device_without_devices_keeps_the_plain_path():
   assert engine_mesh(CFG, 1) is None
 
 
-def test_engine_config_refuses_zero_tensor_degree_and_pipeline_stages():
+def test_engine_config_refuses_zero_degrees():
   with pytest.raises(ConfigError, match="tensor_parallel_size=0: need at least 1"):
     EngineConfig(tensor_parallel_size=0)
-  with pytest.raises(ConfigError, match="pipeline_parallel_size=2: the engine does not run pipeline stages yet"):
-    EngineConfig(pipeline_parallel_size=2)
+  with pytest.raises(ConfigError, match="pipeline_parallel_size=0: need at least 1"):
+    EngineConfig(pipeline_parallel_size=0)
 
 
-@pytest.mark.parametrize("tp,heads_per_device", [(1, 2), (2, 1), (4, 1), (8, 1)])
-def test_kv_page_bytes_are_per_device_and_count_replicated_heads(tp, heads_per_device):
-  # page 16 x K and V x 2 layers x heads x head_dim 8 x 4 bytes
-  assert page_bytes_per_device(CFG, 16, "float32", tp) == 16 * 2 * 2 * heads_per_device * 8 * 4
+@pytest.mark.parametrize("tp,pp,heads_per_device,layers_per_device", [(1, 1, 2, 2), (2, 1, 1, 2), (4, 1, 1, 2),
+                                                                      (8, 1, 1, 2), (2, 2, 1, 1)])
+def test_kv_page_bytes_are_per_device_and_count_replicated_heads(tp, pp, heads_per_device, layers_per_device):
+  # page 16 x K and V x layers x heads x head_dim 8 x 4 bytes
+  assert page_bytes_per_device(CFG, 16, "float32", tp, pp) == 16 * 2 * layers_per_device * heads_per_device * 8 * 4
 
 
 def test_kv_cache_gib_is_a_per_device_budget():
@@ -148,11 +170,11 @@ class _Device:
     self.id = i
 
 
-def test_batch_replicas_take_consecutive_groups_of_tensor_parallel_devices():
+def test_batch_replicas_take_consecutive_groups_of_devices():
   from jserve.batch.replicas import replica_device_groups
   devices = [_Device(i) for i in range(8)]
   groups = replica_device_groups(2, 4, devices)
   assert [[d.id for d in g] for g in groups] == [[0, 1, 2, 3], [4, 5, 6, 7]]
-  with pytest.raises(ConfigError, match=r"num_replicas=3 x tensor_parallel_size=4 needs 12 devices; this host has "
-                                        r"only 8 cpu device\(s\)"):
+  with pytest.raises(ConfigError, match=r"num_replicas=3 x 4 device\(s\) per replica needs 12 devices; this host "
+                                        r"has only 8 cpu device\(s\)"):
     replica_device_groups(3, 4, devices)
