@@ -16,6 +16,7 @@ index; pipeline stages split the list.
 
 import dataclasses
 import functools
+import math
 from typing import Callable
 
 import jax
@@ -24,6 +25,7 @@ import numpy as np
 
 from jserve.config import ModelConfig
 from pallas_kernels import ragged_paged_attention, write_kv_pages
+from pallas_kernels.decode_matmul import decode_matmul, decode_matmul_nt, gate_up_silu
 from sharding.tensor import head_parallel
 
 
@@ -152,17 +154,43 @@ def apply_rope(x_TNH, positions_T, cfg: ModelConfig):
   return (x32 * cos + rotated * sin).astype(x_TNH.dtype)
 
 
-def _dot(eq, a, b):
-  return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+# How the projections multiply: "xla" (einsum), or through the decode matmul
+# kernel with "auto" (the Pallas kernel on GPUs, XLA elsewhere), "gpu", or
+# "interpret" (the GPU kernel in Pallas' interpreter, for tests). Rows past
+# the kernel's limit (prefill) go to XLA either way. "xla" until
+# tools/bench_matmul.py shows the kernel ahead of cuBLAS on the H200.
+MATMUL_IMPL = "xla"
 
 
-def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig):
+def _matmul_kw(impl):
+  return dict(impl="gpu", interpret=True) if impl == "interpret" else dict(impl=impl)
+
+
+def _dot(eq, a, b, impl="xla"):
+  if impl == "xla":
+    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+  # Every projection's equation is "...<a's named axes>,<same axes><out axes>": flatten to 2-D.
+  n = len(eq.split(",")[0].replace("...", ""))
+  k = math.prod(a.shape[len(a.shape) - n:])
+  out = decode_matmul(a.reshape(-1, k), b.reshape(k, -1), **_matmul_kw(impl))
+  return out.reshape(a.shape[:len(a.shape) - n] + b.shape[n:])
+
+
+def _gate_up(h_TD, lp: dict, impl):
+  """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation)."""
+  if impl == "xla":
+    return jax.nn.silu(_dot("...D,DF->...F", h_TD, lp["w_gate"])) * _dot("...D,DF->...F", h_TD, lp["w_up"])
+  act = gate_up_silu(h_TD.reshape(-1, h_TD.shape[-1]), lp["w_gate"], lp["w_up"], **_matmul_kw(impl))
+  return act.reshape(h_TD.shape[:-1] + act.shape[-1:])
+
+
+def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig, matmul_impl: str = "xla"):
   """One decoder layer on any leading token axes. `attend(q, k, v)` returns (o, aux)."""
   with jax.named_scope("attn"):
     h_TD = rms_norm(x_TD, lp["attn_norm"], cfg.rms_norm_eps)
-    q_TNH = _dot("...D,DNH->...NH", h_TD, lp["wq"])
-    k_TKH = _dot("...D,DKH->...KH", h_TD, lp["wk"])
-    v_TKH = _dot("...D,DKH->...KH", h_TD, lp["wv"])
+    q_TNH = _dot("...D,DNH->...NH", h_TD, lp["wq"], matmul_impl)
+    k_TKH = _dot("...D,DKH->...KH", h_TD, lp["wk"], matmul_impl)
+    v_TKH = _dot("...D,DKH->...KH", h_TD, lp["wv"], matmul_impl)
     if cfg.attention_bias:
       q_TNH, k_TKH, v_TKH = q_TNH + lp["bq"], k_TKH + lp["bk"], v_TKH + lp["bv"]
     if cfg.qk_norm:
@@ -171,17 +199,15 @@ def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig):
     q_TNH = apply_rope(q_TNH, positions_T, cfg)
     k_TKH = apply_rope(k_TKH, positions_T, cfg)
     o_TNH, aux = attend(q_TNH, k_TKH, v_TKH)
-    x_TD = x_TD + _dot("...NH,NHD->...D", o_TNH, lp["wo"])
+    x_TD = x_TD + _dot("...NH,NHD->...D", o_TNH, lp["wo"], matmul_impl)
   with jax.named_scope("mlp"):
     h_TD = rms_norm(x_TD, lp["mlp_norm"], cfg.rms_norm_eps)
-    g_TF = _dot("...D,DF->...F", h_TD, lp["w_gate"])
-    u_TF = _dot("...D,DF->...F", h_TD, lp["w_up"])
-    x_TD = x_TD + _dot("...F,FD->...D", jax.nn.silu(g_TF) * u_TF, lp["w_down"])
+    x_TD = x_TD + _dot("...F,FD->...D", _gate_up(h_TD, lp, matmul_impl), lp["w_down"], matmul_impl)
   return x_TD, aux
 
 
 def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig, attn_impl: str = "auto",
-            mesh: jax.sharding.Mesh | None = None):
+            mesh: jax.sharding.Mesh | None = None, *, matmul_impl: str = MATMUL_IMPL):
   """The serving forward pass over one ragged step.
 
   Returns the final-normed hidden state of each `logits_indices_B` row, [B, D],
@@ -190,14 +216,19 @@ def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig,
   attention runs per device on its own heads (`sharding.tensor.head_parallel`).
   """
   x_TD = params["embed"][inputs.token_ids_T]
-  x_TD, new_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh)
+  x_TD, new_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh,
+                                    matmul_impl=matmul_impl)
   x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
   return x_BD, new_caches
 
 
 def forward_layers(layers: list, kv_caches: list, x_TD, inputs: StepInputs, cfg: ModelConfig,
-                   attn_impl: str = "auto", mesh: jax.sharding.Mesh | None = None):
+                   attn_impl: str = "auto", mesh: jax.sharding.Mesh | None = None, *,
+                   matmul_impl: str = MATMUL_IMPL):
   """Runs a run of decoder layers (all of them, or one pipeline stage's) and their KV pools over a step."""
+  if mesh is not None:
+    # The kernel is one custom call on whole weights: given sharded ones, XLA would gather them first.
+    matmul_impl = "xla"
 
   def paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs):
     kv_pages_PSCH = write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, inputs.slots_T)
@@ -215,13 +246,21 @@ def forward_layers(layers: list, kv_caches: list, x_TD, inputs: StepInputs, cfg:
     def attend(q_TNH, k_TKH, v_TKH, kv_pages_PSCH=kv_pages_PSCH):
       return paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs)
 
-    x_TD, kv_pages_PSCH = _layer(layer_params, x_TD, inputs.positions_T, attend, cfg)
+    x_TD, kv_pages_PSCH = _layer(layer_params, x_TD, inputs.positions_T, attend, cfg, matmul_impl)
     new_caches.append(kv_pages_PSCH)
   return x_TD, new_caches
 
 
-def compute_logits(params: dict, x_BD, cfg: ModelConfig):
-  """LM head in float32: [B, D] -> [B, V]."""
+def compute_logits(params: dict, x_BD, cfg: ModelConfig, *, matmul_impl: str = "xla"):
+  """LM head in float32: [B, D] -> [B, V].
+
+  `matmul_impl` as for the projections (see MATMUL_IMPL); its default stays
+  "xla" because this function does not know whether the head is sharded.
+  """
+  if matmul_impl != "xla":
+    if cfg.tie_word_embeddings:
+      return decode_matmul_nt(x_BD, params["embed"], out_dtype=jnp.float32, **_matmul_kw(matmul_impl))
+    return decode_matmul(x_BD, params["lm_head"], out_dtype=jnp.float32, **_matmul_kw(matmul_impl))
   if cfg.tie_word_embeddings:
     return jnp.einsum("BD,VD->BV", x_BD, params["embed"], preferred_element_type=jnp.float32)
   return jnp.einsum("BD,DV->BV", x_BD, params["lm_head"], preferred_element_type=jnp.float32)

@@ -1,0 +1,73 @@
+"""Decode-shaped matmuls: x[M, K] @ w[K, N] for M <= 256, weights streamed from HBM.
+
+Each entry point dispatches on `impl`: "xla" is `jnp.dot` (cuBLAS on a GPU);
+"gpu" is the Pallas kernel (Triton lowering), with `interpret=True` runnable
+on any machine, which is how the tests run it; "auto" is the kernel on GPUs
+(except for shapes where `tuning`'s tables record XLA as faster) and XLA
+elsewhere. Shapes the kernel does not take (more than `MAX_M` rows,
+K not a multiple of 16, mixed dtypes) go to XLA: prefill steps take that path
+on every backend by design, so it is not logged. `reference.py` is the spec;
+docs/kernels.md describes the kernel.
+"""
+
+import jax
+from absl import logging
+
+from pallas_kernels.decode_matmul import reference, tuning
+from pallas_kernels.decode_matmul.tuning import MAX_M
+
+IMPLS = ("auto", "gpu", "xla")
+
+
+def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+  auto = impl == "auto"
+  if auto:
+    impl = "gpu" if jax.default_backend() == "gpu" else "xla"
+  if impl == "xla":
+    return False
+  from pallas_kernels.decode_matmul import gpu
+  why_not = gpu.supports(x_MK, w, transposed=transposed)
+  if why_not is None:
+    m, k = x_MK.shape
+    n = w.shape[0] if transposed else w.shape[1]
+    # "auto" follows the measurements: shapes where XLA won are left to XLA.
+    return not (auto and tuning.xla_is_faster(m, k, n, gate_up=gate_up))
+  if x_MK.ndim == 2 and x_MK.shape[0] > MAX_M:
+    return False  # prefill-sized: XLA's own tiles are the right tool, and this is expected
+  logging.log_first_n(logging.WARNING, "decode matmul kernel unavailable (%s); using XLA", 1, why_not)
+  return False
+
+
+def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
+  """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None)."""
+  if _use_kernel(impl, x_MK, w_KN, False):
+    from pallas_kernels.decode_matmul import gpu
+    return gpu.matmul(x_MK, w_KN, out_dtype=out_dtype, interpret=interpret)
+  return reference.matmul(x_MK, w_KN, out_dtype=out_dtype)
+
+
+def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False):
+  """x @ w.T with float32 accumulation, w stored [N, K] (the tied LM head: the [V, D] embedding)."""
+  if _use_kernel(impl, x_MK, w_NK, True):
+    from pallas_kernels.decode_matmul import gpu
+    return gpu.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret)
+  return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype)
+
+
+def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", interpret=False):
+  """silu(x @ w_gate) * (x @ w_up) with float32 products and activation, cast once to `out_dtype`.
+
+  The kernel streams the same column tile of both weights in one program and
+  applies the activation before its only store; XLA computes the same thing
+  from two dots.
+  """
+  if (_use_kernel(impl, x_MK, w_gate_KN, False, gate_up=True) and w_up_KN.shape == w_gate_KN.shape
+      and w_up_KN.dtype == w_gate_KN.dtype):
+    from pallas_kernels.decode_matmul import gpu
+    return gpu.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret)
+  return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype)
+
+
+__all__ = ["IMPLS", "MAX_M", "decode_matmul", "decode_matmul_nt", "gate_up_silu"]

@@ -1,0 +1,175 @@
+"""Block sizes of the decode matmul kernel, as data.
+
+`GPU_TABLE` is keyed by (M bucket, K, N): the bucket is the power of two at
+or above the row count, at least 16 (Triton's smallest tensor-core tile) and
+at most `MAX_M`. `GPU_TABLE_GATE_UP` is the same for the fused gate/up kernel,
+keyed by the N of one of its two weights.
+
+How the tables were produced: NOT YET MEASURED. The entries below are chosen
+on paper (enough bytes in flight per SM for a memory-bound stream, two
+programs resident per SM, split-K until the grid covers the 132 SMs of an
+H200). `tools/bench_matmul.py` sweeps `GPU_SWEEP` on one H200 and prints the
+winners in the form of these tables; paste them here with the date, JAX
+version and the raw output's path.
+"""
+
+import dataclasses
+
+# Rows above this go to XLA: at M > 256 a projection is compute-bound
+# (arithmetic intensity M flop per weight byte against the H200's ~206) and
+# cuBLAS' large tiles are the right tool.
+MAX_M = 256
+
+# Streaming multiprocessors of an H200 (and H100 SXM): the split-K heuristic
+# splits until the grid has at least this many programs.
+NUM_SMS = 132
+
+MAX_SPLITS = 8
+
+# Shared memory the pipeline buffers of one program may take: Hopper allows
+# 227 KiB per block; the rest is left to Triton's own scratch (barriers, the
+# accumulator's layout change before the store).
+SMEM_BUDGET = 200 * 1024
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GpuConfig:
+  """One launch: `block_m` x `block_n` output tile per program, `block_k` deep per loop step.
+
+  num_splits: programs along K (split-K), whose float32 partial sums XLA adds;
+  None picks the smallest power of two that fills the GPU (`fit`).
+  """
+  block_m: int
+  block_n: int
+  block_k: int
+  num_splits: int | None = None
+  num_warps: int = 4
+  num_stages: int = 4
+
+  def short(self) -> str:
+    s = "auto" if self.num_splits is None else self.num_splits
+    return f"m{self.block_m} n{self.block_n} k{self.block_k} z{s} w{self.num_warps} st{self.num_stages}"
+
+
+def m_bucket(m: int) -> int:
+  b = 16
+  while b < m:
+    b *= 2
+  return b
+
+
+# Defaults per M bucket, on paper. Memory-bound rows (M <= 64): a 16 x 64 x
+# 256 step streams 32 KiB of weights, four stages keep 128 KiB in flight per
+# program. M = 128 and 256 approach the compute bound: 128-row tiles with
+# eight warps, the shape Triton's wgmma path wants.
+_DEFAULTS = {
+    16: GpuConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4),
+    32: GpuConfig(block_m=32, block_n=64, block_k=256, num_warps=4, num_stages=4),
+    64: GpuConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4),
+    128: GpuConfig(block_m=128, block_n=64, block_k=128, num_warps=4, num_stages=3),
+    256: GpuConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+}
+
+# (M bucket, K, N) -> config, or None where XLA's dot measured faster than
+# every candidate (impl="auto" then takes XLA). Paste `tools/bench_matmul.py`'s
+# output here.
+GPU_TABLE: dict[tuple[int, int, int], GpuConfig | None] = {}
+GPU_TABLE_GATE_UP: dict[tuple[int, int, int], GpuConfig | None] = {}
+
+# The candidates `tools/bench_matmul.py` tries per M bucket (each with the
+# automatic split count; the bench also tries the best one at half and twice
+# that split count).
+GPU_SWEEP: dict[int, tuple[GpuConfig, ...]] = {
+    16: (
+        GpuConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=4),
+        GpuConfig(block_m=16, block_n=128, block_k=128, num_warps=4, num_stages=4),
+        GpuConfig(block_m=16, block_n=64, block_k=128, num_warps=4, num_stages=6),
+        GpuConfig(block_m=16, block_n=32, block_k=256, num_warps=2, num_stages=5),
+        GpuConfig(block_m=16, block_n=128, block_k=128, num_warps=8, num_stages=4),
+    ),
+    64: (
+        GpuConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4),
+        GpuConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+        GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
+        GpuConfig(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=3),
+        GpuConfig(block_m=32, block_n=128, block_k=128, num_warps=4, num_stages=4),
+    ),
+    128: (
+        GpuConfig(block_m=128, block_n=64, block_k=128, num_warps=4, num_stages=3),
+        GpuConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+        GpuConfig(block_m=64, block_n=128, block_k=64, num_warps=4, num_stages=4),
+        GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
+        GpuConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+    ),
+    256: (
+        GpuConfig(block_m=128, block_n=128, block_k=64, num_warps=8, num_stages=3),
+        GpuConfig(block_m=128, block_n=256, block_k=64, num_warps=8, num_stages=3),
+        GpuConfig(block_m=256, block_n=64, block_k=64, num_warps=8, num_stages=3),
+        GpuConfig(block_m=128, block_n=128, block_k=128, num_warps=8, num_stages=3),
+        GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=3),
+    ),
+}
+GPU_SWEEP[32] = tuple(dataclasses.replace(c, block_m=32) for c in GPU_SWEEP[16])
+
+
+def xla_is_faster(m: int, k: int, n: int, *, gate_up: bool = False) -> bool:
+  """True where the table says XLA's dot beat the kernel on this shape."""
+  table = GPU_TABLE_GATE_UP if gate_up else GPU_TABLE
+  key = (m_bucket(m), k, n)
+  return key in table and table[key] is None
+
+
+def gpu_config(m: int, k: int, n: int, *, gate_up: bool = False, itemsize: int = 2) -> GpuConfig:
+  """The tuned config of this shape (or the bucket's default), fitted to it by `fit`."""
+  bucket = m_bucket(m)
+  table = GPU_TABLE_GATE_UP if gate_up else GPU_TABLE
+  cfg = table.get((bucket, k, n))
+  if cfg is None:  # not tuned, or XLA is faster (only impl="gpu" gets here then)
+    cfg = _DEFAULTS[min(bucket, MAX_M)]
+  return fit(cfg, m, k, n, itemsize=itemsize, num_weights=2 if gate_up else 1)
+
+
+def smem_bytes(cfg: GpuConfig, itemsize: int = 2, num_weights: int = 1) -> int:
+  """Shared memory of the software pipeline: an x tile and the weight tiles per stage."""
+  return cfg.num_stages * (cfg.block_m + num_weights * cfg.block_n) * cfg.block_k * itemsize
+
+
+def fit(cfg: GpuConfig, m: int, k: int, n: int, *, itemsize: int = 2, num_weights: int = 1) -> GpuConfig:
+  """`cfg` made legal for the shape: no tile wider than needed, block_k and splits dividing K.
+
+  K is never masked, so block_k x num_splits must divide K (halved until it
+  does; callers guarantee K % 16 == 0). Stages (down to three), then block_k,
+  shrink until the pipeline fits SMEM_BUDGET (float32 operands, the two weights of gate/up).
+  With num_splits None, splits double while the grid has fewer than NUM_SMS
+  programs, each split keeps at least two K steps (pipelining needs a loop to
+  overlap) and the float32 partial sums, written and read back once
+  (8 x splits x M x N bytes), stay within a quarter of the weight bytes
+  (2 x K x N): splits x M <= K / 16.
+  """
+  block_m = min(cfg.block_m, m_bucket(m))
+  block_k = cfg.block_k
+  while k % block_k:
+    block_k //= 2
+  stages = cfg.num_stages
+  while smem_bytes(dataclasses.replace(cfg, block_m=block_m, block_k=block_k, num_stages=stages), itemsize,
+                   num_weights) > SMEM_BUDGET:
+    if stages > 3:
+      stages -= 1
+    elif block_k > 32:  # three stages of shorter steps hide latency better than two long ones
+      block_k //= 2
+    elif stages > 2:
+      stages -= 1
+    elif block_k > 16:
+      block_k //= 2
+    else:
+      break
+  tiles = -(-m // block_m) * -(-n // cfg.block_n)
+  splits = cfg.num_splits
+  if splits is None:
+    splits = 1
+    while (splits * 2 <= MAX_SPLITS and k % (2 * splits * block_k) == 0 and k // (2 * splits * block_k) >= 2
+           and tiles * splits < NUM_SMS and 2 * splits * m * 16 <= k):
+      splits *= 2
+  while splits > 1 and k % (splits * block_k):
+    splits //= 2
+  return dataclasses.replace(cfg, block_m=block_m, block_k=block_k, num_splits=splits, num_stages=stages)

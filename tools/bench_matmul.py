@@ -1,0 +1,609 @@
+"""Benchmarks decode-shaped matmuls on a GPU: XLA's dot, the Pallas decode kernel over a tile sweep, torch.matmul.
+
+Run on the GPU machine from the source tree:
+
+    PYTHONPATH=. python tools/bench_matmul.py --out_dir=/tmp/bench_matmul
+
+and on a CPU, as a smoke run of this script (the kernel in interpret mode, tiny shapes):
+
+    PYTHONPATH=. python tools/bench_matmul.py --smoke --out_dir=/tmp/bench_matmul
+
+For each weight shape of Llama-3.1-8B and Llama-3.2-1B (QKV, O, gate_up, down,
+LM head; the 1B LM head is its tied [V, D] embedding, multiplied transposed)
+and the fused gate/up kernel against two dots and a silu, and for each row
+count M in --ms, it times in one process:
+
+- XLA: `jnp.dot` with float32 accumulation, cast to bfloat16 (the model's
+  projection, cuBLAS or XLA's own GEMM, whichever XLA picks);
+- the Pallas kernel (`pallas_kernels/decode_matmul/gpu.py`) with every
+  candidate of `tuning.GPU_SWEEP` for the M bucket, then the best at half and
+  twice its split count (M = 1 takes the M = 16 winner); each candidate is
+  first checked against an exact float32 product on the GPU;
+- torch.matmul (cuBLAS), replayed from a CUDA graph.
+
+Every timed call multiplies by several distinct copies of the weights (at
+least --min_bytes in all, so nothing is served from the 50 MB L2), all in
+one jit call or graph replay so dispatch is amortized; the bandwidth figure
+is weight bytes per second. Kernels of one shape compile in parallel
+threads. Sweeping stops after --budget_s seconds (the rest times the
+current tuned config only) to keep the run under 4 minutes on one H200.
+
+Output: OUT_DIR/matmul.json (everything), OUT_DIR/matmul.md (the table, with
+device, JAX version and date, and the tuning table to paste into
+pallas_kernels/decode_matmul/tuning.py); the short table is printed last.
+"""
+
+import os
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import concurrent.futures  # noqa: E402
+import dataclasses  # noqa: E402
+import datetime  # noqa: E402
+import functools  # noqa: E402
+import json  # noqa: E402
+import time  # noqa: E402
+import traceback  # noqa: E402
+import zlib  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from absl import app, flags  # noqa: E402
+
+from pallas_kernels.decode_matmul import gpu, reference, tuning  # noqa: E402
+
+_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
+_SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
+_MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
+_MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models")
+_BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
+_MIN_BYTES = flags.DEFINE_integer("min_bytes", 1 << 30, "weight bytes per timed call (distinct copies)")
+_THREADS = flags.DEFINE_integer("compile_threads", 12, "parallel compiles")
+
+_T0 = time.perf_counter()
+_LOG = []
+
+
+def log(msg):
+  msg = f"[{time.perf_counter() - _T0:6.1f}s] {msg}"
+  print(msg, flush=True)
+  _LOG.append(msg)
+
+
+def elapsed():
+  return time.perf_counter() - _T0
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+  name: str
+  k: int
+  n: int
+  kind: str = "kn"  # kn: x @ w[K, N]; nk: x @ w[N, K].T (tied LM head); gate_up: silu(x @ wg) * (x @ wu)
+
+  @property
+  def num_weights(self):
+    return 2 if self.kind == "gate_up" else 1
+
+  @property
+  def weight_bytes(self):
+    return self.k * self.n * 2 * self.num_weights
+
+
+SHAPES = {
+    "8b": [Shape("8B gate_up", 4096, 28672), Shape("8B down", 14336, 4096), Shape("8B qkv", 4096, 6144),
+           Shape("8B o", 4096, 4096), Shape("8B lm_head", 4096, 128256),
+           Shape("8B gate_up fused", 4096, 14336, "gate_up")],
+    "1b": [Shape("1B gate_up", 2048, 16384), Shape("1B down", 8192, 2048), Shape("1B qkv", 2048, 3072),
+           Shape("1B o", 2048, 2048), Shape("1B lm_head (tied)", 2048, 128256, "nk"),
+           Shape("1B gate_up fused", 2048, 8192, "gate_up")],
+}
+SMOKE_SHAPES = [Shape("tiny qkv", 128, 192), Shape("tiny lm_head (tied)", 128, 200, "nk"),
+                Shape("tiny gate_up fused", 128, 64, "gate_up")]
+
+
+# ---------------------------------------------------------------- the functions timed
+
+def kernel_fn(shape, cfg, interpret):
+  """Jitted: x and a tuple of weight copies (pairs for gate_up) -> a tuple of outputs."""
+  if shape.kind == "kn":
+    one = functools.partial(gpu.matmul, config=cfg, interpret=interpret)
+  elif shape.kind == "nk":
+    one = functools.partial(gpu.matmul_nt, config=cfg, interpret=interpret)
+  else:
+    one = lambda x, w: gpu.gate_up_silu(x, *w, config=cfg, interpret=interpret)
+  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+
+
+def xla_fn(shape):
+  if shape.kind == "kn":
+    one = reference.matmul
+  elif shape.kind == "nk":
+    one = reference.matmul_nt
+  else:
+    one = lambda x, w: reference.gate_up_silu(x, *w)
+  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+
+
+@functools.partial(jax.jit, static_argnames="kind")
+def exact(x_MK, w, kind):
+  """The product in float32 at highest precision: what every output is checked against."""
+  x = x_MK.astype(jnp.float32)
+  hi = jax.lax.Precision.HIGHEST
+  if kind == "kn":
+    return jnp.dot(x, w.astype(jnp.float32), precision=hi)
+  if kind == "nk":
+    return jnp.dot(x, w.astype(jnp.float32).T, precision=hi)
+  g = jnp.dot(x, w[0].astype(jnp.float32), precision=hi)
+  return jax.nn.silu(g) * jnp.dot(x, w[1].astype(jnp.float32), precision=hi)
+
+
+@jax.jit
+def rel_err(out, ref):
+  out = out.astype(jnp.float32)
+  return jnp.linalg.norm(out - ref) / jnp.maximum(jnp.linalg.norm(ref), 1e-30)
+
+
+_HOST_BOUND = []  # (time per call, host time to issue it) of calls whose issue took most of their time
+
+
+def time_fn(fn, *args, reps, rounds):
+  """Median over rounds of the mean time of `reps` back-to-back calls, in seconds.
+
+  Calls are issued asynchronously, so this is the device's time as long as
+  issuing a call takes less; calls where it took over half are logged.
+  """
+  jax.block_until_ready(fn(*args))
+  times, issue = [], []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      out = fn(*args)
+    issue.append((time.perf_counter() - t0) / reps)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / reps)
+  t, t_issue = float(np.median(times)), float(np.median(issue))
+  if t_issue > 0.5 * t:
+    _HOST_BOUND.append((t, t_issue))
+  return t
+
+
+def compile_all(jobs, serial=()):
+  """Compiles {label: (jitted fn, args)}: {label: compiled, or the exception}.
+
+  Pallas kernels compile in parallel threads (Triton compiles on the CPU).
+  The labels in `serial` (XLA's dots) compile one after another in a thread of
+  their own: XLA autotunes its GEMMs by timing them on the GPU, and two
+  autotuners at once would time each other's kernels.
+  """
+  lowered = {}
+  for label, (fn, args) in jobs.items():
+    try:
+      lowered[label] = fn.lower(*args)
+    except Exception as e:  # noqa: BLE001 - one failing candidate must not stop the run
+      lowered[label] = e
+
+  def comp(label):
+    low = lowered[label]
+    if isinstance(low, Exception):
+      return label, low
+    try:
+      return label, low.compile()
+    except Exception as e:  # noqa: BLE001
+      return label, e
+
+  serial_labels = [lb for lb in lowered if lb in serial]
+  with concurrent.futures.ThreadPoolExecutor(max(1, _THREADS.value)) as pool:
+    serial_future = pool.submit(lambda: [comp(lb) for lb in serial_labels])
+    out = dict(pool.map(comp, [lb for lb in lowered if lb not in serial]))
+    out.update(serial_future.result())
+  return out
+
+
+# ---------------------------------------------------------------- data
+
+def make_weights(shape, copies, seed):
+  """`copies` distinct weight arrays (pairs for gate_up), scaled so products are O(1)."""
+  key = jax.random.key(seed)
+  per = 2 if shape.kind == "gate_up" else 1
+  wshape = (shape.n, shape.k) if shape.kind == "nk" else (shape.k, shape.n)
+  gen = jax.jit(lambda k: (jax.random.normal(k, wshape, jnp.float32) * shape.k**-0.5).astype(jnp.bfloat16))
+  ws = []
+  for i in range(copies):
+    arrs = tuple(gen(jax.random.fold_in(key, per * i + j)) for j in range(per))
+    ws.append(arrs if per == 2 else arrs[0])
+  jax.block_until_ready(ws)
+  return tuple(ws)
+
+
+def make_x(m, k, seed):
+  return jax.random.normal(jax.random.key(seed), (m, k), jnp.float32).astype(jnp.bfloat16)
+
+
+# ---------------------------------------------------------------- torch (cuBLAS)
+
+def torch_time(shape, x, ws, reps, rounds):
+  """torch.matmul over the same weight buffers (shared through DLPack), replayed from one CUDA graph."""
+  import torch
+  cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
+  try:  # the same buffers, so both libraries read the same bytes
+    to_torch = torch.from_dlpack
+    tx = to_torch(x)
+  except Exception:  # noqa: BLE001 - fresh random tensors of the same shapes time the same
+    device = "cuda" if cuda else "cpu"
+    to_torch = lambda a: torch.randn(a.shape, dtype=torch.bfloat16, device=device)
+    tx = to_torch(x)
+  if shape.kind == "gate_up":
+    tws = [(to_torch(g), to_torch(u)) for g, u in ws]
+  else:
+    tws = [to_torch(w) for w in ws]
+
+  def run():
+    outs = []
+    for w in tws:
+      if shape.kind == "kn":
+        outs.append(torch.matmul(tx, w))
+      elif shape.kind == "nk":
+        outs.append(torch.matmul(tx, w.t()))
+      else:
+        outs.append(torch.nn.functional.silu(torch.matmul(tx, w[0])) * torch.matmul(tx, w[1]))
+    return outs
+
+  if not cuda:
+    run()
+    times = []
+    for _ in range(rounds):
+      t0 = time.perf_counter()
+      for _ in range(reps):
+        run()
+      times.append((time.perf_counter() - t0) / reps)
+    return float(np.median(times)), "eager (cpu)"
+  torch.cuda.synchronize()
+  stream = torch.cuda.Stream()
+  stream.wait_stream(torch.cuda.current_stream())
+  with torch.cuda.stream(stream):
+    for _ in range(2):
+      run()
+  torch.cuda.current_stream().wait_stream(stream)
+  how = "cuda graph"
+  try:
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+      run()
+    replay = graph.replay
+  except Exception as e:  # noqa: BLE001 - eager launches still give a number
+    how = f"eager ({type(e).__name__})"
+    replay = run
+  replay()
+  torch.cuda.synchronize()
+  times = []
+  for _ in range(rounds):
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(reps):
+      replay()
+    end.record()
+    end.synchronize()
+    times.append(start.elapsed_time(end) / 1e3 / reps)
+  return float(np.median(times)), how
+
+
+def copy_ceiling(nbytes):
+  res = {}
+  try:
+    import torch
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+      dst.copy_(src)
+    times = []
+    for _ in range(10):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      dst.copy_(src)
+      end.record()
+      end.synchronize()
+      times.append(start.elapsed_time(end) / 1e3)
+    res["torch_copy_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
+    del src, dst
+    torch.cuda.empty_cache()
+  except Exception as e:  # noqa: BLE001
+    res["torch_copy_error"] = repr(e)[:200]
+  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+  t = time_fn(jax.jit(lambda x: -x), x, reps=10, rounds=5)
+  res["jax_elementwise_TBps"] = 2 * nbytes / t / 1e12
+  res["ceiling_TBps"] = max(v for k, v in res.items() if k.endswith("TBps"))
+  return res
+
+
+# ---------------------------------------------------------------- one shape
+
+def candidates(shape, m, best_plain=None):
+  """The current config of the shape first, then the bucket's sweep (or the plain gate_up's best for fused)."""
+  bucket = min(tuning.m_bucket(m), tuning.MAX_M)
+  gate_up = shape.kind == "gate_up"
+  out = {}
+  cur = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up)
+  out[cur.short()] = cur
+  pool = best_plain if (gate_up and best_plain) else tuning.GPU_SWEEP[bucket]
+  if _SMOKE.value:
+    pool = pool[:2]
+  for c in pool:
+    c = tuning.fit(dataclasses.replace(c, num_splits=None), m, shape.k, shape.n, num_weights=shape.num_weights)
+    out.setdefault(c.short(), c)
+  return out
+
+
+def split_variants(cfg, m, shape, tried):
+  out = {}
+  for z in (cfg.num_splits // 2, cfg.num_splits * 2):
+    if z < 1 or z > tuning.MAX_SPLITS or shape.k % (z * cfg.block_k) or shape.k // (z * cfg.block_k) < 2:
+      continue
+    c = dataclasses.replace(cfg, num_splits=z)
+    if c.short() not in tried:
+      out[c.short()] = c
+  return out
+
+
+def time_kernels(compiled, cfgs, x, ws, ref, reps, rounds):
+  """Checks and times each compiled config; rows sorted fastest first."""
+  rows = []
+  for label, cfg in cfgs.items():
+    fn = compiled[label]
+    row = dict(config=label, cfg=dataclasses.asdict(cfg))
+    if isinstance(fn, Exception):
+      row["error"] = repr(fn)[:300]
+    else:
+      try:
+        out = fn(x, ws)
+        row["err"] = float(rel_err(out[0], ref))
+        row["ok"] = bool(row["err"] <= 1e-2)
+        if row["ok"]:
+          row["s"] = time_fn(fn, x, ws, reps=reps, rounds=rounds) / len(ws)
+      except Exception as e:  # noqa: BLE001
+        row["error"] = repr(e)[:300]
+    rows.append(row)
+  return sorted(rows, key=lambda r: r.get("s", float("inf")))
+
+
+def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
+  """All row counts of one weight shape: returns result rows."""
+  copies = 2 if _SMOKE.value else int(min(128, max(1, -(-_MIN_BYTES.value // shape.weight_bytes))))
+  reps, rounds = (1, 1) if _SMOKE.value else (5, 5)
+  ws = make_weights(shape, copies, seed=zlib.crc32(shape.name.encode()))
+  xs = {m: make_x(m, shape.k, seed=m) for m in ms}
+  refs = {m: exact(xs[m], ws[0], shape.kind) for m in ms}
+  gate_up = shape.kind == "gate_up"
+
+  # Round 1: XLA at every M and the kernel candidates of every swept M, compiled together.
+  # M = 1 takes the M = 16 winner, in round 2.
+  sweep_ms = [m for m in ms if m != 1 or 16 not in ms]
+  cfgs = {}
+  for m in sweep_ms:
+    if sweep:
+      cfgs[m] = candidates(shape, m, best_plain_by_m.get(m) if gate_up else None)
+    else:
+      c = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up)
+      cfgs[m] = {c.short(): c}
+  jobs = {("xla", m): (xla_fn(shape), (xs[m], ws)) for m in ms}
+  jobs.update({(m, label): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m in sweep_ms
+               for label, c in cfgs[m].items()})
+  t0 = time.perf_counter()
+  compiled = compile_all(jobs, serial=[("xla", m) for m in ms])
+  log(f"  compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s")
+
+  xla_rows = {}
+  for m in ms:
+    fn = compiled[("xla", m)]
+    try:
+      if isinstance(fn, Exception):
+        raise fn
+      err = float(rel_err(fn(xs[m], ws)[0], refs[m]))
+      xla_rows[m] = dict(xla_s=time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, xla_err=err)
+    except Exception as e:  # noqa: BLE001
+      xla_rows[m] = dict(xla_error=repr(e)[:300])
+  per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)
+           for m in sweep_ms}
+
+  # Round 2: each swept M's best at half and twice its splits; M = 1 with the M = 16 winner.
+  more = {}
+  for m in sweep_ms:
+    if sweep and per_m[m] and "s" in per_m[m][0]:
+      more[m] = split_variants(tuning.GpuConfig(**per_m[m][0]["cfg"]), m, shape, {r["config"] for r in per_m[m]})
+  if 1 in ms and 1 not in per_m:
+    more[1] = {}
+    src = per_m.get(16, [])
+    if src and "s" in src[0]:
+      c = tuning.fit(tuning.GpuConfig(**src[0]["cfg"]), 1, shape.k, shape.n, num_weights=shape.num_weights)
+      more[1][c.short()] = c
+    cur = tuning.gpu_config(1, shape.k, shape.n, gate_up=gate_up)
+    more[1].setdefault(cur.short(), cur)
+  jobs = {(m, lb): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m, cs in more.items() for lb, c in cs.items()}
+  compiled = compile_all(jobs) if jobs else {}
+  for m, cs in more.items():
+    rows = time_kernels({lb: compiled[(m, lb)] for lb in cs}, cs, xs[m], ws, refs[m], reps, rounds)
+    per_m[m] = sorted(per_m.get(m, []) + rows, key=lambda r: r.get("s", float("inf")))
+
+  results = []
+  for m in ms:
+    row = dict(shape=shape.name, kind=shape.kind, m=m, k=shape.k, n=shape.n, copies=copies,
+               weight_bytes=shape.weight_bytes, **xla_rows.get(m, {}))
+    try:
+      t, how = torch_time(shape, xs[m], ws, reps, rounds)
+      row.update(torch_s=t / copies, torch_how=how)
+    except Exception as e:  # noqa: BLE001
+      row["torch_error"] = repr(e)[:300]
+    sweep_rows = per_m.get(m, [])
+    row["sweep"] = sweep_rows
+    if sweep_rows and "s" in sweep_rows[0]:
+      row.update(pallas_s=sweep_rows[0]["s"], pallas_config=sweep_rows[0]["config"],
+                 pallas_cfg=sweep_rows[0]["cfg"], pallas_err=sweep_rows[0]["err"])
+    for k in ("xla", "torch", "pallas"):
+      if f"{k}_s" in row:
+        row[f"{k}_TBps"] = shape.weight_bytes / row[f"{k}_s"] / 1e12
+    results.append(row)
+    log(f"  {shape.name} M={m}: " + ", ".join(
+        f"{k} {row[f'{k}_s'] * 1e6:.1f} us ({row[f'{k}_TBps']:.2f} TB/s)" for k in ("xla", "torch", "pallas")
+        if f"{k}_s" in row) + f" [{row.get('pallas_config', 'no kernel result')}]")
+  del ws
+  return results
+
+
+# ---------------------------------------------------------------- checks and output
+
+def check_edges(interpret):
+  """Masked rows and columns, split-K, float32 and all three entry points, compiled for this device."""
+  small = tuning.GpuConfig(block_m=16, block_n=32, block_k=32, num_splits=1, num_warps=4, num_stages=2)
+  cases = [("kn f32 M=5 N=200", "kn", jnp.float32, 5, 128, 200, small),
+           ("kn bf16 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, dataclasses.replace(small, num_splits=2)),
+           ("nk bf16 M=7 N=200", "nk", jnp.bfloat16, 7, 128, 200, small),
+           ("gate_up bf16 M=9 z2", "gate_up", jnp.bfloat16, 9, 128, 80, dataclasses.replace(small, num_splits=2)),
+           ("kn bf16 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, None)]
+  jobs, refs = {}, {}
+  for label, kind, dtype, m, k, n, cfg in cases:
+    keys = jax.random.split(jax.random.key(m), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+    w = (jax.random.normal(keys[1], (k, n), jnp.float32) * k**-0.5).astype(dtype)
+    w2 = (jax.random.normal(keys[2], (k, n), jnp.float32) * k**-0.5).astype(dtype)
+    if kind == "kn":
+      fn, args, refs[label] = functools.partial(gpu.matmul, config=cfg, interpret=interpret), (x, w), exact(x, w, kind)
+    elif kind == "nk":
+      fn, args, refs[label] = (functools.partial(gpu.matmul_nt, config=cfg, interpret=interpret), (x, w.T),
+                               exact(x, w.T, kind))
+    else:
+      fn, args, refs[label] = (functools.partial(gpu.gate_up_silu, config=cfg, interpret=interpret), (x, w, w2),
+                               exact(x, (w, w2), kind))
+    jobs[label] = (jax.jit(fn), args)
+  compiled = compile_all(jobs)
+  rows = []
+  for label, kind, dtype, *_ in cases:
+    try:
+      fn = compiled[label]
+      if isinstance(fn, Exception):
+        raise fn
+      err = float(rel_err(fn(*jobs[label][1]), refs[label]))
+      tol = 1e-5 if dtype == jnp.float32 else 1e-2
+      rows.append(dict(case=label, err=err, tol=tol, ok=bool(err <= tol)))
+    except Exception:  # noqa: BLE001
+      rows.append(dict(case=label, ok=False, error=traceback.format_exc(limit=3)))
+    log(f"  check {label}: err={rows[-1].get('err')} ok={rows[-1]['ok']}")
+  return rows
+
+
+def fmt_us(row, k):
+  return f"{row[f'{k}_s'] * 1e6:.1f} ({row[f'{k}_TBps']:.2f})" if f"{k}_s" in row else "-"
+
+
+def table_lines(rows):
+  lines = ["| shape | M | K x N | XLA us (TB/s) | torch us (TB/s) | Pallas us (TB/s) | Pallas / torch | tiles |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  for r in rows:
+    ratio = f"{r['torch_s'] / r['pallas_s']:.2f}x" if "torch_s" in r and "pallas_s" in r else "-"
+    lines.append(f"| {r['shape']} | {r['m']} | {r['k']} x {r['n']} | {fmt_us(r, 'xla')} | {fmt_us(r, 'torch')} | "
+                 f"{fmt_us(r, 'pallas')} | {ratio} | {r.get('pallas_config', '')} |")
+  return lines
+
+
+def tuning_tables(rows):
+  """Python source of GPU_TABLE and GPU_TABLE_GATE_UP from the winners (M = 1 shares the M = 16 bucket)."""
+  out = {"GPU_TABLE": [], "GPU_TABLE_GATE_UP": []}
+  seen = set()
+  for r in rows:
+    if "pallas_cfg" not in r or r["m"] == 1 and any(q["m"] == 16 and q["shape"] == r["shape"] for q in rows):
+      continue
+    key = (min(tuning.m_bucket(r["m"]), tuning.MAX_M), r["k"], r["n"])
+    table = "GPU_TABLE_GATE_UP" if r["kind"] == "gate_up" else "GPU_TABLE"
+    if (table, key) in seen:
+      continue
+    seen.add((table, key))
+    c = r["pallas_cfg"]
+    note = f"  # {r['shape']}: {r['pallas_TBps']:.2f} TB/s"
+    note += "".join(f", {name} {r[f'{k}_TBps']:.2f}" for k, name in (("xla", "XLA"), ("torch", "cuBLAS"))
+                    if f"{k}_TBps" in r)
+    if "xla_s" in r and r["xla_s"] < r["pallas_s"]:  # impl="auto" leaves this shape to XLA
+      out[table].append(f"    {key}: None,{note}")
+      continue
+    out[table].append(
+        f"    {key}: GpuConfig(block_m={c['block_m']}, block_n={c['block_n']}, block_k={c['block_k']}, "
+        f"num_splits={c['num_splits']}, num_warps={c['num_warps']}, num_stages={c['num_stages']}),{note}")
+  return "\n".join(f"{name} = {{\n" + "\n".join(lines) + "\n}" for name, lines in out.items())
+
+
+def markdown(meta, ceiling, checks, rows, host_bound=()):
+  lines = [f"Device: {meta['device']}; JAX {meta['jax']}; torch {meta.get('torch')}; {meta['date']}.", "",
+           f"Copy ceiling: {ceiling.get('ceiling_TBps', 0):.2f} TB/s (bytes read plus written; "
+           f"torch copy {ceiling.get('torch_copy_TBps', 0):.2f}, JAX elementwise "
+           f"{ceiling.get('jax_elementwise_TBps', 0):.2f}). Figures are per matmul; TB/s counts weight bytes.", ""]
+  lines += table_lines(rows)
+  lines += ["", f"GPU edge checks: {sum(c['ok'] for c in checks)} of {len(checks)} pass."]
+  if host_bound:
+    lines.append(f"WARNING: {len(host_bound)} timings were host-bound (issuing took over half the call time).")
+  lines += [f"- FAILED {c['case']}: err={c.get('err')} {c.get('error', '')[-300:]}" for c in checks if not c["ok"]]
+  lines += ["", "Tuning tables (paste into pallas_kernels/decode_matmul/tuning.py):", "", "```python",
+            tuning_tables(rows), "```", "", "| shape | M | config | us | err |", "| --- | --- | --- | --- | --- |"]
+  for r in rows:
+    for s in r.get("sweep", []):
+      us = f"{s['s'] * 1e6:.1f}" if "s" in s else s.get("error", "failed check")[:80]
+      lines.append(f"| {r['shape']} | {r['m']} | {s['config']} | {us} | {s.get('err', '')} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv):
+  del argv
+  os.makedirs(_OUT_DIR.value, exist_ok=True)
+  interpret = _SMOKE.value or jax.default_backend() != "gpu"
+  meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
+              backend=jax.default_backend(), interpret=interpret)
+  try:
+    import torch
+    meta["torch"] = torch.__version__
+  except ImportError:
+    pass
+  log(f"{meta}")
+  res = dict(meta=meta, ceiling={}, checks=[], rows=[])
+
+  def save():
+    with open(os.path.join(_OUT_DIR.value, "matmul.json"), "w") as f:
+      json.dump(dict(res, log=_LOG), f, indent=1, default=str)
+    with open(os.path.join(_OUT_DIR.value, "matmul.md"), "w") as f:
+      f.write(markdown(**res))
+
+  if not interpret:
+    res["ceiling"] = copy_ceiling(2 << 30)
+    log(f"ceiling {res['ceiling']}")
+  res["checks"] = check_edges(interpret)
+  save()
+  ms = [int(m) for m in _MS.value]
+  shapes = SMOKE_SHAPES if _SMOKE.value else [s for model in _MODELS.value for s in SHAPES[model]]
+  best_plain = {}  # per model prefix and M: the plain gate_up shape's fastest configs, tried on the fused one
+  for shape in shapes:
+    sweep = elapsed() < _BUDGET_S.value
+    if elapsed() > _BUDGET_S.value + 30:
+      log(f"skipping {shape.name}: past the time budget")
+      continue
+    log(f"{shape.name}: K={shape.k} N={shape.n} {shape.kind} {'sweep' if sweep else 'current config only'}")
+    prefix = shape.name.split()[0]
+    try:
+      rows = bench_shape(shape, ms, best_plain.get(prefix, {}), interpret, sweep)
+    except Exception:  # noqa: BLE001
+      log(traceback.format_exc(limit=4))
+      continue
+    if shape.name.endswith("gate_up"):
+      best_plain[prefix] = {r["m"]: tuple(tuning.GpuConfig(**s["cfg"]) for s in r["sweep"][:3] if "s" in s)
+                            for r in rows}
+    res["rows"] += rows
+    save()
+  if _HOST_BOUND and not interpret:
+    log(f"WARNING: {len(_HOST_BOUND)} timings were host-bound (issue over half the call time), e.g. "
+        f"{_HOST_BOUND[0][1] * 1e6:.0f} of {_HOST_BOUND[0][0] * 1e6:.0f} us: raise --min_bytes")
+  res["host_bound"] = _HOST_BOUND
+  save()
+  print(tuning_tables(res["rows"]))
+  print()
+  print("\n".join(table_lines(res["rows"])))
+  log(f"done; results in {_OUT_DIR.value}/matmul.md and matmul.json")
+
+
+if __name__ == "__main__":
+  app.run(main)
