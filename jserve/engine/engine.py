@@ -18,10 +18,10 @@ from absl import logging
 from jserve.config import ModelConfig, load_model_config
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.memory import size_kv_pool
-from jserve.engine.placement import engine_mesh, load_engine_params, stage_count, tensor_size
+from jserve.engine.placement import LOAD_FORMATS, engine_mesh, load_engine_params, stage_count, tensor_size
 from jserve.engine.outputs import OutputProcessor
-from jserve.engine.request import (MAX_EOS_TOKEN_IDS, FinishReason, Request, RequestOutput, RequestStatus,
-                                   SamplingParams)
+from jserve.engine.request import (MAX_EOS_TOKEN_IDS, PLACEHOLDER, FinishReason, Request, RequestOutput,
+                                   RequestStatus, SamplingParams)
 from jserve.engine.runner import ModelRunner, RunnerConfig
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
@@ -53,6 +53,8 @@ class EngineConfig:
   attn_impl: str = "auto"
   tensor_parallel_size: int = 1
   pipeline_parallel_size: int = 1
+  overlap_steps: bool = True  # queue step N+1 on the device before reading step N's tokens
+  load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks; no checkpoint read)
 
   def __post_init__(self):
     if self.page_size % 8:
@@ -62,6 +64,8 @@ class EngineConfig:
     for name in ("tensor_parallel_size", "pipeline_parallel_size"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name}={getattr(self, name)}: need at least 1")
+    if self.load_format not in LOAD_FORMATS:
+      raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 
   @property
   def model_dir(self) -> str:
@@ -123,7 +127,7 @@ class LLMEngine:
       raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
     logging.info("loading %s from %s", cfg.architecture, model_dir)
     self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices, config.pipeline_parallel_size)
-    self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh)
+    self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
     kv_dtype = resolve_dtype(config.dtype)
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
@@ -150,6 +154,8 @@ class LLMEngine:
     self.requests: dict[str, Request] = {}
     self._groups: dict[str, _Group] = {}  # user request id -> its children, when n > 1
     self._grammar = None  # a GrammarBackend, made when the first structured request arrives
+    self._num_constrained = 0  # live requests with a grammar: while any, steps do not overlap
+    self._in_flight = None  # the dispatched step whose results the host has not read
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
     self.num_steps = 0
@@ -227,6 +233,7 @@ class LLMEngine:
                     parent_id=request_id if n > 1 else None)
       if params.structured:
         req.grammar = self._grammar_backend().matcher(params)
+        self._num_constrained += 1
       children.append(req)
     return children
 
@@ -254,24 +261,47 @@ class LLMEngine:
                                outputs=sorted(outputs, key=lambda c: c.index))
 
   def _abort_one(self, request_id: str) -> RequestOutput | None:
-    req = self.requests.pop(request_id, None)
+    req = self.requests.get(request_id)
     if req is None:
       return None
-    self.scheduler.remove(req)
-    self.runner.release(req.request_id)
+    self._drop(req)
+    while req.all_token_ids and req.all_token_ids[-1] == PLACEHOLDER:
+      req.all_token_ids.pop()
     req.status = RequestStatus.FINISHED
     req.finish_reason = FinishReason.ABORT
     return self.outputs.finish(req)
 
   def has_unfinished(self) -> bool:
-    return self.scheduler.num_unfinished > 0
+    return self.scheduler.num_unfinished > 0 or self._in_flight is not None
 
   # --- the step -------------------------------------------------------------------------------
   def step(self) -> list[RequestOutput]:
-    """Runs one engine step; returns outputs of requests that streamed new tokens or finished."""
+    """Runs one engine step; returns outputs of requests that streamed new tokens or finished.
+
+    Overlapped (`overlap_steps`, the default): the step is scheduled, built and queued on the
+    device before the host reads the tokens of the step before it, so the device never waits for
+    the host between steps. Its sampled tokens stay on the device: a sequence's next token is a
+    PLACEHOLDER on the host, and the next step reads it from the previous step's output. Outputs
+    therefore come one call later. A request that finishes at step N (a stop token or string) has
+    had one more token computed by step N+1; that token is dropped and its pages are freed after
+    step N+1 in device order. Steps with a grammar-constrained request run one at a time: the
+    grammar's mask for step N+1 needs the token of step N.
+    """
+    if self._overlap_now():
+      previous, self._in_flight = self._in_flight, self._dispatch()
+      return self._resolve(previous)
+    results = self._resolve(self._in_flight)
+    self._in_flight = None
+    return results + self._resolve(self._dispatch())
+
+  def _overlap_now(self) -> bool:
+    return self.config.overlap_steps and self.runner.can_overlap and not self._num_constrained
+
+  def _dispatch(self):
+    """Schedules the next step and queues it on the device; returns what `_resolve` needs, or None."""
     batch = self.scheduler.schedule()
     if not batch:
-      return []
+      return None
     sampling_rows = [i for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
                      if req.num_computed_tokens + n >= req.num_tokens]
     constrained = {batch.requests[i].request_id for i in sampling_rows if batch.requests[i].grammar is not None}
@@ -281,23 +311,50 @@ class LLMEngine:
       rows = [(i, batch.requests[i].grammar) for i in sampling_rows if batch.requests[i].request_id in constrained]
       self.runner.set_mask(self._grammar.fill_async(rows, len(sampling.temperature_B)))
     out, prompt = self.runner.execute(inputs, sampling, tokens)
-    result = self.runner.fetch(out, prompt, plan)
+    positions = {}  # row -> where its sampled token goes in all_token_ids
+    for req, n in zip(batch.requests, batch.num_new_tokens):
+      req.num_computed_tokens += n
+    for i in sampling_rows:
+      req = batch.requests[i]
+      positions[i] = req.num_tokens
+      # The token that ends the request by length is never fed to another step: no placeholder, so
+      # the scheduler leaves the request alone until the host has read it.
+      if req.num_output_tokens + 1 < req.params.max_tokens and req.num_tokens + 1 < self.max_model_len:
+        req.all_token_ids.append(PLACEHOLDER)
+        req.pending_row = i
     self.num_steps += 1
+    return batch, positions, out, prompt, plan
+
+  def _resolve(self, dispatched) -> list[RequestOutput]:
+    """Reads a dispatched step's results (waiting for it) and records them on its requests."""
+    if dispatched is None:
+      return []
+    batch, positions, out, prompt, plan = dispatched
+    result = self.runner.fetch(out, prompt, plan)
     now = time.monotonic()
     results = []
-    for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens)):
-      req.num_computed_tokens += n
-      self.kv.cache_full_pages(req)
+    for i, req in enumerate(batch.requests):
+      if req.is_finished:
+        continue  # aborted, or finished at the previous step: this step's token for it is dropped
       if req.request_id in plan.prompt_rows:
         offset, count, first = plan.prompt_rows[req.request_id]
         rows = slice(offset, offset + count)
         self.outputs.add_prompt_logprobs(req, first, result.prompt_logprobs[rows], result.prompt_top_ids[rows],
                                          result.prompt_top_logprobs[rows])
-      self._release_deferred(req)
-      if req.num_computed_tokens < req.num_tokens:
-        continue  # a prompt chunk: nothing sampled yet
+      position = positions.get(i)
+      if position is None:  # a prompt chunk: nothing sampled yet
+        if req.request_id in self.kv.page_tables:  # not if preempted since
+          self.kv.cache_full_pages(req)
+        self._release_deferred(req)
+        continue
       token = int(result.tokens[i])
+      # all_token_ids ends at `position` or in placeholders from there (this step's, the next one's).
+      later = req.all_token_ids[position + 1:]
+      del req.all_token_ids[position:]
       req.all_token_ids.append(token)
+      if req.request_id in self.kv.page_tables:
+        self.kv.cache_full_pages(req)
+      self._release_deferred(req)
       if req.first_token_time is None:
         req.first_token_time = now
       if result.logprobs is not None:
@@ -306,14 +363,21 @@ class LLMEngine:
       else:
         out = self.outputs.append(req, token, self.max_model_len)
       if req.is_finished:
-        self.scheduler.remove(req)
-        self.runner.release(req.request_id)
-        self.requests.pop(req.request_id, None)
+        self._drop(req)
+      else:
+        req.all_token_ids += later
       if out is not None:
         out = self._to_parent(req, out)
       if out is not None:
         results.append(out)
     return results
+
+  def _drop(self, req: Request):
+    self.scheduler.remove(req)
+    self.runner.release(req.request_id)
+    self.requests.pop(req.request_id, None)
+    if req.grammar is not None:
+      self._num_constrained -= 1
 
   def _release_deferred(self, req: Request):
     """Queues the other children of an n > 1 request once the first has its prompt in cached pages."""

@@ -142,7 +142,8 @@ class KVCacheManager:
       return
     rid = req.request_id
     table = self.page_tables[rid]
-    num_full = min(req.num_computed_tokens // self.page_size, len(table))
+    # A page is keyed once its tokens are computed and known (not placeholders of a running step).
+    num_full = min(min(req.num_computed_tokens, req.num_known_tokens) // self.page_size, len(table))
     key = self._last_key[rid]
     for i in range(self._num_hashed[rid], num_full):
       key = page_key(key, req.all_token_ids[i * self.page_size:(i + 1) * self.page_size])

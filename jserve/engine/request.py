@@ -181,8 +181,16 @@ class RequestOutput:
   num_cached_tokens: int = 0
 
 
+PLACEHOLDER = -1  # a sampled token the host has not read yet: the step that samples it is still running
+
+
 class Request:
-  """Engine-side state of one sequence: tokens so far, progress, pages (held by the KV manager)."""
+  """Engine-side state of one sequence: tokens so far, progress, pages (held by the KV manager).
+
+  With overlapped steps (see `LLMEngine.step`) `all_token_ids` may end in up to two PLACEHOLDERs:
+  tokens sampled by steps the host has not read yet. `pending_row` is the row of the last of them
+  in the step that samples it, from which the next step takes it on the device.
+  """
 
   def __init__(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams, *,
                prompt: str | None = None, priority: int = 0, arrival_time: float | None = None,
@@ -208,6 +216,7 @@ class Request:
     self.first_token_time: float | None = None
     self.schedule_time: float | None = None
     self.grammar = None  # an llguidance matcher when the params ask for structured output
+    self.pending_row: int | None = None
 
   @property
   def num_prompt_tokens(self) -> int:
@@ -216,6 +225,14 @@ class Request:
   @property
   def num_tokens(self) -> int:
     return len(self.all_token_ids)
+
+  @property
+  def num_known_tokens(self) -> int:
+    """Tokens before the trailing placeholders."""
+    n = len(self.all_token_ids)
+    while n and self.all_token_ids[n - 1] == PLACEHOLDER:
+      n -= 1
+    return n
 
   @property
   def output_token_ids(self) -> list[int]:

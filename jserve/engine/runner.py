@@ -59,7 +59,7 @@ class RunnerConfig:
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=["prompt_slot_T", "output_slot_T", "prompt_target_T"], meta_fields=[])
+                   data_fields=["prompt_slot_T", "output_slot_T", "prompt_target_T", "prev_row_T"], meta_fields=[])
 @dataclasses.dataclass
 class TokenInputs:
   """Per-token extras of a step, all int32.
@@ -67,11 +67,14 @@ class TokenInputs:
   prompt_slot_T / output_slot_T: the slot a prompt / generated input token is counted in (for
   penalties); past the slot table where not tracked. prompt_target_T: the next prompt token, whose
   log-probability this row's logits give (prompt_logprobs), or -1.
+  prev_row_T: where >= 0, the token is the one the previous step sampled in that row, not yet known
+  to the host when this step was built (overlapped scheduling, see `LLMEngine.step`); else -1.
   """
 
   prompt_slot_T: jax.Array
   output_slot_T: jax.Array
   prompt_target_T: jax.Array
+  prev_row_T: jax.Array
 
 
 def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
@@ -92,11 +95,17 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
   return tuple(a.reshape(num_tokens, *a.shape[2:]) for a in out)
 
 
-def _step(params, kv_caches, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
+def _step(params, kv_caches, slots: SlotState, mask_SW, last_S, inputs: StepInputs, sampling: SamplingInputs,
           tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None):
-  x_TD = params["embed"][inputs.token_ids_T]
-  return _last_stage(params, kv_caches, x_TD, slots, mask_SW, inputs, sampling, tokens, cfg=cfg, attn_impl=attn_impl,
-                     mesh=mesh)
+  """One engine step. `last_S`: the previous step's sampled tokens, padded to max_num_seqs; rows of
+  this step whose token the host did not know yet (`tokens.prev_row_T`) read theirs from it."""
+  token_ids_T = jnp.where(tokens.prev_row_T >= 0, last_S[jnp.maximum(tokens.prev_row_T, 0)], inputs.token_ids_T)
+  inputs = dataclasses.replace(inputs, token_ids_T=token_ids_T)
+  x_TD = params["embed"][token_ids_T]
+  out, prompt, kv_caches, slots = _last_stage(params, kv_caches, x_TD, slots, mask_SW, inputs, sampling, tokens,
+                                              cfg=cfg, attn_impl=attn_impl, mesh=mesh)
+  last_S = jnp.zeros_like(last_S).at[:out.tokens_B.shape[0]].set(out.tokens_B)
+  return out, prompt, kv_caches, slots, last_S
 
 
 def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
@@ -179,7 +188,7 @@ class ModelRunner:
       # sharding that drifted would make the next step compile again.
       self.kv_caches = make_kv_caches(cfg, mesh, rc.num_pages, rc.page_size, rc.kv_dtype)
       step_shardings = {"out_shardings": (replicated(mesh), replicated(mesh), kv_cache_shardings(cfg, mesh),
-                                          replicated(mesh))}
+                                          replicated(mesh), replicated(mesh))}
       if self.num_stages > 1:
         self.params = split_params(params, param_specs(cfg), mesh)
         self._pipeline = PipelineStep(cfg, mesh, functools.partial(_last_stage, cfg=cfg, attn_impl=rc.attn_impl),
@@ -193,6 +202,10 @@ class ModelRunner:
     self._mask_future = None
     mask_SW = np.zeros((rc.max_num_seqs, (cfg.vocab_size + 31) // 32), np.int32)
     self._mask_SW = jax.device_put(mask_SW, self._home)
+    self._last_S = jax.device_put(np.zeros(rc.max_num_seqs, np.int32), self._home)
+    # Whether a step may take tokens that the previous step sampled and the host has not seen. The
+    # pipeline's stages take host inputs at the first stage and sample at the last: not yet.
+    self.can_overlap = self.num_stages == 1
     if self.num_stages > 1:
       self._step = self._pipeline
     else:
@@ -234,7 +247,7 @@ class ModelRunner:
     untracked = self.num_slots + 1  # past the table, so the scatter drops it
     tokens = TokenInputs(prompt_slot_T=np.full(num_tokens, untracked, i32),
                          output_slot_T=np.full(num_tokens, untracked, i32),
-                         prompt_target_T=np.full(num_tokens, -1, i32))
+                         prompt_target_T=np.full(num_tokens, -1, i32), prev_row_T=np.full(num_tokens, -1, i32))
     return inputs, sampling, tokens
 
   def _put(self, host_arrays):
@@ -248,9 +261,7 @@ class ModelRunner:
     """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
     start = time.monotonic()
     for i, b in enumerate(self.buckets):
-      inputs, sampling, tokens = self._put(self._empty_inputs(b))
-      out, _, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
-                                                      inputs, sampling, tokens)
+      out = self._call_step(*self._put(self._empty_inputs(b)))[0]
       out.tokens_B.block_until_ready()
       if progress:
         progress(i + 1, len(self.buckets), b)
@@ -364,6 +375,12 @@ class ModelRunner:
       inputs.token_ids_T[:total] = list(itertools.chain.from_iterable(
           r.all_token_ids[s:e] for r, s, e in zip(requests, starts, ends)))
     row_T = np.repeat(np.arange(count, dtype=np.int32), n_B)
+    unknown_T = inputs.token_ids_T[:total] < 0  # PLACEHOLDER: sampled by the step still running
+    if unknown_T.any():
+      prev_B = np.fromiter((-1 if r.pending_row is None else r.pending_row for r in requests), np.int32, count)
+      tokens.prev_row_T[:total] = np.where(unknown_T, prev_B[row_T], -1)
+      if (tokens.prev_row_T[:total][unknown_T] < 0).any():
+        raise AssertionError("a token is unknown but its request has no pending row")
     pos_T = np.arange(total, dtype=np.int32) + np.repeat(start_B - (cu_B - n_B), n_B)
     inputs.positions_T[:total] = pos_T
     table_BP = inputs.page_indices_BP
@@ -423,8 +440,15 @@ class ModelRunner:
     inputs, sampling, tokens = self._put((inputs, sampling, tokens))
     if self._mask_future is not None:
       self._upload_mask()
-    out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
-                                                         inputs, sampling, tokens)
+    return self._call_step(inputs, sampling, tokens)
+
+  def _call_step(self, inputs, sampling, tokens):
+    if not self.can_overlap:
+      out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
+                                                           inputs, sampling, tokens)
+    else:
+      out, prompt, self.kv_caches, self.slots, self._last_S = self._step(
+          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, inputs, sampling, tokens)
     return out, prompt
 
   @staticmethod

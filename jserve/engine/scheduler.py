@@ -108,6 +108,9 @@ class Scheduler:
     while i < len(self.running) and budget > 0:
       req = self.running[i]
       num_new = min(req.num_tokens - req.num_computed_tokens, budget)
+      if num_new == 0:  # its last token is being sampled by the step in flight: nothing to compute
+        i += 1
+        continue
       while not self.kv.allocate(req, num_new):
         # Only requests not yet in this step's batch can give their pages back.
         victim = self._victim(self.running[i:])

@@ -1,0 +1,162 @@
+"""Profiles steady-state decoding: where the device time of a step goes, and how busy the device is.
+
+    PYTHONPATH=. python -m tools.profile_step --preset=llama-3.2-1b --batch=256 --out_dir=$OUT
+
+Starts an `LLMEngine` on random weights of a preset, fills it with `--batch`
+requests, steps until every sequence decodes, then records `--steps` engine
+steps under `jax.profiler.trace`. From the trace (read back with
+`jax.profiler.ProfileData`) it sums the device kernels by name and by kind
+(matmul, attention, KV write, sampler, other), and compares the union of
+kernel time with the wall time of those steps: the device's busy fraction.
+Writes profile.json and profile.md under --out_dir; prints a short table last.
+"""
+
+import collections
+import datetime
+import glob
+import json
+import os
+import re
+import tempfile
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("preset", "llama-3.2-1b", "model preset (random weights)")
+flags.DEFINE_integer("batch", 256, "sequences decoding together")
+flags.DEFINE_integer("input_len", 128, "prompt tokens")
+flags.DEFINE_integer("steps", 12, "engine steps recorded")
+flags.DEFINE_integer("max_num_batched_tokens", 512, "engine token budget (fewer buckets compile sooner)")
+flags.DEFINE_string("out_dir", "/tmp/profile_step", "results directory")
+flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
+
+_KINDS = [  # (kind, pattern over lowercased kernel names), first match wins
+    ("attention", r"ragged|paged|attention|flash"),
+    ("kv write", r"scatter|dynamic.update|dynamic_update"),
+    ("matmul", r"gemm|matmul|dot|cublas|nvjet|sm90_xmma|cutlass|wgmma"),
+    ("sort / top-k", r"sort|topk|top_k"),
+    ("copy", r"memcpy|memset|copy"),
+]
+
+
+def kind_of(name: str) -> str:
+  low = name.lower()
+  for kind, pattern in _KINDS:
+    if re.search(pattern, low):
+      return kind
+  return "other (fusions)"
+
+
+def device_events(trace_dir: str):
+  """(name, start_ns, duration_ns) of every kernel on the first accelerator plane, or of every XLA op
+  on the host plane when there is no accelerator (CPU smoke runs)."""
+  from jax.profiler import ProfileData
+  paths = glob.glob(os.path.join(trace_dir, "**", "*.xplane.pb"), recursive=True)
+  data = ProfileData.from_file(sorted(paths)[-1])
+  planes = list(data.planes)
+  gpu = [p for p in planes if p.name.startswith("/device:GPU") or p.name.startswith("/device:TPU")]
+  events = []
+  if gpu:
+    plane = sorted(gpu, key=lambda p: p.name)[0]
+    for line in plane.lines:
+      if "stream" not in line.name.lower():  # kernels sit on stream lines; XLA op and module lines repeat them
+        continue
+      for ev in line.events:
+        events.append((ev.name, ev.start_ns, ev.duration_ns))
+    return plane.name, events
+  for plane in planes:
+    if plane.name.startswith("/host:CPU"):
+      for line in plane.lines:
+        if line.name.startswith("tf_XLA"):
+          for ev in line.events:
+            events.append((ev.name, ev.start_ns, ev.duration_ns))
+  return "/host:CPU", events
+
+
+def busy_ns(events) -> float:
+  """Length of the union of the events' intervals."""
+  spans = sorted((s, s + d) for _, s, d in events)
+  total, end = 0.0, None
+  for s, e in spans:
+    if end is None or s > end:
+      total += e - s
+      end = e
+    elif e > end:
+      total += e - end
+      end = e
+  return total
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+
+  from jserve.engine.engine import EngineConfig, LLMEngine
+  from jserve.engine.request import SamplingParams
+  from tools.make_random_checkpoint import make_checkpoint
+  os.makedirs(FLAGS.out_dir, exist_ok=True)
+  model = os.path.join(tempfile.mkdtemp(), FLAGS.preset)
+  cfg = make_checkpoint(FLAGS.preset, model)
+  extra = json.loads(FLAGS.engine_args)
+  out_len = 3 * FLAGS.steps + 64
+  engine = LLMEngine(EngineConfig(model=model, max_model_len=FLAGS.input_len + out_len + 16,
+                                  max_num_seqs=FLAGS.batch, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
+                                  **extra))
+  rng = np.random.default_rng(0)
+  params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+  for _ in range(FLAGS.batch):
+    engine.add_request(None, rng.integers(10, min(cfg.vocab_size, 4000), size=FLAGS.input_len).tolist(), params)
+  while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
+                                        for r in engine.requests.values()):
+    engine.step()
+  for _ in range(3):
+    engine.step()
+  t = time.perf_counter()
+  for _ in range(FLAGS.steps):
+    engine.step()
+  untraced_ms = (time.perf_counter() - t) / FLAGS.steps * 1e3
+  trace_dir = tempfile.mkdtemp()
+  with jax.profiler.trace(trace_dir):
+    t = time.perf_counter()
+    for _ in range(FLAGS.steps):
+      engine.step()
+    jax.effects_barrier()
+    wall_ns = (time.perf_counter() - t) * 1e9
+  plane, events = device_events(trace_dir)
+  by_name = collections.defaultdict(lambda: [0, 0.0])
+  by_kind = collections.defaultdict(float)
+  for name, _, dur in events:
+    by_name[name][0] += 1
+    by_name[name][1] += dur
+    by_kind[kind_of(name)] += dur
+  busy = busy_ns(events)
+  steps = FLAGS.steps
+  result = {
+      "date": datetime.date.today().isoformat(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
+      "preset": FLAGS.preset, "batch": FLAGS.batch, "context": FLAGS.input_len, "plane": plane,
+      "wall_ms_per_step": wall_ns / steps / 1e6, "untraced_wall_ms_per_step": untraced_ms,
+      "device_busy_ms_per_step": busy / steps / 1e6, "busy_fraction": busy / wall_ns,
+      "kinds_ms_per_step": {k: v / steps / 1e6 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+      "top_kernels": [{"name": n[:160], "calls_per_step": c / steps, "ms_per_step": d / steps / 1e6}
+                      for n, (c, d) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]],
+  }
+  with open(os.path.join(FLAGS.out_dir, "profile.json"), "w") as f:
+    json.dump(result, f, indent=1)
+  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, batch {FLAGS.batch}, "
+           f"context ~{FLAGS.input_len}; plane {plane}",
+           f"wall {result['wall_ms_per_step']:.2f} ms/step (untraced {untraced_ms:.2f}); device busy "
+           f"{result['device_busy_ms_per_step']:.2f} ms/step = {100 * result['busy_fraction']:.0f}% of wall", "",
+           "| kind | ms / step |", "| --- | --- |"]
+  lines += [f"| {k} | {v:.3f} |" for k, v in result["kinds_ms_per_step"].items()]
+  lines += ["", "| kernel | calls / step | ms / step |", "| --- | --- | --- |"]
+  lines += [f"| `{k['name'][:90]}` | {k['calls_per_step']:.0f} | {k['ms_per_step']:.3f} |"
+            for k in result["top_kernels"][:25]]
+  with open(os.path.join(FLAGS.out_dir, "profile.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
+if __name__ == "__main__":
+  app.run(main)
