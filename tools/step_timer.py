@@ -4,15 +4,18 @@ import time
 
 
 class StepTimer:
-  """Wraps the engine's scheduler and batch builder to time them, and the device step."""
+  """Wraps the engine's scheduler and batch builder to time them; with `block`, also the device step
+  (which then stops the engine from overlapping steps). `starts`: when each step was scheduled, so
+  successive differences are the wall time per step."""
 
-  def __init__(self, engine):
+  def __init__(self, engine, block: bool = True):
     import jax
-    self.sched, self.build, self.device, self.seqs = [], [], [], []
+    self.sched, self.build, self.device, self.seqs, self.starts = [], [], [], [], []
     schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
 
     def timed_schedule():
       t = time.perf_counter()
+      self.starts.append(t)
       out = schedule()
       self.sched.append(time.perf_counter() - t)
       self.seqs.append(len(out.requests))
@@ -27,8 +30,9 @@ class StepTimer:
     def timed_execute(*a, **k):
       t = time.perf_counter()
       out = execute(*a, **k)
-      jax.block_until_ready(out)
-      self.device.append(time.perf_counter() - t)
+      if block:
+        jax.block_until_ready(out)
+        self.device.append(time.perf_counter() - t)
       return out
 
     engine.scheduler.schedule, engine.runner.build, engine.runner.execute = timed_schedule, timed_build, \
@@ -39,6 +43,10 @@ class StepTimer:
     rows = [i for i, n in enumerate(self.seqs) if n >= min_seqs and i < len(self.build)]
     if not rows:
       return None
-    pick = lambda xs: float(np.median([xs[i] for i in rows]) * 1e3)
-    return {"steps": len(rows), "schedule_ms": pick(self.sched), "build_ms": pick(self.build),
-            "host_ms": pick([s + b for s, b in zip(self.sched, self.build)]), "device_ms": pick(self.device)}
+    pick = lambda xs: float(np.median([xs[i] for i in rows if i < len(xs)]) * 1e3)
+    out = {"steps": len(rows), "schedule_ms": pick(self.sched), "build_ms": pick(self.build),
+           "host_ms": pick([s + b for s, b in zip(self.sched, self.build)]),
+           "wall_ms": pick(list(np.diff(self.starts)))}
+    if self.device:
+      out["device_ms"] = pick(self.device)
+    return out
