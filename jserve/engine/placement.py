@@ -8,18 +8,24 @@ its shards on its stage by `sharding.rules.make_place` (no device holds a full
 copy of a split tensor), and the runner makes the KV pool with
 `sharding.rules.make_kv_caches`. `sharding` raises `ShardingError` (a
 `ValueError` that knows nothing of jserve); here it becomes a `ConfigError`.
+
+`load_format="dummy"` (vLLM's name) reads no weights: `random_engine_params`
+makes random ones on the devices, each in its shards, so a benchmark can serve
+a 70B shape that has no checkpoint on disk.
 """
 
+import functools
 import os
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
 from jserve.convert import ORBAX_SUBDIR, has_orbax_params
 from jserve.errors import ConfigError
-from jserve.models.llama import param_specs
+from jserve.models.llama import is_spec, param_specs
 from jserve.weights import load_params, resolve_dtype
 from sharding import rules
 from sharding.errors import ShardingError
@@ -48,12 +54,21 @@ def engine_mesh(cfg: ModelConfig, tensor_parallel_size: int, devices=None, pipel
     raise ConfigError(f"{what}: {e}") from None
 
 
-def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh | None) -> dict:
+LOAD_FORMATS = ("auto", "dummy")
+
+
+def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh | None,
+                       load_format: str = "auto") -> dict:
   """The checkpoint's weights, each tensor placed straight into its shards on `mesh` (if any).
 
   A directory written by `jserve convert` has its weights in `orbax/`; they are restored into the
-  shards directly (without a mesh, onto a one-device mesh of the default device).
+  shards directly (without a mesh, onto a one-device mesh of the default device). With
+  `load_format="dummy"` no weights are read: see `random_engine_params`.
   """
+  if load_format not in LOAD_FORMATS:
+    raise ConfigError(f"load_format={load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
+  if load_format == "dummy":
+    return random_engine_params(cfg, dtype, mesh)
   if has_orbax_params(model_dir):
     from sharding import checkpoint
     target = mesh or make_mesh(MeshShape(), [default_device()])
@@ -62,6 +77,47 @@ def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh 
   if mesh is None:
     return load_params(model_dir, cfg, dtype)
   return load_params(model_dir, cfg, dtype, place=rules.make_place(param_specs(cfg), mesh))
+
+
+def random_engine_params(cfg: ModelConfig, dtype: str, mesh: Mesh | None, seed: int = 0) -> dict:
+  """Random weights made on the devices in their shards, drawn as `init_params(cfg, key(seed))` draws them.
+
+  Each tensor is drawn by a jit straight into its sharding. JAX's partitionable threefry gives
+  every device its slice of the same values whatever the layout, so no device ever holds a whole
+  split tensor and every layout serves exactly the same model (the values match `init_params` up
+  to float rounding: the scaling fuses differently under jit). Without a mesh the weights go on a
+  one-device mesh of the default device, as restored orbax weights do.
+  """
+  target = mesh or make_mesh(MeshShape(), [default_device()])
+  specs = param_specs(cfg)
+  leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+  shardings = jax.tree_util.tree_leaves(rules.param_shardings(specs, target))
+  # One program per distinct (shape, init, axes, sharding), shared by all layers: 80 layers of a 70B
+  # shape compile a dozen programs, not 720. The tensor's index is a host int (not a key array on
+  # one device) so that the same call works when the mesh spans several processes.
+  makers = {}
+  out = []
+  for i, (spec, sharding) in enumerate(zip(leaves, shardings)):
+    what = (spec.shape, spec.init, spec.axes, sharding)
+    if what not in makers:
+      fn = functools.partial(_random_tensor, seed=seed, count=len(leaves), shape=spec.shape, init=spec.init,
+                             axes=spec.axes, tp=target.shape[TENSOR], dtype=resolve_dtype(dtype))
+      makers[what] = jax.jit(fn, out_shardings=sharding)
+    out.append(makers[what](np.int32(i)))
+  return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _random_tensor(index, *, seed, count, shape, init, axes, tp, dtype):
+  """Parameter `index` as `init_params` draws it, its KV heads widened as `rules.make_place` widens them."""
+  if init == "ones":
+    a = jnp.ones(shape, dtype=dtype)
+  else:
+    key = jax.random.split(jax.random.key(seed), count)[index]
+    a = (0.02 * jax.random.normal(key, shape, dtype=jnp.float32)).astype(dtype)
+  if "kv_heads" in axes:
+    dim = axes.index("kv_heads")
+    a = jnp.repeat(a, rules.kv_head_replicas(shape[dim], tp), axis=dim)
+  return a
 
 
 def default_device():
