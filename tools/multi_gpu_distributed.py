@@ -114,34 +114,34 @@ def dist_worker(settings: Settings, process_id: int, port: int, mode: str):
     x_BD, caches = llama.forward(params, caches, inputs, cfg, mesh=mesh)
     return llama.compute_logits(params, x_BD, cfg), caches
 
-  with jax.default_matmul_precision("highest"):
-    mesh = make_mesh(MeshShape(tensor=2), allow_cross_host_tensor=True)
-    params = random_engine_params(cfg, "float32", mesh)
-    caches = rules.make_kv_caches(cfg, mesh, num_pages, PAGE_SIZE, jnp.float32)
-    step = jax.jit(lambda p, c, i: step_fn(p, c, i, mesh), donate_argnums=1)
-    on = rules.replicated(mesh)
+  jax.config.update("jax_default_matmul_precision", "highest")  # as the equality part: float32, not TF32
+  mesh = make_mesh(MeshShape(tensor=2), allow_cross_host_tensor=True)
+  params = random_engine_params(cfg, "float32", mesh)
+  caches = rules.make_kv_caches(cfg, mesh, num_pages, PAGE_SIZE, jnp.float32)
+  step = jax.jit(lambda p, c, i: step_fn(p, c, i, mesh), donate_argnums=1)
+  on = rules.replicated(mesh)
 
-    def run(inputs):
-      nonlocal caches
-      inputs = dist.broadcast_from_leader(inputs)  # followers run what the leader scheduled
-      logits, caches = step(params, caches, dist.put_global(inputs, jax.tree.map(lambda _: on, inputs)))
-      return dist.broadcast_from_leader(dist.fetch(logits)[:len(prompts)].argmax(-1))
+  def run(inputs):
+    nonlocal caches
+    inputs = dist.broadcast_from_leader(inputs)  # followers run what the leader scheduled
+    logits, caches = step(params, caches, dist.put_global(inputs, jax.tree.map(lambda _: on, inputs)))
+    return dist.broadcast_from_leader(dist.fetch(logits)[:len(prompts)].argmax(-1))
 
-    tokens, step_s = _greedy(run, prompts, settings.new_tokens, **shape)
-    if not dist.is_leader():
-      return
-    local = random_engine_params(cfg, "float32", None)  # on this process's device alone
-    device = jax.local_devices()[0]
-    local_caches = [jnp.zeros(rules.kv_pool_shape(cfg, 1, num_pages, PAGE_SIZE), jnp.float32, device=device)
-                    for _ in range(cfg.num_layers)]
-    single = jax.jit(step_fn, donate_argnums=1)
+  tokens, step_s = _greedy(run, prompts, settings.new_tokens, **shape)
+  if not dist.is_leader():
+    return
+  local = random_engine_params(cfg, "float32", None)  # on this process's device alone
+  device = jax.local_devices()[0]
+  local_caches = [jnp.zeros(rules.kv_pool_shape(cfg, 1, num_pages, PAGE_SIZE), jnp.float32, device=device)
+                  for _ in range(cfg.num_layers)]
+  single = jax.jit(step_fn, donate_argnums=1)
 
-    def run_local(inputs):
-      nonlocal local_caches
-      logits, local_caches = single(local, local_caches, inputs)
-      return np.asarray(logits)[:len(prompts)].argmax(-1)
+  def run_local(inputs):
+    nonlocal local_caches
+    logits, local_caches = single(local, local_caches, inputs)
+    return np.asarray(logits)[:len(prompts)].argmax(-1)
 
-    ref, _ = _greedy(run_local, prompts, settings.new_tokens, **shape)
+  ref, _ = _greedy(run_local, prompts, settings.new_tokens, **shape)
   print(json.dumps({"dist_report": {"tokens": tokens, "reference_tokens": ref, "global_devices": jax.device_count(),
                                     "local_devices": jax.local_device_count(), "platform": jax.default_backend(),
                                     "decode_step_ms": step_s * 1e3}}), flush=True)

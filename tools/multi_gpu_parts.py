@@ -246,6 +246,9 @@ def equality(ctx: Context) -> dict:
   from jserve.engine.engine import EngineConfig, LLMEngine
   from jserve.engine.request import SamplingParams
   s = ctx.settings
+  # For this process only (each part has its own): without it the GPU runs float32 matmuls in TF32,
+  # whose rounding differs between a whole and a split contraction far more than float32's does.
+  jax.config.update("jax_default_matmul_precision", "highest")
   cfg = load_model_config(s.equality_dir)
   g = jax.device_count()
   layouts = [(tp, pp) for tp, pp in [(1, 1), (2, 1), (1, 2), (4, 1), (2, 2)] if tp * pp <= g]
@@ -260,15 +263,12 @@ def equality(ctx: Context) -> dict:
       continue
     t = time.perf_counter()
     try:
-      # Without "highest" the GPU runs float32 matmuls in TF32, whose rounding differs between a
-      # whole and a split contraction far more than float32's does.
-      with jax.default_matmul_precision("highest"):
-        engine = LLMEngine(EngineConfig(
-            model=s.equality_dir, dtype="float32", load_format="dummy", tensor_parallel_size=tp,
-            pipeline_parallel_size=pp, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_pages=48,
-            enable_prefix_caching=False, compilation_cache_dir=None))
-        start_s = time.perf_counter() - t
-        outs = generate(engine, prompts, params)
+      engine = LLMEngine(EngineConfig(
+          model=s.equality_dir, dtype="float32", load_format="dummy", tensor_parallel_size=tp,
+          pipeline_parallel_size=pp, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32, num_pages=48,
+          enable_prefix_caching=False, compilation_cache_dir=None))
+      start_s = time.perf_counter() - t
+      outs = generate(engine, prompts, params)
       run = {"tokens": [o.outputs[0].token_ids for o in outs], "start_s": start_s,
              "total_s": time.perf_counter() - t}
       run["logprobs"], run["margins"] = _logprobs_and_margins(outs)
