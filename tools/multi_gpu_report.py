@@ -43,7 +43,7 @@ def _header(results: dict) -> list[str]:
 def _equality(results: dict) -> list[str]:
   e = results["parts"].get("equality", {})
   if not e.get("runs"):
-    return [f"equality: {e.get('skipped') or ('failed' if 'error' in e else 'not run')}"]
+    return [f"equality: {e.get('skipped') or ('failed' if 'error' in e else 'not run')}"] + _distributed(results)
   runs = []
   for name, r in e["runs"].items():
     if name == "tp1":
@@ -53,8 +53,12 @@ def _equality(results: dict) -> list[str]:
       d = r["first_differences"][0]
       state += f" (first at prompt {d['prompt']} token {d['position']}, tp1 top-2 margin {d['reference_top2_margin']})"
     runs.append(f"{name} {state}")
-  lines = [f"equality ({e.get('model')}, {len(e.get('prompt_lens', []))} prompts x {e.get('new_tokens')} tokens, "
-           f"against tp1): " + "; ".join(runs)]
+  return [f"equality ({e.get('model')}, {len(e.get('prompt_lens', []))} prompts x {e.get('new_tokens')} tokens, "
+          f"against tp1): " + "; ".join(runs)] + _distributed(results)
+
+
+def _distributed(results: dict) -> list[str]:
+  lines = []
   d = results["parts"].get("distributed")
   if d is None:
     lines.append("distributed: not run")
