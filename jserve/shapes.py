@@ -26,4 +26,5 @@ per axis, in order: `q_TNH` is [tokens, query heads, head dim].
     A  alternatives reported with log-probabilities (the MAX_LOGPROBS most likely tokens)
     M  entries of the sampler's shortlist of candidate tokens
     U  chunks of the vocabulary; Y  tokens in one chunk (V padded = U * Y)
+    Z  candidate thresholds tried in one pass of the sampler's threshold search
 """

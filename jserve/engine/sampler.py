@@ -1,9 +1,9 @@
 """Token sampling inside the jit-compiled step, with per-sequence parameter arrays.
 
 No parameter value triggers a compile: every parameter is an array with one
-entry per sequence, and each optional stage (grammar mask, logit bias,
-penalties, top-k/top-p/min-p filtering, top logprobs) sits under a
-`lax.cond` that skips it when no sequence of the batch uses it.
+entry per sequence, and the optional stages (grammar mask, logit bias,
+penalties, top-k/top-p/min-p filtering, log-probabilities) sit in branches of
+`lax.switch`/`lax.cond` that skip them when no sequence of the batch uses them.
 
 The order of the stages is vLLM's: grammar mask, logit bias (and the ban on
 stop tokens before `min_tokens`), repetition/presence/frequency penalties,
@@ -15,23 +15,29 @@ Draws are Gumbel-max: the token is the argmax of the filtered logits plus
 Gumbel noise. The noise of a token is a hash of (seed, position, token id), so
 the same request gives the same tokens whatever else shares its batch, on any
 backend. A counter hash rather than `jax.random`: it is the same integer
-arithmetic everywhere, fuses into the argmax, and costs a few integer
-operations per logit instead of threefry's twenty rounds.
+arithmetic everywhere, computed inline from the token's index inside the argmax
+(never stored), and costs a few integer operations per logit instead of
+threefry's twenty rounds.
 
-Filtering needs per-row thresholds (the k-th largest logit, the smallest logit
-of the top-p nucleus). A full sort of [256, 128k] costs 2.2 ms on an H200, so
-rows are first resolved from a shortlist: the row is cut into chunks of 16
-tokens, the 256 chunks with the largest maxima are gathered and their 4096
-tokens sorted. Every token outside them is at most `bound` (the 257th largest
-chunk maximum), so shortlist entries above `bound` are the exact head of the
-sorted row (at least 256 tokens). When some row's threshold lies below that head
-(a flat distribution under a wide top-p, or a large top_k), the batch falls back
-to the full sort; both paths give the same thresholds. (A first version took
-the top 16 of each 2048-token chunk with `lax.top_k`; on the H200 that cost
-1.9 ms, nearly a full sort: see docs/benchmarks/sampler.md.)
+What a read of the [256, 128k] float32 logits costs (0.05 ms on an H200) sets
+the budget, and so does each `lax.cond`: on a GPU it copies its predicate to
+the host and waits for the device, and a [B, V] output would be a copy. So:
 
-A batch that uses none of the optional stages (greedy and temperature only,
-the common case) takes one fused pass over the logits.
+- One `lax.switch` picks the batch's path, so choosing costs one cond.
+- A batch of greedy and temperature rows only (the common case) takes one
+  read: the argmax of x / T + noise (x for greedy rows; no noise at all when
+  every row is greedy), the noise hashed inline. No [B, V] array is written.
+- Any optional stage sends the batch down a staged path. Every cond in it
+  takes the logits as given and returns [B] or [B, A] arrays. Temperature, the
+  grammar mask and the thresholds' comparison stay expressions of the logits,
+  recomputed in each read; only logit bias (a scatter) and penalties (a read of
+  the slots' counts) write one new [B, V] array.
+- Thresholds for min-p, top-k and top-p come from a shortlist of the row's
+  largest values, or, for rows it cannot settle, from an exact search over the
+  float order that reads the logits 8 times; neither sorts the row
+  (thresholds.py).
+- Log-probabilities take one more read: per-chunk max and sum of exp give the
+  log-softmax normalizer and the top-20 shortlist at once.
 
 Per-request state that outlives a step (penalty counts, logit-bias tables)
 lives on the device in `SlotState`, one row per slot; the runner assigns slots
@@ -45,9 +51,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-MAX_LOGPROBS = 20
-SHORTLIST_CHUNK = 16  # tokens per chunk: the chunk maxima take one read of the logits
-SHORTLIST_CHUNKS = 256  # best chunks gathered into the shortlist: its exact head has >= 256 tokens
+# The thresholds and top-logprob helpers are part of the sampler's interface (the runner's prompt
+# logprobs use top_logprobs); they live in thresholds.py.
+from jserve.engine.thresholds import (  # noqa: F401
+    MAX_LOGPROBS, SHORTLIST_CHUNK, SHORTLIST_CHUNKS, cut_thresholds, filter_logits, log_softmax_terms,
+    search_thresholds, shortlist, thresholds, top_logprobs)
 
 _NEG_INF = float("-inf")
 
@@ -113,8 +121,9 @@ class SlotState:
 @_dataclass
 @dataclasses.dataclass
 class SamplerOutput:
-  """tokens_B: sampled ids. logprob_B: their raw log-probability. top_ids_BA / top_logprobs_BA:
-  the MAX_LOGPROBS most likely tokens of the raw distribution (zeros where not asked for)."""
+  """tokens_B: sampled ids. logprob_B: their raw log-probability. top_ids_BA / top_logprobs_BA: the
+  MAX_LOGPROBS most likely tokens of the raw distribution. The last three are zeros in rows that did
+  not ask for logprobs."""
 
   tokens_B: jax.Array
   logprob_B: jax.Array
@@ -196,149 +205,122 @@ def gumbel_noise(seed_B, position_B, vocab: int):
   return -jnp.log(-jnp.log(u_BV))
 
 
-# --- thresholds for min-p, top-k and top-p -------------------------------------------------------
-def shortlist(x_BV, chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS):
-  """The row's largest values, sorted descending, with their ids, and a bound no other value exceeds.
+# --- the draw ------------------------------------------------------------------------------------
+def _draw(x_BV, t_B, s: SamplingInputs, greedy_B, noise: bool = True):
+  """Argmax for greedy rows, Gumbel-max for the others, of the scaled logits x_BV at or above t_B (None: all).
 
-  Entries above the bound are exactly the head of the sorted row. A bound of -inf means every
-  value left out is -inf.
+  One read of x_BV: the noise is computed inline from the token index, never stored.
   """
-  batch, vocab = x_BV.shape
-  total_chunks = -(-vocab // chunk)
-  x_BUY = jnp.pad(x_BV, ((0, 0), (0, total_chunks * chunk - vocab)), constant_values=_NEG_INF).reshape(
-      batch, total_chunks, chunk)
-  offsets_Y = jnp.arange(chunk, dtype=jnp.int32)
-  if num_chunks >= total_chunks:
-    cand_BUY, ids_BUY = x_BUY, jnp.arange(total_chunks, dtype=jnp.int32)[:, None] * chunk + offsets_Y
-    ids_BUY = jnp.broadcast_to(ids_BUY, x_BUY.shape)
-    bound_B = jnp.full((batch,), _NEG_INF)
+  key_BV = x_BV
+  if noise:
+    key_BV = jnp.where(greedy_B[:, None], x_BV, x_BV + gumbel_noise(s.seed_B, s.position_B, x_BV.shape[1]))
+  if t_B is not None:
+    key_BV = jnp.where(x_BV >= t_B[:, None], key_BV, _NEG_INF)
+  return jnp.argmax(key_BV, axis=-1).astype(jnp.int32)
+
+
+def _inv_temperature(s: SamplingInputs, greedy_B):
+  """1 / temperature (1 for greedy rows). The logits are multiplied by it rather than divided by T:
+  each read of the scaled logits (thresholds, draw) must give the same float, and one multiply by a
+  shared factor leaves no room for the compiler to round differently in different fusions. (XLA on
+  the CPU compiled the earlier x / T into this multiply already: the tokens are the same.)"""
+  return 1.0 / jnp.where(greedy_B, 1.0, s.temperature_B)
+
+
+def _finish(base_BV, s: SamplingInputs, mask_BW, greedy_B, filtered_B, apply_mask, chunk, num_chunks):
+  """Temperature, min-p / top-k / top-p (unless filtered_B is None) and the draw, on the processed
+  logits base_BV (masked here if apply_mask).
+
+  The scaled (and masked) logits stay an expression of base_BV, recomputed in each read; the
+  thresholds are [B] numbers, not a filtered copy of the logits.
+  """
+  inv_temperature_B = _inv_temperature(s, greedy_B)
+
+  def scale(b_BV):
+    if apply_mask:
+      b_BV = apply_bitmask(b_BV, mask_BW, s.use_mask_B)
+    return b_BV * inv_temperature_B[:, None]
+
+  t_B = None
+  if filtered_B is not None:
+    off_B = ~filtered_B
+    t_B = cut_thresholds(base_BV, jnp.where(off_B, 0, s.top_k_B), jnp.where(off_B, 1.0, s.top_p_B),
+                         jnp.where(off_B, 0.0, s.min_p_B), scale=scale, chunk=chunk, num_chunks=num_chunks)
+  return _draw(scale(base_BV), t_B, s, greedy_B)
+
+
+def _staged(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, greedy_B, filtered_B, penalized_B, *,
+            rewrite: bool, cut: bool, chunk, num_chunks):
+  """A batch that uses an optional stage: (tokens, chosen logprob, top ids, top logprobs).
+
+  rewrite: some row has a logit bias or penalties. cut: some row has min-p, top-k or top-p.
+  """
+  raw_BV = logits_BV.astype(jnp.float32)
+  if rewrite:
+    # Bias (a scatter) and penalties (a read of the slots' counts) are applied once, into one new
+    # array. Rows without penalties read the all-zero null slot, which stays in cache. The bias
+    # goes in before the mask: a masked logit stays -inf either way (biases are finite or -inf),
+    # and the mask then fuses with the penalties instead of needing a copy of its own.
+    null_slot = state.counts_RV.shape[0] - 1
+    x_BV = apply_bitmask(apply_bias(raw_BV, s, state), mask_BW, s.use_mask_B)
+    x_BV = apply_penalties(x_BV, dataclasses.replace(s, slot_B=jnp.where(penalized_B, s.slot_B, null_slot)), state)
+    base_BV, apply_mask = jax.lax.optimization_barrier(x_BV), False
   else:
-    best_BU, chunk_ids_BU = jax.lax.top_k(jnp.max(x_BUY, axis=2), num_chunks + 1)
-    bound_B = best_BU[:, -1]
-    chunk_ids_BU = chunk_ids_BU[:, :-1]
-    cand_BUY = jnp.take_along_axis(x_BUY, chunk_ids_BU[:, :, None], axis=1)
-    ids_BUY = chunk_ids_BU[:, :, None] * chunk + offsets_Y
-  neg_BM, ids_BM = jax.lax.sort((-cand_BUY.reshape(batch, -1), ids_BUY.reshape(batch, -1)), num_keys=1)
-  return -neg_BM, ids_BM, bound_B
+    base_BV, apply_mask = raw_BV, True
+  tokens_B = _finish(base_BV, s, mask_BW, greedy_B, filtered_B if cut else None, apply_mask, chunk, num_chunks)
+  return tokens_B, *_logprobs(logits_BV, tokens_B, s, chunk)
 
 
-def thresholds(x_BV, v_BM, bound_B, top_k_B, top_p_B, min_p_B):
-  """Per-row smallest kept value after min-p, then top-k, then top-p; and whether `v_BM` settled it.
+def _logprobs(logits_BV, tokens_B, s: SamplingInputs, chunk):
+  """(chosen token's log-probability [B], top ids [B, A], top log-probabilities [B, A]) of the raw
+  logits where some row asked for them, zeros otherwise. One read of the logits, under a cond whose
+  operand is the logits as given (a converted copy would be one more [B, V] array written)."""
+  batch, vocab = logits_BV.shape
+  num = min(MAX_LOGPROBS, vocab)
 
-  x_BV: the (temperature-scaled) logits. v_BM: the head of each row sorted descending, exact where
-  above bound_B (all of it where bound_B is -inf). Ties at a threshold are all kept.
-  """
-  num = v_BM.shape[1]
-  exact_BM = (v_BM > bound_B[:, None]) | (bound_B == _NEG_INF)[:, None]
-  num_exact_B = jnp.sum(exact_BM, axis=1)
-  max_B = v_BM[:, 0]
-  t_min_p_B = jnp.where(min_p_B > 0, max_B + jnp.log(jnp.maximum(min_p_B, 1e-30)), _NEG_INF)
-  k_known_B = (top_k_B > 0) & (top_k_B <= num_exact_B)
-  kth_B = jnp.take_along_axis(v_BM, jnp.clip(top_k_B - 1, 0, num - 1)[:, None], axis=1)[:, 0]
-  t1_B = jnp.maximum(t_min_p_B, jnp.where(k_known_B, kth_B, _NEG_INF))
-  # min-p alone keeps fewer than top_k tokens when its survivors are all inside the exact head.
-  k_ok_B = (top_k_B <= 0) | k_known_B | (t_min_p_B > bound_B)
+  def terms(logits_BV):
+    raw_BV = logits_BV.astype(jnp.float32)
+    max_B, log_sum_B, ids_BA, top_BA = log_softmax_terms(raw_BV, chunk)
+    chosen_B = jnp.take_along_axis(raw_BV, tokens_B[:, None], axis=1)[:, 0]
+    # log_softmax's arithmetic: (x - max) - log(sum(exp(x - max))).
+    return (chosen_B - max_B) - log_sum_B, ids_BA, (top_BA - max_B[:, None]) - log_sum_B[:, None]
 
-  # top-p on what min-p and top-k left, renormalized: keep while the mass ranked before is < p.
-  mass_B = jnp.sum(jnp.where(x_BV >= t1_B[:, None], jnp.exp(x_BV - max_B[:, None]), 0.0), axis=1)
-  in_s1_BM = (v_BM >= t1_B[:, None]) & exact_BM
-  p_BM = jnp.where(in_s1_BM, jnp.exp(v_BM - max_B[:, None]), 0.0)
-  before_BM = jnp.cumsum(p_BM, axis=1) - p_BM
-  kept_BM = in_s1_BM & (before_BM < (top_p_B * mass_B)[:, None])
-  kept_BM = kept_BM.at[:, 0].set(True)
-  num_kept_B = jnp.sum(kept_BM, axis=1)
-  t_p_B = jnp.take_along_axis(v_BM, (num_kept_B - 1)[:, None], axis=1)[:, 0]
-  p_ok_B = (top_p_B >= 1) | (num_kept_B < jnp.sum(in_s1_BM, axis=1)) | (t1_B > bound_B)
-  t_B = jnp.where(top_p_B < 1, t_p_B, t1_B)
-  return t_B, k_ok_B & p_ok_B
-
-
-def filter_logits(x_BV, top_k_B, top_p_B, min_p_B, chunk: int = SHORTLIST_CHUNK,
-                  num_chunks: int = SHORTLIST_CHUNKS):
-  """x_BV with -inf below each row's min-p / top-k / top-p threshold."""
-  v_BM, _, bound_B = shortlist(x_BV, chunk, num_chunks)
-  t_B, ok_B = thresholds(x_BV, v_BM, bound_B, top_k_B, top_p_B, min_p_B)
-
-  def full_sort(x_BV):
-    v_BV = -jnp.sort(-x_BV, axis=-1)
-    return thresholds(x_BV, v_BV, jnp.full(x_BV.shape[:1], _NEG_INF), top_k_B, top_p_B, min_p_B)[0]
-
-  t_B = jax.lax.cond(jnp.all(ok_B), lambda x: t_B, full_sort, x_BV)
-  return jnp.where(x_BV >= t_B[:, None], x_BV, _NEG_INF)
-
-
-def top_logprobs(logprobs_BV, chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS):
-  """The MAX_LOGPROBS largest entries of each row: (ids [B, A], values [B, A])."""
-  num = min(MAX_LOGPROBS, logprobs_BV.shape[1])
-  vals_BM, ids_BM, bound_B = shortlist(logprobs_BV, chunk, num_chunks)
-  if vals_BM.shape[1] < num:
-    vals_BA, ids_BA = jax.lax.top_k(logprobs_BV, num)
-    return ids_BA, vals_BA
-  exact_B = (vals_BM[:, num - 1] > bound_B) | (bound_B == _NEG_INF)
-
-  def exact_top_k(x_BV):
-    vals_BA, ids_BA = jax.lax.top_k(x_BV, num)
-    return ids_BA, vals_BA
-
-  return jax.lax.cond(jnp.all(exact_B), lambda x: (ids_BM[:, :num], vals_BM[:, :num]), exact_top_k, logprobs_BV)
-
-
-# --- the sampler ---------------------------------------------------------------------------------
-def _maybe(pred, fn, x):
-  return jax.lax.cond(pred, fn, lambda x: x, x)
-
-
-def _draw(scaled_BV, s: SamplingInputs, greedy_B):
-  """Argmax for greedy rows, Gumbel-max for the others, of logits already divided by the temperature."""
-  def noisy(x_BV):
-    noise_BV = gumbel_noise(s.seed_B, s.position_B, x_BV.shape[1])
-    return jnp.argmax(jnp.where(greedy_B[:, None], x_BV, x_BV + noise_BV), axis=-1)
-
-  tokens_B = jax.lax.cond(jnp.all(greedy_B), lambda x: jnp.argmax(x, axis=-1), noisy, scaled_BV)
-  return tokens_B.astype(jnp.int32)
-
-
-def _scale(x_BV, s: SamplingInputs, greedy_B):
-  return x_BV / jnp.where(greedy_B, 1.0, s.temperature_B)[:, None]
-
-
-def _process(raw_BV, s: SamplingInputs, state: SlotState, mask_BW, greedy_B, filtered_B, chunk, num_chunks):
-  """The optional stages, then the draw."""
-  x_BV = _maybe(jnp.any(s.use_mask_B), lambda x: apply_bitmask(x, mask_BW, s.use_mask_B), raw_BV)
-  x_BV = _maybe(jnp.any(s.use_bias_B), lambda x: apply_bias(x, s, state), x_BV)
-  penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
-  x_BV = _maybe(jnp.any(penalized_B), lambda x: apply_penalties(x, s, state), x_BV)
-  off_B = ~filtered_B
-  x_BV = _maybe(jnp.any(filtered_B), lambda x: filter_logits(
-      x, jnp.where(off_B, 0, s.top_k_B), jnp.where(off_B, 1.0, s.top_p_B), jnp.where(off_B, 0.0, s.min_p_B),
-      chunk, num_chunks), _scale(x_BV, s, greedy_B))
-  return _draw(x_BV, s, greedy_B)
+  zeros = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, num), jnp.int32), jnp.zeros((batch, num), jnp.float32))
+  return jax.lax.cond(jnp.any(s.logprobs_B), terms, lambda x: zeros, logits_BV)
 
 
 def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, chunk: int = SHORTLIST_CHUNK,
            num_chunks: int = SHORTLIST_CHUNKS) -> SamplerOutput:
   """Samples one token per sequence. mask_BW: grammar bitmask words, read where use_mask_B."""
-  raw_BV = logits_BV.astype(jnp.float32)
-  batch, vocab = raw_BV.shape
+  batch, vocab = logits_BV.shape
   greedy_B = s.temperature_B <= 0
   filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
   penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
-  optional = jnp.any(s.use_mask_B | s.use_bias_B | penalized_B | filtered_B)
-  # Without optional stages the draw reads the raw logits once; each stage's cond would copy them.
-  tokens_B = jax.lax.cond(
-      optional, lambda x: _process(x, s, state, mask_BW, greedy_B, filtered_B, chunk, num_chunks),
-      lambda x: _draw(_scale(x, s, greedy_B), s, greedy_B), raw_BV)
-
-  def logprobs(raw_BV):
-    logprobs_BV = jax.nn.log_softmax(raw_BV, axis=-1)
-    chosen_B = jnp.take_along_axis(logprobs_BV, tokens_B[:, None], axis=-1)[:, 0]
-    ids_BA, vals_BA = top_logprobs(logprobs_BV, chunk, num_chunks)
-    return chosen_B, ids_BA, vals_BA
-
   num = min(MAX_LOGPROBS, vocab)
-  zeros = (jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, num), jnp.int32), jnp.zeros((batch, num), jnp.float32))
-  chosen_B, ids_BA, vals_BA = jax.lax.cond(jnp.any(s.logprobs_B), logprobs, lambda x: zeros, raw_BV)
-  return SamplerOutput(tokens_B=tokens_B, logprob_B=chosen_B, top_ids_BA=ids_BA, top_logprobs_BA=vals_BA)
+
+  def plain(logits_BV, noise):
+    # Greedy and temperature only (no noise at all when every row is greedy): one read.
+    raw_BV = logits_BV.astype(jnp.float32)
+    tokens_B = _draw(raw_BV * _inv_temperature(s, greedy_B)[:, None], None, s, greedy_B, noise)
+    return tokens_B, jnp.zeros((batch,), jnp.float32), jnp.zeros((batch, num), jnp.int32), jnp.zeros(
+        (batch, num), jnp.float32)
+
+  # One switch picks the path, so a batch pays one cond for the choice (on a GPU each executed cond
+  # copies its predicate to the host and waits for the device). Every branch takes the logits as
+  # given and returns [B] or [B, A] arrays: a [B, V] output would be a copy.
+  staged = jnp.any(s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B)
+  rewrite, cut = jnp.any(s.use_bias_B | penalized_B), jnp.any(filtered_B)
+  path = jnp.where(staged, 2 + 2 * rewrite.astype(jnp.int32) + cut.astype(jnp.int32),
+                   jnp.any(~greedy_B).astype(jnp.int32))
+  paths = [functools.partial(plain, noise=False), functools.partial(plain, noise=True)]
+  paths += [functools.partial(_staged, s=s, state=state, mask_BW=mask_BW, greedy_B=greedy_B, filtered_B=filtered_B,
+                              penalized_B=penalized_B, rewrite=rewrite_, cut=cut_, chunk=chunk, num_chunks=num_chunks)
+            for rewrite_ in (False, True) for cut_ in (False, True)]
+  tokens_B, logprob_B, ids_BA, top_BA = jax.lax.switch(path, paths, logits_BV)
+  asked_B = s.logprobs_B
+  return SamplerOutput(tokens_B=tokens_B, logprob_B=jnp.where(asked_B, logprob_B, 0.0),
+                       top_ids_BA=jnp.where(asked_B[:, None], ids_BA, 0),
+                       top_logprobs_BA=jnp.where(asked_B[:, None], top_BA, 0.0))
 
 
 @functools.partial(jax.jit, static_argnames=("chunk", "num_chunks"))

@@ -1,6 +1,7 @@
 """The device sampler against plain numpy definitions: filtered distributions, penalties, bias, bitmask, seeds."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -208,3 +209,122 @@ def test_noise_depends_on_seed_and_position_only():
   assert not np.allclose(noise[0], noise[1]) and not np.allclose(noise[0], noise[2])
   # Standard Gumbel: mean is the Euler-Mascheroni constant, variance pi^2 / 6.
   assert abs(noise.mean() - 0.5772) < 0.06 and abs(noise.var() - np.pi**2 / 6) < 0.15
+
+
+def test_search_finds_the_sort_thresholds():
+  # Top-k and min-p thresholds are logit values picked by counting: equal to the sort's. Top-p sums
+  # float32 probabilities in another order than the sort's cumsum: where the two differ, the float64
+  # top-p test must be undecided at float32 precision (within 1e-4 of the kept mass, V * eps).
+  rng = np.random.default_rng(6)
+  batch, vocab = 48, 2000
+  for trial, scale in enumerate((0.05, 1.0, 4.0, 20.0)):
+    x = rng.normal(size=(batch, vocab)).astype(np.float32) * scale
+    if trial == 1:
+      x = np.array(jnp.asarray(x).astype(jnp.bfloat16).astype(jnp.float32))  # many ties
+    if trial == 2:
+      x[rng.random((batch, vocab)) < 0.5] = -np.inf  # a grammar mask
+    top_k = rng.choice([0, 1, 7, 300, vocab, vocab + 5], batch).astype(np.int32)
+    top_p = rng.choice([1.0, 0.2, 0.9, 0.999], batch).astype(np.float32)
+    min_p = rng.choice([0.0, 0.05, 0.5], batch).astype(np.float32)
+    search, full = (np.asarray(t) for t in _search_and_sort(jnp.asarray(x), top_k, top_p, min_p))
+    np.testing.assert_array_equal(search[top_p >= 1], full[top_p >= 1])
+    for i in np.nonzero(search != full)[0]:
+      e = np.exp(x[i].astype(np.float64) - x[i].max())
+      t1 = max(np.log(min_p[i]) + x[i].max() if min_p[i] > 0 else -np.inf,
+               np.sort(x[i])[::-1][top_k[i] - 1] if 0 < top_k[i] <= vocab else -np.inf)
+      kept_mass = e[x[i] >= t1].sum()
+      target = top_p[i] * kept_mass
+      for t in (search[i], full[i]):
+        margin = min(target - e[x[i] > t].sum(), e[x[i] >= t].sum() - target)
+        assert margin > -1e-4 * kept_mass, (trial, i, top_k[i], top_p[i], min_p[i], search[i], full[i])
+
+
+@jax.jit
+def _search_and_sort(x, top_k, top_p, min_p):
+  full, _ = sampler.thresholds(x, -jnp.sort(-x, axis=-1), jnp.full(x.shape[:1], -jnp.inf), top_k, top_p, min_p)
+  return sampler.search_thresholds(x, top_k, top_p, min_p), full
+
+
+def _kernels_reading(hlo, computation, shape):
+  """Kernels of one computation of compiled HLO text that read a whole array of `shape` (not just gather from it)."""
+  bodies, name = {}, None
+  for line in hlo.splitlines():
+    if line and not line.startswith(" ") and line.rstrip().endswith("{"):
+      name = line.replace("ENTRY ", "").split()[0].lstrip("%")
+      bodies[name] = []
+      if line.startswith("ENTRY"):
+        bodies["ENTRY"] = bodies[name]
+    elif name and line.startswith("  "):
+      bodies[name].append(line.strip())
+  found = []
+  for ins in bodies[computation]:
+    called = re.search(r"calls=%([\w.\-]+)", ins)
+    if not called:
+      continue
+    body = bodies[called.group(1)]
+    for p in (b.split(" = ")[0] for b in body if f"{shape}{{" in b.split(" parameter(")[0] and " parameter(" in b):
+      users = [b for b in body if re.search(re.escape(p) + r"[,)]", b.split(" = ", 1)[1])]
+      if any(" gather(" not in u for u in users):
+        found.append(ins.split(" = ")[0])
+  return bodies, found
+
+
+# One compiled sampler at [16, 3000] for the tests below: its HLO and its results.
+SMALL_BATCH, SMALL_VOCAB = 16, 3000
+
+
+@pytest.fixture(scope="module")
+def small_sampler():
+  batch, vocab = SMALL_BATCH, SMALL_VOCAB
+  return sampler.sample_jit.lower(jnp.zeros((batch, vocab)), inputs(batch), empty_state(batch, vocab),
+                                  no_mask(batch, vocab)).compile()
+
+
+def test_plain_batch_reads_the_logits_once_under_one_cond(small_sampler):
+  # Greedy and temperature rows only: one conditional (the switch between paths), and in its first two
+  # branches (all greedy; some temperature) a single kernel reading the logits and no [B, V] written
+  # (the noise is computed inline).
+  shape = f"f32[{SMALL_BATCH},{SMALL_VOCAB}]"
+  hlo = small_sampler.as_text()
+  bodies, entry_reads = _kernels_reading(hlo, "ENTRY", shape)
+  conds = [i for i in bodies["ENTRY"] if " conditional(" in i]
+  assert len(conds) == 1 and not entry_reads, (conds, entry_reads)
+  for plain in re.search(r"branch_computations=\{([^}]*)\}", conds[0]).group(1).replace("%", "").split(", ")[:2]:
+    _, plain_reads = _kernels_reading(hlo, plain, shape)
+    assert len(plain_reads) == 1, plain_reads
+    assert not any(" conditional(" in i or " while(" in i for i in bodies[plain])
+    kernels = [i for i in bodies[plain] if re.search(r" (fusion|copy|custom-call)\(", i)]
+    assert not any(shape in i.split(" = ")[1].split("(")[0] for i in kernels), "wrote [B, V]"
+
+
+def test_stages_that_change_nothing_leave_every_token_unchanged(small_sampler):
+  # The plain path, the staged path with an all-allowing grammar mask (logits kept as an expression),
+  # and with a zero logit bias (logits rewritten into a new array) draw the same tokens.
+  rng = np.random.default_rng(7)
+  batch, vocab = SMALL_BATCH, SMALL_VOCAB
+  x = jnp.asarray(rng.normal(size=(batch, vocab)).astype(np.float32) * 3)
+  temperature = rng.choice([0.0, 0.6, 1.0, 1.7], batch)
+  state = empty_state(batch, vocab)
+  all_allowed = jnp.full((batch, (vocab + 31) // 32), -1, jnp.int32)
+  plain = small_sampler(x, inputs(batch, temperature_B=temperature), state, all_allowed)
+  for stage in (dict(use_mask_B=True), dict(use_bias_B=True)):
+    staged = small_sampler(x, inputs(batch, temperature_B=temperature, **stage), state, all_allowed)
+    np.testing.assert_array_equal(np.asarray(staged.tokens_B), np.asarray(plain.tokens_B))
+
+
+def test_logprobs_are_the_raw_log_softmax(small_sampler):
+  rng = np.random.default_rng(8)
+  batch, vocab = SMALL_BATCH, SMALL_VOCAB
+  x = rng.normal(size=(batch, vocab)).astype(np.float32) * 4
+  asked = np.arange(batch) % 2 == 0
+  out = small_sampler(jnp.asarray(x), inputs(batch, top_k_B=5, logprobs_B=asked), empty_state(batch, vocab),
+                      no_mask(batch, vocab))
+  want = np.asarray(jax.nn.log_softmax(jnp.asarray(x), axis=-1))
+  tokens = np.asarray(out.tokens_B)
+  np.testing.assert_allclose(np.asarray(out.logprob_B)[asked], want[np.arange(batch), tokens][asked], rtol=1e-5,
+                             atol=1e-5)
+  order = np.argsort(-x, axis=1)[:, :sampler.MAX_LOGPROBS]
+  np.testing.assert_array_equal(np.asarray(out.top_ids_BA)[asked], order[asked])
+  np.testing.assert_allclose(np.asarray(out.top_logprobs_BA)[asked], np.take_along_axis(want, order, 1)[asked],
+                             rtol=1e-5, atol=1e-5)
+  assert not np.asarray(out.top_logprobs_BA)[~asked].any() and not np.asarray(out.logprob_B)[~asked].any()
