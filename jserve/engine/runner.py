@@ -95,10 +95,41 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
   return tuple(a.reshape(num_tokens, *a.shape[2:]) for a in out)
 
 
-def _step(params, kv_caches, slots: SlotState, mask_SW, last_S, inputs: StepInputs, sampling: SamplingInputs,
-          tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None):
-  """One engine step. `last_S`: the previous step's sampled tokens, padded to max_num_seqs; rows of
-  this step whose token the host did not know yet (`tokens.prev_row_T`) read theirs from it."""
+def pack_host_inputs(tree):
+  """A step's host arrays as one int32 buffer (one host-to-device copy instead of one per array; on a
+  GPU each copy costs tens of microseconds of host time) and its static layout for `unpack_inputs`.
+  float32 and uint32 arrays travel as their bits, bools as 0/1."""
+  leaves, treedef = jax.tree_util.tree_flatten(tree)
+  parts, layout = [], []
+  for x in leaves:
+    x = np.ascontiguousarray(x)
+    parts.append((x.astype(np.int32) if x.dtype == np.bool_ else x.view(np.int32)).ravel())
+    layout.append((x.shape, x.dtype.name))
+  return np.concatenate(parts), (treedef, tuple(layout))
+
+
+def unpack_inputs(buf_N, layout):
+  treedef, metas = layout
+  leaves, offset = [], 0
+  for shape, dtype in metas:
+    size = math.prod(shape)
+    bits = buf_N[offset:offset + size].reshape(shape)
+    offset += size
+    if dtype == "bool":
+      leaves.append(bits != 0)
+    elif dtype == "int32":
+      leaves.append(bits)
+    else:
+      leaves.append(jax.lax.bitcast_convert_type(bits, jnp.dtype(dtype)))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _step(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *, layout, cfg: ModelConfig, attn_impl: str,
+          mesh: jax.sharding.Mesh | None = None):
+  """One engine step. `buf_N`: the step's inputs packed by `pack_host_inputs`. `last_S`: the previous
+  step's sampled tokens, padded to max_num_seqs; rows of this step whose token the host did not know
+  yet (`tokens.prev_row_T`) read theirs from it."""
+  inputs, sampling, tokens = unpack_inputs(buf_N, layout)
   token_ids_T = jnp.where(tokens.prev_row_T >= 0, last_S[jnp.maximum(tokens.prev_row_T, 0)], inputs.token_ids_T)
   inputs = dataclasses.replace(inputs, token_ids_T=token_ids_T)
   x_TD = params["embed"][token_ids_T]
@@ -120,13 +151,9 @@ def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: Step
   # with a host callback in its persistent compilation cache: every start would compile again.
   mask_BW = mask_SW[:logits_BV.shape[0]]
   out = sample(logits_BV, sampling, slots, mask_BW)
-  num_tokens = x_TD.shape[0]
-  num_alt = out.top_ids_BA.shape[1]
-  no_prompt = (jnp.zeros((num_tokens,), jnp.float32), jnp.zeros((num_tokens, num_alt), jnp.int32),
-               jnp.zeros((num_tokens, num_alt), jnp.float32))
-  prompt = jax.lax.cond(jnp.any(tokens.prompt_target_T >= 0),
-                        lambda x: _prompt_logprobs(params, x, tokens.prompt_target_T, cfg), lambda x: no_prompt, x_TD)
-  return out, prompt, kv_caches, slots
+  # The last hidden states: the host computes prompt logprobs from them in a separate call when a
+  # request asks (a `lax.cond` here would cost every step: on a GPU a conditional waits for the device).
+  return out, x_TD, kv_caches, slots
 
 
 @dataclasses.dataclass
@@ -210,7 +237,9 @@ class ModelRunner:
       self._step = self._pipeline
     else:
       self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
-                           donate_argnums=(1, 2), **step_shardings)
+                           donate_argnums=(1, 2), static_argnames=("layout",), **step_shardings)
+    # Prompt logprobs, compiled per token bucket on first use (most deployments never ask for them).
+    self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg))
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),
                                 **({} if mesh is None else {"out_shardings": self._home}))
 
@@ -261,7 +290,7 @@ class ModelRunner:
     """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
     start = time.monotonic()
     for i, b in enumerate(self.buckets):
-      out = self._call_step(*self._put(self._empty_inputs(b)))[0]
+      out = self._call_step(*self._empty_inputs(b))[0]
       out.tokens_B.block_until_ready()
       if progress:
         progress(i + 1, len(self.buckets), b)
@@ -437,19 +466,25 @@ class ModelRunner:
   def execute(self, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs):
     """Runs one step; returns the sampler's and the prompt-logprob device arrays without waiting for them."""
     self._flush_slot_writes()
-    inputs, sampling, tokens = self._put((inputs, sampling, tokens))
     if self._mask_future is not None:
       self._upload_mask()
-    return self._call_step(inputs, sampling, tokens)
+    out, x_TD = self._call_step(inputs, sampling, tokens)
+    prompt = None
+    if (tokens.prompt_target_T >= 0).any():
+      params = self.params[-1] if self.num_stages > 1 else self.params
+      prompt = self._prompt_logprobs(params, x_TD, jax.device_put(tokens.prompt_target_T, x_TD.sharding))
+    return out, prompt
 
   def _call_step(self, inputs, sampling, tokens):
-    if not self.can_overlap:
-      out, prompt, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
-                                                           inputs, sampling, tokens)
+    """Queues the step; returns the sampler's outputs and the last hidden states [T, D]."""
+    if not self.can_overlap:  # pipeline stages: each puts the host arrays on its own devices
+      out, x_TD, self.kv_caches, self.slots = self._step(self.params, self.kv_caches, self.slots, self._mask_SW,
+                                                         inputs, sampling, tokens)
     else:
-      out, prompt, self.kv_caches, self.slots, self._last_S = self._step(
-          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, inputs, sampling, tokens)
-    return out, prompt
+      buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
+      out, x_TD, self.kv_caches, self.slots, self._last_S = self._step(
+          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
+    return out, x_TD
 
   @staticmethod
   def fetch(out, prompt, plan: StepPlan) -> StepResult:
