@@ -100,7 +100,8 @@ def main(argv):
   model = os.path.join(tempfile.mkdtemp(), FLAGS.preset)
   cfg = make_checkpoint(FLAGS.preset, model)
   extra = json.loads(FLAGS.engine_args)
-  out_len = 3 * FLAGS.steps + 64
+  # Long enough that no sequence finishes while the last prompts are still prefilled (decode goes first).
+  out_len = 3 * FLAGS.steps + 64 + -(-FLAGS.batch * FLAGS.input_len // FLAGS.max_num_batched_tokens)
   engine = LLMEngine(EngineConfig(model=model, max_model_len=FLAGS.input_len + out_len + 16,
                                   max_num_seqs=FLAGS.batch, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                                   **extra))
@@ -117,6 +118,8 @@ def main(argv):
   for _ in range(FLAGS.steps):
     engine.step()
   untraced_ms = (time.perf_counter() - t) / FLAGS.steps * 1e3
+  running = engine.scheduler.running
+  traced_batch, traced_context = len(running), float(np.mean([r.num_computed_tokens for r in running]))
   trace_dir = tempfile.mkdtemp()
   with jax.profiler.trace(trace_dir):
     t = time.perf_counter()
@@ -135,7 +138,7 @@ def main(argv):
   steps = FLAGS.steps
   result = {
       "date": datetime.date.today().isoformat(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-      "preset": FLAGS.preset, "batch": FLAGS.batch, "context": FLAGS.input_len, "plane": plane,
+      "preset": FLAGS.preset, "batch": traced_batch, "context": traced_context, "plane": plane,
       "wall_ms_per_step": wall_ns / steps / 1e6, "untraced_wall_ms_per_step": untraced_ms,
       "device_busy_ms_per_step": busy / steps / 1e6, "busy_fraction": busy / wall_ns,
       "kinds_ms_per_step": {k: v / steps / 1e6 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
@@ -144,8 +147,8 @@ def main(argv):
   }
   with open(os.path.join(FLAGS.out_dir, "profile.json"), "w") as f:
     json.dump(result, f, indent=1)
-  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, batch {FLAGS.batch}, "
-           f"context ~{FLAGS.input_len}; plane {plane}",
+  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, batch {traced_batch}, "
+           f"mean context {traced_context:.0f}; plane {plane}",
            f"wall {result['wall_ms_per_step']:.2f} ms/step (untraced {untraced_ms:.2f}); device busy "
            f"{result['device_busy_ms_per_step']:.2f} ms/step = {100 * result['busy_fraction']:.0f}% of wall", "",
            "| kind | ms / step |", "| --- | --- |"]

@@ -73,7 +73,34 @@ _DEFAULTS = {
 # (M bucket, K, N) -> config, or None where XLA's dot measured faster than
 # every candidate (impl="auto" then takes XLA). Paste `tools/bench_matmul.py`'s
 # output here.
-GPU_TABLE: dict[tuple[int, int, int], GpuConfig | None] = {}
+# Measured on one H200, JAX 0.11.2, 2026-11-28 (docs/benchmarks/kernels.md): best tile per 8B shape,
+# None where XLA was faster. No entry beats cuBLAS; the model keeps matmul_impl="xla".
+GPU_TABLE: dict[tuple[int, int, int], GpuConfig | None] = {
+    # 8B gate_up: 3.44 TB/s, XLA 3.45, cuBLAS 4.21
+    (16, 4096, 28672): None,
+    # 8B gate_up: 3.22 TB/s, XLA 3.32, cuBLAS 3.96
+    (64, 4096, 28672): None,
+    # 8B gate_up: 3.17 TB/s, XLA 3.11, cuBLAS 2.26
+    (128, 4096, 28672): GpuConfig(block_m=128, block_n=128, block_k=64, num_splits=1, num_warps=8, num_stages=3),
+    # 8B gate_up: 2.16 TB/s, XLA 2.01, cuBLAS 2.68
+    (256, 4096, 28672): GpuConfig(block_m=128, block_n=256, block_k=64, num_splits=1, num_warps=8, num_stages=3),
+    # 8B down: 3.11 TB/s, XLA 3.09, cuBLAS 3.78
+    (16, 14336, 4096): GpuConfig(block_m=16, block_n=64, block_k=128, num_splits=4, num_warps=4, num_stages=6),
+    # 8B down: 2.97 TB/s, XLA 2.79, cuBLAS 3.39
+    (64, 14336, 4096): GpuConfig(block_m=64, block_n=64, block_k=128, num_splits=2, num_warps=4, num_stages=4),
+    # 8B down: 2.70 TB/s, XLA 2.69, cuBLAS 3.21
+    (128, 14336, 4096): GpuConfig(block_m=64, block_n=128, block_k=64, num_splits=4, num_warps=4, num_stages=4),
+    # 8B down: 1.94 TB/s, XLA 2.25, cuBLAS 2.45
+    (256, 14336, 4096): None,
+    # 8B qkv: 2.24 TB/s, XLA 2.73, cuBLAS 3.24
+    (16, 4096, 6144): None,
+    # 8B qkv: 2.03 TB/s, XLA 2.28, cuBLAS 3.13
+    (64, 4096, 6144): None,
+    # 8B qkv: 1.51 TB/s, XLA 1.84, cuBLAS 3.03
+    (128, 4096, 6144): None,
+    # 8B qkv: 1.29 TB/s, XLA 1.17, cuBLAS 2.26
+    (256, 4096, 6144): GpuConfig(block_m=128, block_n=128, block_k=64, num_splits=1, num_warps=8, num_stages=3),
+}
 GPU_TABLE_GATE_UP: dict[tuple[int, int, int], GpuConfig | None] = {}
 
 # The candidates `tools/bench_matmul.py` tries per M bucket (each with the

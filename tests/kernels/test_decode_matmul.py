@@ -130,7 +130,8 @@ def test_kernel_names_what_it_cannot_take():
 @pytest.mark.parametrize("m,k,n", [(1, 4096, 4096), (16, 4096, 6144), (64, 14336, 4096), (1, 2048, 128256),
                                    (256, 4096, 14336), (100, 8192, 2048)])
 def test_fitted_tiles_are_legal_and_split_k_until_the_gpu_is_full(m, k, n):
-  cfg = tuning.gpu_config(m, k, n)
+  # The bucket's default (measured table entries fix their own split count; checked below).
+  cfg = tuning.fit(tuning._DEFAULTS[min(tuning.m_bucket(m), tuning.MAX_M)], m, k, n)
   z = cfg.num_splits
   assert k % (cfg.block_k * z) == 0
   assert cfg.block_m <= tuning.m_bucket(m)
@@ -178,3 +179,14 @@ def test_auto_leaves_shapes_where_xla_measured_faster_to_xla(monkeypatch):
   assert _use_kernel("gpu", x_MK, w_KN, False)
   x_MK, (w_KN,) = _operands(3, 128, 96, jnp.float32, seed=9)
   assert _use_kernel("auto", x_MK, w_KN, False)
+
+
+def test_measured_table_entries_are_legal_for_their_shapes():
+  assert tuning.GPU_TABLE, "the table holds the H200 measurements"
+  for (bucket, k, n), entry in tuning.GPU_TABLE.items():
+    if entry is None:
+      continue
+    cfg = tuning.gpu_config(bucket, k, n)
+    assert k % (cfg.block_k * cfg.num_splits) == 0
+    assert cfg.block_m <= bucket
+    assert tuning.smem_bytes(cfg) <= tuning.SMEM_BUDGET
