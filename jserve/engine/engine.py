@@ -333,6 +333,7 @@ class LLMEngine:
     result = self.runner.fetch(out, prompt, plan)
     now = time.monotonic()
     results = []
+    tokens = result.tokens.tolist()
     for i, req in enumerate(batch.requests):
       if req.is_finished:
         continue  # aborted, or finished at the previous step: this step's token for it is dropped
@@ -343,18 +344,22 @@ class LLMEngine:
                                          result.prompt_top_logprobs[rows])
       position = positions.get(i)
       if position is None:  # a prompt chunk: nothing sampled yet
-        if req.request_id in self.kv.page_tables:  # not if preempted since
-          self.kv.cache_full_pages(req)
+        self.kv.cache_full_pages(req)  # (does nothing if preempted since)
         self._release_deferred(req)
         continue
-      token = int(result.tokens[i])
+      token = tokens[i]
       # all_token_ids ends at `position` or in placeholders from there (this step's, the next one's).
-      later = req.all_token_ids[position + 1:]
-      del req.all_token_ids[position:]
-      req.all_token_ids.append(token)
-      if req.request_id in self.kv.page_tables:
-        self.kv.cache_full_pages(req)
-      self._release_deferred(req)
+      ids = req.all_token_ids
+      later = len(ids) > position + 1
+      if later:  # the next step's placeholder: out of the list while stop conditions are checked
+        ids.pop()
+      if len(ids) > position:
+        ids[position] = token
+      else:
+        ids.append(token)
+      self.kv.cache_full_pages(req)
+      if req.parent_id is not None:
+        self._release_deferred(req)
       if req.first_token_time is None:
         req.first_token_time = now
       if result.logprobs is not None:
@@ -364,8 +369,8 @@ class LLMEngine:
         out = self.outputs.append(req, token, self.max_model_len)
       if req.is_finished:
         self._drop(req)
-      else:
-        req.all_token_ids += later
+      elif later:
+        ids.append(PLACEHOLDER)
       if out is not None:
         out = self._to_parent(req, out)
       if out is not None:

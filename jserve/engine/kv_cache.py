@@ -112,6 +112,8 @@ class KVCacheManager:
     are taken first. Returns False and changes nothing if the pool is short.
     """
     table = self.page_tables.get(req.request_id)
+    if table is not None and (req.num_computed_tokens + num_new_tokens - 1) // self.page_size < len(table):
+      return True  # the common decode step: the last page has room
     if table is None:
       reusable = sum(1 for p in cached_pages if self.ref_count[p] == 0)
       need = self.pages_for(req.num_computed_tokens + num_new_tokens) - len(cached_pages)
@@ -138,9 +140,11 @@ class KVCacheManager:
 
   def cache_full_pages(self, req: Request):
     """Keys the request's pages that became full with computed tokens, so others can share them."""
-    if not self.enable_prefix_caching:
-      return
     rid = req.request_id
+    done = self._num_hashed.get(rid)
+    # Called for every request after every step: return at once unless a page may have filled.
+    if not self.enable_prefix_caching or done is None or req.num_computed_tokens // self.page_size <= done:
+      return
     table = self.page_tables[rid]
     # A page is keyed once its tokens are computed and known (not placeholders of a running step).
     num_full = min(min(req.num_computed_tokens, req.num_known_tokens) // self.page_size, len(table))
