@@ -16,6 +16,7 @@ import numpy as np
 from absl import logging
 
 from jserve.config import ModelConfig, load_model_config
+from jserve.engine import multihost
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.memory import size_kv_pool
 from jserve.engine.placement import LOAD_FORMATS, engine_mesh, load_engine_params, stage_count, tensor_size
@@ -126,6 +127,15 @@ class LLMEngine:
     if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
       raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
     logging.info("loading %s from %s", cfg.architecture, model_dir)
+    self.num_processes = jax.process_count()
+    if self.num_processes > 1:
+      # One engine over every process's devices (see jserve/engine/multihost.py).
+      if config.pipeline_parallel_size > 1:
+        raise ConfigError("pipeline_parallel_size > 1 across processes is not supported; use tensor parallelism")
+      if config.tensor_parallel_size != jax.device_count():
+        raise ConfigError(f"with {self.num_processes} processes the engine spans all {jax.device_count()} devices: "
+                          f"set tensor_parallel_size={jax.device_count()}")
+      devices = jax.devices()
     self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices, config.pipeline_parallel_size)
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
     kv_dtype = resolve_dtype(config.dtype)
@@ -150,6 +160,9 @@ class LLMEngine:
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
         kv_dtype=kv_dtype, attn_impl=config.attn_impl), mesh=self.mesh)
     self.runner.compile_all(progress)
+    self.is_leader = jax.process_index() == 0
+    if self.num_processes > 1 and self.is_leader:
+      self.runner._channel = multihost.LeaderChannel()
     self.outputs = OutputProcessor(self.tokenizer)
     self.requests: dict[str, Request] = {}
     self._groups: dict[str, _Group] = {}  # user request id -> its children, when n > 1
@@ -270,6 +283,25 @@ class LLMEngine:
     req.status = RequestStatus.FINISHED
     req.finish_reason = FinishReason.ABORT
     return self.outputs.finish(req)
+
+  # --- several processes ---------------------------------------------------------------------
+  def follow(self):
+    """A follower process's whole life: repeats the leader's device commands until it sends STOP."""
+    if self.is_leader:
+      raise ConfigError("follow() is for processes other than process 0")
+    while True:
+      command, buf_N, arg = multihost.receive()
+      if command == multihost.STOP:
+        return
+      self.runner.follow(command, buf_N, arg)
+
+  def stop_followers(self):
+    """The leader tells the followers to return from `follow()` (call it once, when serving ends)."""
+    if self.num_processes > 1 and self.is_leader and self.runner._channel is not None:
+      while self._in_flight is not None or self.has_unfinished():
+        self.step()
+      self.runner._channel.send(multihost.STOP, np.zeros(0, np.int32))
+      self.runner._channel = None
 
   def has_unfinished(self) -> bool:
     return self.scheduler.num_unfinished > 0 or self._in_flight is not None

@@ -49,7 +49,10 @@ def engine_mesh(cfg: ModelConfig, tensor_parallel_size: int, devices=None, pipel
     if tp * pp > len(devices):
       raise ConfigError(f"{what} needs {tp * pp} devices; only {len(devices)} {devices[0].platform} device(s) "
                         f"available")
-    return make_mesh(MeshShape(stage=pp, tensor=tp), devices[:tp * pp])
+    devices = devices[:tp * pp]
+    # Across processes (multi-host serving) the tensor group may span hosts: the user asked for it.
+    cross_host = len({d.process_index for d in devices}) > 1
+    return make_mesh(MeshShape(stage=pp, tensor=tp), devices, allow_cross_host_tensor=cross_host)
   except ShardingError as e:
     raise ConfigError(f"{what}: {e}") from None
 

@@ -22,9 +22,11 @@ from absl import logging
 from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
 from jserve.engine.sampler import SamplingInputs, SlotState, record_tokens, sample, top_logprobs, write_slots
+from jserve.engine import multihost
 from jserve.engine.placement import default_device
 from jserve.engine.stages import PipelineStep
 from jserve.models.llama import StepInputs, compute_logits, forward_layers, param_specs, rms_norm
+from sharding import distributed
 from sharding.mesh import STAGE
 from sharding.pipeline import split_params
 from sharding.rules import kv_cache_shardings, make_kv_caches, replicated
@@ -98,14 +100,26 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
 def pack_host_inputs(tree):
   """A step's host arrays as one int32 buffer (one host-to-device copy instead of one per array; on a
   GPU each copy costs tens of microseconds of host time) and its static layout for `unpack_inputs`.
-  float32 and uint32 arrays travel as their bits, bools as 0/1."""
+  float32 and uint32 arrays travel as their bits, bools and uint8 as int32 values."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   parts, layout = [], []
   for x in leaves:
     x = np.ascontiguousarray(x)
-    parts.append((x.astype(np.int32) if x.dtype == np.bool_ else x.view(np.int32)).ravel())
+    parts.append((x.astype(np.int32) if x.dtype in (np.bool_, np.uint8) else x.view(np.int32)).ravel())
     layout.append((x.shape, x.dtype.name))
   return np.concatenate(parts), (treedef, tuple(layout))
+
+
+def unpack_host(buf_N, layout):
+  """`unpack_inputs` on the host, in numpy."""
+  treedef, metas = layout
+  leaves, offset = [], 0
+  for shape, dtype in metas:
+    size = math.prod(shape)
+    bits = np.asarray(buf_N[offset:offset + size], np.int32).reshape(shape)
+    offset += size
+    leaves.append(bits.astype(dtype) if dtype in ("bool", "uint8") else bits.view(dtype))
+  return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
 def unpack_inputs(buf_N, layout):
@@ -117,6 +131,8 @@ def unpack_inputs(buf_N, layout):
     offset += size
     if dtype == "bool":
       leaves.append(bits != 0)
+    elif dtype == "uint8":
+      leaves.append(bits.astype(jnp.uint8))
     elif dtype == "int32":
       leaves.append(bits)
     else:
@@ -207,6 +223,7 @@ class ModelRunner:
       self.kv_caches = [jnp.zeros(shape, dtype=rc.kv_dtype, device=self._home) for _ in range(cfg.num_layers)]
       self.slots = jax.device_put(slots, self._home)
       step_shardings = {}
+      self.multiprocess = False
     else:
       self._home = replicated(mesh)
       # The pool is split by KV heads (it may hold more heads than the model when K < tp). Step inputs
@@ -221,15 +238,20 @@ class ModelRunner:
         self._pipeline = PipelineStep(cfg, mesh, functools.partial(_last_stage, cfg=cfg, attn_impl=rc.attn_impl),
                                       rc.attn_impl)
         self._home = self._pipeline.home
-      self.slots = jax.device_put(slots, self._home)
+      # A mesh over the devices of several processes (see jserve/engine/multihost.py): host arrays
+      # become global arrays through `distributed.put_global`, each process filling its own devices.
+      self.multiprocess = not self._home.is_fully_addressable
+      self.slots = self._device_put(slots, self._home)
+    self._channel = None  # the leader's LeaderChannel when the mesh spans processes (set by the engine)
+    self._last_x_TD = None  # a follower's last step's hidden states, for a prompt-logprob command
     self._slot_of: dict[str, int] = {}
     self._next_start: dict[str, int] = {}  # where a tracked request's next step starts; else it restarted
     self._free_slots = list(range(self.num_slots))
     self._pending_writes: list[tuple] = []
     self._mask_future = None
     mask_SW = np.zeros((rc.max_num_seqs, (cfg.vocab_size + 31) // 32), np.int32)
-    self._mask_SW = jax.device_put(mask_SW, self._home)
-    self._last_S = jax.device_put(np.zeros(rc.max_num_seqs, np.int32), self._home)
+    self._mask_SW = self._device_put(mask_SW, self._home)
+    self._last_S = self._device_put(np.zeros(rc.max_num_seqs, np.int32), self._home)
     # Whether a step may take tokens that the previous step sampled and the host has not seen. The
     # pipeline's stages take host inputs at the first stage and sample at the last: not yet.
     self.can_overlap = self.num_stages == 1
@@ -284,7 +306,17 @@ class ModelRunner:
     pipeline stages, the stages put them on their own devices)."""
     if self.mesh is None or self.num_stages > 1:
       return host_arrays
-    return jax.device_put(host_arrays, replicated(self.mesh))
+    return self._device_put(host_arrays, replicated(self.mesh))
+
+  def _device_put(self, host, sharding):
+    if self.multiprocess:
+      return distributed.put_global(host, jax.tree.map(lambda _: sharding, host))
+    return jax.device_put(host, sharding)
+
+  @staticmethod
+  def _to_host(x) -> np.ndarray:
+    """A replicated result on the host (with processes, from this process's own copy)."""
+    return np.asarray(x if x.is_fully_addressable else x.addressable_shards[0].data)
 
   def compile_all(self, progress=None):
     """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
@@ -360,7 +392,20 @@ class ModelRunner:
       for j, (slot, req, start) in enumerate(group):
         slots_B[j] = slot
         prompt_BV[j], counts_BV[j], ids_BJ[j], vals_BJ[j], stop_BJ[j] = self._slot_rows(req, start)
-      self.slots = self._write_slots(self.slots, slots_B, prompt_BV, counts_BV, ids_BJ, vals_BJ, stop_BJ)
+      self._run_slot_write((slots_B, prompt_BV, counts_BV, ids_BJ, vals_BJ, stop_BJ))
+
+  def _slot_write_template(self):
+    vocab, rows = self.cfg.vocab_size, SLOT_WRITE_ROWS
+    return (np.zeros(rows, np.int32), np.zeros((rows, vocab), np.uint8), np.zeros((rows, vocab), np.int32),
+            np.zeros((rows, BIAS_TABLE_SIZE), np.int32), np.zeros((rows, BIAS_TABLE_SIZE), np.float32),
+            np.zeros((rows, BIAS_TABLE_SIZE), np.bool_))
+
+  def _run_slot_write(self, args):
+    if self._channel is not None:
+      self._channel.send(multihost.SLOTS, pack_host_inputs(args)[0])
+    if self.multiprocess:
+      args = self._device_put(args, self._home)
+    self.slots = self._write_slots(self.slots, *args)
 
   # --- grammar bitmask --------------------------------------------------------------------------
   def set_mask(self, future):
@@ -373,7 +418,12 @@ class ModelRunner:
     mask_BW = np.asarray(future.result(), np.int32)
     mask_SW = np.zeros(self._mask_SW.shape, np.int32)
     mask_SW[:mask_BW.shape[0]] = mask_BW
-    self._mask_SW = jax.device_put(mask_SW, self._mask_SW.sharding)
+    self._set_mask(mask_SW)
+
+  def _set_mask(self, mask_SW):
+    if self._channel is not None:
+      self._channel.send(multihost.MASK, mask_SW)
+    self._mask_SW = self._device_put(mask_SW, self._mask_SW.sharding)
 
   # --- the step -------------------------------------------------------------------------------
   def build(self, requests: list[Request], num_new_tokens: list[int], page_tables: dict[str, list[int]],
@@ -472,7 +522,7 @@ class ModelRunner:
     prompt = None
     if (tokens.prompt_target_T >= 0).any():
       params = self.params[-1] if self.num_stages > 1 else self.params
-      prompt = self._prompt_logprobs(params, x_TD, jax.device_put(tokens.prompt_target_T, x_TD.sharding))
+      prompt = self._run_prompt_logprobs(x_TD, tokens.prompt_target_T)
     return out, prompt
 
   def _call_step(self, inputs, sampling, tokens):
@@ -482,17 +532,41 @@ class ModelRunner:
                                                          inputs, sampling, tokens)
     else:
       buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
+      if self._channel is not None:
+        self._channel.send(multihost.STEP, buf_N, arg=inputs.token_ids_T.shape[0])
       out, x_TD, self.kv_caches, self.slots, self._last_S = self._step(
           self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
     return out, x_TD
 
+  def _run_prompt_logprobs(self, x_TD, target_T):
+    if self._channel is not None:
+      self._channel.send(multihost.PROMPT, target_T)
+    params = self.params[-1] if self.num_stages > 1 else self.params
+    return self._prompt_logprobs(params, x_TD, self._device_put(target_T, x_TD.sharding))
+
+  # --- a follower process -----------------------------------------------------------------------
+  def follow(self, command: int, buf_N: np.ndarray, arg: int):
+    """Repeats on this process's devices one device command of the leader (jserve/engine/multihost.py)."""
+    if command == multihost.STEP:
+      layout = pack_host_inputs(self._empty_inputs(arg))[1]
+      _, self._last_x_TD, self.kv_caches, self.slots, self._last_S = self._step(
+          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
+    elif command == multihost.SLOTS:
+      self._run_slot_write(unpack_host(buf_N, pack_host_inputs(self._slot_write_template())[1]))
+    elif command == multihost.MASK:
+      self._set_mask(buf_N.reshape(self._mask_SW.shape))
+    elif command == multihost.PROMPT:
+      self._run_prompt_logprobs(self._last_x_TD, buf_N)
+    else:
+      raise ValueError(f"unknown command {command} from the leader")
   @staticmethod
   def fetch(out, prompt, plan: StepPlan) -> StepResult:
     """Copies to the host what the step's plan asked for (waiting for the step)."""
-    result = StepResult(tokens=np.asarray(out.tokens_B))
+    host = ModelRunner._to_host
+    result = StepResult(tokens=host(out.tokens_B))
     if plan.want_logprobs:
-      result.logprobs = np.asarray(out.logprob_B)
-      result.top_ids, result.top_logprobs = np.asarray(out.top_ids_BA), np.asarray(out.top_logprobs_BA)
+      result.logprobs = host(out.logprob_B)
+      result.top_ids, result.top_logprobs = host(out.top_ids_BA), host(out.top_logprobs_BA)
     if plan.prompt_rows:
-      result.prompt_logprobs, result.prompt_top_ids, result.prompt_top_logprobs = (np.asarray(a) for a in prompt)
+      result.prompt_logprobs, result.prompt_top_ids, result.prompt_top_logprobs = (host(a) for a in prompt)
     return result
