@@ -22,6 +22,22 @@ flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "JAX persistent compilation cache ('' disables)")
 flags.DEFINE_integer("tensor_parallel_size", 1, "devices per tensor-parallel group")
 flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages, each of --tensor_parallel_size devices")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0, to serve one model from several processes")
+flags.DEFINE_integer("num_processes", 1, "processes serving one model (one per host); process 0 serves requests")
+flags.DEFINE_integer("process_id", 0, "this process's index among --num_processes")
+
+
+def join_processes() -> bool:
+  """Joins the other processes (with --num_processes > 1) before JAX starts; True on a follower, which
+  must then run `LLMEngine.follow()` instead of serving."""
+  from sharding import distributed
+  from sharding.errors import ShardingError
+  try:
+    distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
+  except ShardingError as e:
+    from jserve.errors import ConfigError
+    raise ConfigError(str(e)) from None
+  return FLAGS.num_processes > 1 and FLAGS.process_id != 0
 
 
 def engine_config() -> EngineConfig:

@@ -4,7 +4,7 @@ import sys
 
 from absl import flags
 
-from jserve.cli.flags import engine_config
+from jserve.cli.flags import engine_config, join_processes
 from jserve.engine.llm import LLM
 from jserve.engine.request import SamplingParams
 
@@ -23,7 +23,11 @@ def main():
     raise SystemExit("jserve generate: --prompt is required")
   params = SamplingParams(max_tokens=FLAGS.max_tokens, temperature=FLAGS.temperature, top_p=FLAGS.top_p,
                           top_k=FLAGS.top_k, seed=FLAGS.sample_seed)
+  follower = join_processes()
   llm = LLM(**_engine_kwargs())
+  if follower:
+    llm.engine.follow()
+    return
   if FLAGS.chat:
     outs = llm.chat([[{"role": "user", "content": p}] for p in FLAGS.prompt], params)
   else:
@@ -32,6 +36,7 @@ def main():
     if len(FLAGS.prompt) > 1:
       print(f"--- prompt: {prompt!r}")
     sys.stdout.write(prompt + out.outputs[0].text + "\n" if not FLAGS.chat else out.outputs[0].text + "\n")
+  llm.engine.stop_followers()
 
 
 def _engine_kwargs():

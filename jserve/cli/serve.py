@@ -36,6 +36,11 @@ def server_config():
 
 
 def main():
+  from jserve.cli.flags import join_processes
+  if join_processes():  # a follower: no server, it repeats process 0's steps on its devices
+    from jserve.engine.engine import LLMEngine
+    LLMEngine(engine_config()).follow()
+    return
   from jserve.server.server import serve
   asyncio.run(serve(server_config(), engine_config()))
   if any(t.name == "jserve-engine" and t.is_alive() for t in threading.enumerate()):

@@ -286,6 +286,10 @@ class AsyncEngine:
       self._fail_all(EngineUnavailableError(f"the engine failed: {e}"))
     finally:
       self._reject_pending()
+      try:
+        self.engine.stop_followers()  # several processes: let the followers return
+      except Exception:  # noqa: BLE001 - the engine may be what failed
+        logging.exception("could not stop the follower processes")
 
   def _reject_pending(self):
     """Fails the commands still queued when the thread ends, so that no caller waits forever."""
