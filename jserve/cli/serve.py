@@ -24,6 +24,9 @@ flags.DEFINE_integer("max_waiting_requests", 1024,
                      "most requests waiting for the engine; beyond it RESOURCE_EXHAUSTED / HTTP 429 at once")
 flags.DEFINE_float("shutdown_timeout_s", 30.0,
                    "on SIGTERM/SIGINT, how long in-flight requests may run on before they are aborted")
+flags.DEFINE_integer("data_parallel_size", 1,
+                     "engine replicas on this host, each on tensor_parallel_size x pipeline_parallel_size devices; "
+                     "each request goes to the replica holding its longest cached prefix, or the least loaded")
 
 
 def server_config():
@@ -32,7 +35,7 @@ def server_config():
       host=FLAGS.host, port=FLAGS.port, http_port=FLAGS.http_port, served_model_name=FLAGS.served_model_name,
       api_keys=read_api_keys(FLAGS.api_key, FLAGS.api_key_file), tls_cert=FLAGS.tls_cert, tls_key=FLAGS.tls_key,
       max_message_bytes=FLAGS.max_message_bytes, max_waiting_requests=FLAGS.max_waiting_requests,
-      shutdown_timeout_s=FLAGS.shutdown_timeout_s)
+      shutdown_timeout_s=FLAGS.shutdown_timeout_s, data_parallel_size=FLAGS.data_parallel_size)
 
 
 def main():

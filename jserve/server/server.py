@@ -41,6 +41,7 @@ class ServerConfig:
   max_message_bytes: int = 4 << 20
   max_waiting_requests: int = 1024
   shutdown_timeout_s: float = 30.0
+  data_parallel_size: int = 1  # engine replicas on this host's devices, requests routed among them
 
   def __post_init__(self):
     for name in ("port", "http_port"):
@@ -58,6 +59,8 @@ class ServerConfig:
       raise ConfigError(f"max_message_bytes={self.max_message_bytes}: need at least 1024")
     if self.max_waiting_requests < 1:
       raise ConfigError(f"max_waiting_requests={self.max_waiting_requests}: need at least 1")
+    if self.data_parallel_size < 1:
+      raise ConfigError(f"data_parallel_size={self.data_parallel_size}: need at least 1")
     if self.shutdown_timeout_s < 0:
       raise ConfigError(f"shutdown_timeout_s={self.shutdown_timeout_s}: need >= 0")
 
@@ -70,8 +73,13 @@ async def serve(config: ServerConfig, engine_config: EngineConfig, engine_factor
   """Serves until SIGTERM/SIGINT, then drains and returns; raises what loading the model raised."""
   name = served_name(config, engine_config)
   metrics = ServerMetrics(name)
-  engine = AsyncEngine(engine_config, max_waiting_requests=config.max_waiting_requests,
-                       engine_factory=engine_factory, on_request_done=metrics.observe)
+  if config.data_parallel_size > 1:
+    from jserve.engine.replicated import ReplicatedAsyncEngine
+    engine = ReplicatedAsyncEngine(engine_config, config.data_parallel_size,
+                                   max_waiting_requests=config.max_waiting_requests, on_request_done=metrics.observe)
+  else:
+    engine = AsyncEngine(engine_config, max_waiting_requests=config.max_waiting_requests,
+                         engine_factory=engine_factory, on_request_done=metrics.observe)
   ctx = ServingContext(engine, name, api_keys=config.api_keys, max_message_bytes=config.max_message_bytes,
                        metrics=metrics)
   loop = asyncio.get_running_loop()
