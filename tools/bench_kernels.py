@@ -26,6 +26,8 @@ import traceback  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from tools.ceilings import copy_ceilings  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from pallas_kernels.ragged_paged_attention import gpu, reference, tuning  # noqa: E402
@@ -62,35 +64,6 @@ def time_fn(fn, *args, reps=10, rounds=7):
 
 
 # ---------------------------------------------------------------- ceilings
-
-def copy_ceilings(nbytes):
-  res = {}
-  try:
-    import torch
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-      dst.copy_(src)
-    times = []
-    for _ in range(10):
-      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-      start.record()
-      dst.copy_(src)
-      end.record()
-      end.synchronize()
-      times.append(start.elapsed_time(end) / 1e3)
-    res["torch_copy_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
-    del src, dst
-    torch.cuda.empty_cache()
-  except Exception as e:  # noqa: BLE001 - a missing torch leaves the JAX figure
-    res["torch_copy_error"] = repr(e)
-  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-  t = time_fn(jax.jit(lambda x: -x), x)
-  res["jax_elementwise_TBps"] = 2 * nbytes / t / 1e12
-  del x
-  res["ceiling_TBps"] = max(v for k, v in res.items() if k.endswith("TBps"))
-  return res
-
 
 # ---------------------------------------------------------------- cases
 

@@ -49,6 +49,8 @@ import zlib  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+
+from tools.ceilings import copy_ceilings  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from pallas_kernels.decode_matmul import gpu, reference, tuning  # noqa: E402
@@ -287,34 +289,6 @@ def torch_time(shape, x, ws, reps, rounds):
     end.synchronize()
     times.append(start.elapsed_time(end) / 1e3 / reps)
   return float(np.median(times)), how
-
-
-def copy_ceiling(nbytes):
-  res = {}
-  try:
-    import torch
-    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
-    dst = torch.empty_like(src)
-    for _ in range(3):
-      dst.copy_(src)
-    times = []
-    for _ in range(10):
-      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-      start.record()
-      dst.copy_(src)
-      end.record()
-      end.synchronize()
-      times.append(start.elapsed_time(end) / 1e3)
-    res["torch_copy_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
-    del src, dst
-    torch.cuda.empty_cache()
-  except Exception as e:  # noqa: BLE001
-    res["torch_copy_error"] = repr(e)[:200]
-  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
-  t = time_fn(jax.jit(lambda x: -x), x, reps=10, rounds=5)
-  res["jax_elementwise_TBps"] = 2 * nbytes / t / 1e12
-  res["ceiling_TBps"] = max(v for k, v in res.items() if k.endswith("TBps"))
-  return res
 
 
 # ---------------------------------------------------------------- one shape
@@ -570,7 +544,7 @@ def main(argv):
       f.write(markdown(**res))
 
   if not interpret:
-    res["ceiling"] = copy_ceiling(2 << 30)
+    res["ceiling"] = copy_ceilings(2 << 30)
     log(f"ceiling {res['ceiling']}")
   res["checks"] = check_edges(interpret)
   save()

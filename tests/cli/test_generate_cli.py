@@ -67,28 +67,22 @@ def test_unknown_command_is_a_usage_error():
 
 def test_two_processes_generate_what_one_process_does(tiny_model_dir):
   """`--num_processes=2`: process 0 prints the completion, process 1 follows and exits 0."""
+  from tests.sharding.subprocess_util import run_processes
   from tests.sharding.test_multihost import free_port
   args = [f"--model={tiny_model_dir}", "--prompt=def add(a, b):", "--max_tokens=8", *SMALL]
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS="--xla_force_host_platform_device_count=2")
   port = free_port()
-  procs = [subprocess.Popen([sys.executable, "-m", "jserve", "generate", *args, "--tensor_parallel_size=4",
-                             f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
-           for i in (0, 1)]
-  try:
-    results = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  assert [p.returncode for p in procs] == [0, 0], results[0][1][-2000:] + results[1][1][-2000:]
+  results = run_processes([[sys.executable, "-m", "jserve", "generate", *args, "--tensor_parallel_size=4",
+                            f"--coordinator_address=localhost:{port}", "--num_processes=2", f"--process_id={i}"]
+                           for i in (0, 1)], env)
+  assert [code for code, _, _ in results] == [0, 0], results[0][2][-2000:] + results[1][2][-2000:]
   alone = _run(*args)
   assert alone.returncode == 0, alone.stderr
   # gloo, the CPU collectives library, prints its connections to stdout (in pieces, while connecting);
   # the completion comes last.
   gloo = lambda line: line.startswith("[Gloo]") or "peer ranks" in line
-  assert results[0][0].splitlines()[-1:] == alone.stdout.splitlines()
-  assert all(gloo(line) for line in results[1][0].splitlines())
+  assert results[0][1].splitlines()[-1:] == alone.stdout.splitlines()
+  assert all(gloo(line) for line in results[1][1].splitlines())
 
 
 def test_bad_process_id_is_a_one_line_error(tiny_model_dir):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
@@ -10,7 +9,7 @@ import pytest
 
 from jserve import LLM
 from tests.engine.multihost_engine_worker import ENGINE, summarize, workload
-from tests.sharding.subprocess_util import ROOT
+from tests.sharding.subprocess_util import ROOT, run_processes
 from tests.sharding.test_multihost import free_port
 
 
@@ -19,19 +18,12 @@ def leader_report(tiny_model_dir):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   port = str(free_port())
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.engine.multihost_engine_worker", str(i), port,
-                             tiny_model_dir], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for i in (0, 1)]
-  try:
-    results = [p.communicate(timeout=400) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, results):
-    if p.returncode:
-      pytest.fail(f"multihost engine worker exited with {p.returncode}:\n{err[-4000:]}")
-  return json.loads([line for line in results[0][0].splitlines() if line.startswith("{")][-1])
+  results = run_processes([[sys.executable, "-m", "tests.engine.multihost_engine_worker", str(i), port,
+                            tiny_model_dir] for i in (0, 1)], env, timeout=400)
+  for code, _, err in results:
+    if code:
+      pytest.fail(f"multihost engine worker exited with {code}:\n{err[-4000:]}")
+  return json.loads([line for line in results[0][1].splitlines() if line.startswith("{")][-1])
 
 
 def test_two_processes_serve_the_outputs_of_one(leader_report, tiny_model_dir):

@@ -24,3 +24,17 @@ def run_worker(module: str, num_devices: int = 8, *args: str, timeout: int = 600
   if proc.returncode:
     pytest.fail(f"{module} exited with {proc.returncode}:\n{proc.stderr[-4000:]}")
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_processes(commands: list[list[str]], env: dict, timeout: int = 300) -> list[tuple[int, str, str]]:
+  """Starts the commands together (processes that join one another) and waits for all of them;
+  (return code, stdout, stderr) of each. Whatever still runs at the timeout is killed."""
+  procs = [subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+           for cmd in commands]
+  try:
+    outs = [p.communicate(timeout=timeout) for p in procs]
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]

@@ -3,7 +3,6 @@
 import json
 import os
 import socket
-import subprocess
 import sys
 
 import jax
@@ -13,7 +12,7 @@ import pytest
 from jserve.config import ModelConfig
 from jserve.models import llama
 from jserve.weights import save_hf_checkpoint
-from tests.sharding.subprocess_util import ROOT
+from tests.sharding.subprocess_util import ROOT, run_processes
 
 CFG = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=8, num_kv_heads=2,
                   head_dim=8)
@@ -32,18 +31,12 @@ def leader_report(tmp_path_factory):
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   port = str(free_port())
-  procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.multihost_worker", str(i), port, ckpt], env=env,
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in (0, 1)]
-  try:
-    results = [p.communicate(timeout=300) for p in procs]
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-  for p, (_, err) in zip(procs, results):
-    if p.returncode:
-      pytest.fail(f"multihost worker exited with {p.returncode}:\n{err[-4000:]}")
-  lines = [line for line in results[0][0].splitlines() if line.startswith("{")]
+  results = run_processes([[sys.executable, "-m", "tests.sharding.multihost_worker", str(i), port, ckpt]
+                           for i in (0, 1)], env)
+  for code, _, err in results:
+    if code:
+      pytest.fail(f"multihost worker exited with {code}:\n{err[-4000:]}")
+  lines = [line for line in results[0][1].splitlines() if line.startswith("{")]
   return json.loads(lines[-1])
 
 

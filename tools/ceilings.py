@@ -1,0 +1,46 @@
+"""The memory-bandwidth ceiling of a GPU, measured in the run that compares against it."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def copy_ceilings(nbytes: int) -> dict:
+  """TB/s (bytes read plus written) of a PyTorch device copy and of a JAX elementwise pass over
+  `nbytes`; `ceiling_TBps` is the larger. Without a CUDA PyTorch only the JAX figure is given."""
+  res = {}
+  try:
+    import torch
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").uniform_()
+    dst = torch.empty_like(src)
+    for _ in range(3):
+      dst.copy_(src)
+    times = []
+    for _ in range(10):
+      start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+      start.record()
+      dst.copy_(src)
+      end.record()
+      end.synchronize()
+      times.append(start.elapsed_time(end) / 1e3)
+    res["torch_copy_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
+    del src, dst
+    torch.cuda.empty_cache()
+  except Exception as e:  # noqa: BLE001 - a missing torch leaves the JAX figure
+    res["torch_copy_error"] = repr(e)[:200]
+  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+  negate = jax.jit(lambda x: -x)
+  jax.block_until_ready(negate(x))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(10):
+      out = negate(x)
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t0) / 10)
+  del x, out
+  res["jax_elementwise_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
+  res["ceiling_TBps"] = max(v for k, v in res.items() if k.endswith("TBps"))
+  return res
