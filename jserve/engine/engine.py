@@ -55,6 +55,7 @@ class EngineConfig:
   tensor_parallel_size: int = 1
   pipeline_parallel_size: int = 1
   overlap_steps: bool = True  # queue step N+1 on the device before reading step N's tokens
+  num_decode_steps: int = 1  # decode steps per device call when a batch only decodes (vLLM: num_scheduler_steps)
   load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks; no checkpoint read)
 
   def __post_init__(self):
@@ -62,7 +63,7 @@ class EngineConfig:
       raise ConfigError(f"page_size={self.page_size}: need a multiple of 8")
     if not 0 < self.gpu_memory_utilization <= 1:
       raise ConfigError(f"gpu_memory_utilization={self.gpu_memory_utilization}: need a value in (0, 1]")
-    for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+    for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_decode_steps"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name}={getattr(self, name)}: need at least 1")
     if self.load_format not in LOAD_FORMATS:
@@ -158,7 +159,7 @@ class LLMEngine:
     self.runner = ModelRunner(cfg, self.params, RunnerConfig(
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-        kv_dtype=kv_dtype, attn_impl=config.attn_impl), mesh=self.mesh)
+        kv_dtype=kv_dtype, attn_impl=config.attn_impl, num_decode_steps=config.num_decode_steps), mesh=self.mesh)
     self.runner.compile_all(progress)
     self.is_leader = jax.process_index() == 0
     if self.num_processes > 1 and self.is_leader:
@@ -334,6 +335,8 @@ class LLMEngine:
     batch = self.scheduler.schedule()
     if not batch:
       return None
+    if self._can_burst(batch):
+      return self._dispatch_burst(batch)
     sampling_rows = [i for i, (req, n) in enumerate(zip(batch.requests, batch.num_new_tokens))
                      if req.num_computed_tokens + n >= req.num_tokens]
     constrained = {batch.requests[i].request_id for i in sampling_rows if batch.requests[i].grammar is not None}
@@ -357,19 +360,53 @@ class LLMEngine:
     self.num_steps += 1
     return batch, positions, out, prompt, plan
 
+  def _can_burst(self, batch) -> bool:
+    """Whether the batch may run `num_decode_steps` steps in one call: it only decodes, asks for nothing
+    computed per step on the host (grammar, logprobs), no request can end by length within the steps,
+    and every request gets the pages of all of them."""
+    steps = self.config.num_decode_steps
+    if self.runner._burst is None:
+      return False
+    for req, n in zip(batch.requests, batch.num_new_tokens):
+      p = req.params
+      if (n != 1 or req.num_computed_tokens + 1 < req.num_tokens or req.grammar is not None
+          or p.logprobs is not None or p.prompt_logprobs is not None
+          or req.num_output_tokens + steps >= p.max_tokens or req.num_tokens + steps >= self.max_model_len):
+        return False
+    return all(self.kv.allocate(req, steps) for req in batch.requests)
+
+  def _dispatch_burst(self, batch):
+    steps = self.config.num_decode_steps
+    inputs, sampling, tokens, plan = self.runner.build(batch.requests, batch.num_new_tokens, self.kv.page_tables)
+    out_KB = self.runner.execute_burst(inputs, sampling, tokens)
+    positions = {}
+    for i, req in enumerate(batch.requests):
+      req.num_computed_tokens += steps  # the input token and the first steps - 1 sampled ones
+      if req.request_id in self.runner._next_start:
+        self.runner._next_start[req.request_id] += steps - 1
+      positions[i] = req.num_tokens
+      req.all_token_ids += [PLACEHOLDER] * steps
+      req.pending_row = i  # the last step's token, which the next call reads on the device
+    self.num_steps += steps
+    return batch, positions, out_KB, None, None
+
   def _resolve(self, dispatched) -> list[RequestOutput]:
     """Reads a dispatched step's results (waiting for it) and records them on its requests."""
     if dispatched is None:
       return []
     batch, positions, out, prompt, plan = dispatched
-    result = self.runner.fetch(out, prompt, plan)
+    if plan is None:  # a burst of decode steps: tokens [K, B]
+      result = None
+      tokens = self.runner._to_host(out).T.tolist()
+    else:
+      result = self.runner.fetch(out, prompt, plan)
+      tokens = [[t] for t in result.tokens.tolist()]
     now = time.monotonic()
     results = []
-    tokens = result.tokens.tolist()
     for i, req in enumerate(batch.requests):
       if req.is_finished:
         continue  # aborted, or finished at the previous step: this step's token for it is dropped
-      if req.request_id in plan.prompt_rows:
+      if plan is not None and req.request_id in plan.prompt_rows:
         offset, count, first = plan.prompt_rows[req.request_id]
         rows = slice(offset, offset + count)
         self.outputs.add_prompt_logprobs(req, first, result.prompt_logprobs[rows], result.prompt_top_ids[rows],
@@ -379,34 +416,36 @@ class LLMEngine:
         self.kv.cache_full_pages(req)  # (does nothing if preempted since)
         self._release_deferred(req)
         continue
-      token = tokens[i]
-      # all_token_ids ends at `position` or in placeholders from there (this step's, the next one's).
+      new = tokens[i]
+      # all_token_ids ends at `position` or in placeholders from there: this call's, then the next one's.
       ids = req.all_token_ids
-      later = len(ids) > position + 1
-      if later:  # the next step's placeholder: out of the list while stop conditions are checked
-        ids.pop()
-      if len(ids) > position:
-        ids[position] = token
-      else:
+      later = len(ids) - position - len(new)
+      del ids[position:]
+      if req.first_token_time is None:
+        req.first_token_time = now
+      outs = []
+      for token in new:
         ids.append(token)
+        if result is not None and result.logprobs is not None:
+          out = self.outputs.append(req, token, self.max_model_len, float(result.logprobs[i]), result.top_ids[i],
+                                    result.top_logprobs[i])
+        else:
+          out = self.outputs.append(req, token, self.max_model_len)
+        if out is not None:
+          outs.append(out)
+        if req.is_finished:
+          break  # the tokens after the one that finished it are dropped
       self.kv.cache_full_pages(req)
       if req.parent_id is not None:
         self._release_deferred(req)
-      if req.first_token_time is None:
-        req.first_token_time = now
-      if result.logprobs is not None:
-        out = self.outputs.append(req, token, self.max_model_len, float(result.logprobs[i]), result.top_ids[i],
-                                  result.top_logprobs[i])
-      else:
-        out = self.outputs.append(req, token, self.max_model_len)
       if req.is_finished:
         self._drop(req)
-      elif later:
-        ids.append(PLACEHOLDER)
-      if out is not None:
+      elif later > 0:
+        ids += [PLACEHOLDER] * later
+      for out in outs:
         out = self._to_parent(req, out)
-      if out is not None:
-        results.append(out)
+        if out is not None:
+          results.append(out)
     return results
 
   def _drop(self, req: Request):

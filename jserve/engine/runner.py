@@ -54,6 +54,7 @@ class RunnerConfig:
   max_model_len: int
   kv_dtype: str = "bfloat16"
   attn_impl: str = "auto"
+  num_decode_steps: int = 1  # decode steps per device call for decode-only batches (see `_decode_burst`)
 
   @property
   def pages_per_seq(self) -> int:
@@ -172,6 +173,41 @@ def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: Step
   return out, x_TD, kv_caches, slots
 
 
+def _decode_burst(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *, layout, num_steps: int,
+                  cfg: ModelConfig, attn_impl: str, page_size: int, mesh: jax.sharding.Mesh | None = None):
+  """`num_steps` decode steps of one decode-only batch in one device call: each step's sampled tokens
+  are the next step's inputs, positions and context lengths advance by one, and the KV slots of the
+  new positions are looked up in the page table on the device (the host reserved the pages).
+  Returns the tokens of every step [K, B], the pool, the slots and the last step's tokens."""
+  inputs, sampling, tokens = unpack_inputs(buf_N, layout)
+  num_tokens, num_seqs = inputs.token_ids_T.shape[0], inputs.kv_lens_B.shape[0]
+  live_T = inputs.slots_T < kv_caches[0].shape[0] * page_size  # padding rows point past the pool
+  row_T = jnp.minimum(jnp.arange(num_tokens), num_seqs - 1)  # decode-only: token t is row t's
+  token_ids_T = jnp.where(tokens.prev_row_T >= 0, last_S[jnp.maximum(tokens.prev_row_T, 0)], inputs.token_ids_T)
+  tokens = dataclasses.replace(tokens, prev_row_T=jnp.full_like(tokens.prev_row_T, -1))
+
+  def one(k, carry):
+    kv_caches, slots, token_ids_T, out_KB = carry
+    positions_T = inputs.positions_T + k
+    pages_T = inputs.page_indices_BP[row_T, jnp.minimum(positions_T // page_size,
+                                                         inputs.page_indices_BP.shape[1] - 1)]
+    step_inputs = dataclasses.replace(
+        inputs, token_ids_T=token_ids_T, positions_T=positions_T,
+        slots_T=jnp.where(live_T, pages_T * page_size + positions_T % page_size, inputs.slots_T),
+        kv_lens_B=jnp.where(inputs.kv_lens_B > 0, inputs.kv_lens_B + k, 0))
+    step_sampling = dataclasses.replace(sampling, position_B=sampling.position_B + k)
+    x_TD = params["embed"][token_ids_T]
+    out, _, kv_caches, slots = _last_stage(params, kv_caches, x_TD, slots, mask_SW, step_inputs, step_sampling,
+                                           tokens, cfg=cfg, attn_impl=attn_impl, mesh=mesh)
+    token_ids_T = jnp.zeros_like(token_ids_T).at[:num_seqs].set(out.tokens_B)
+    return kv_caches, slots, token_ids_T, out_KB.at[k].set(out.tokens_B)
+
+  out_KB = jnp.zeros((num_steps, num_seqs), jnp.int32)
+  kv_caches, slots, _, out_KB = jax.lax.fori_loop(0, num_steps, one, (kv_caches, slots, token_ids_T, out_KB))
+  last_S = jnp.zeros_like(last_S).at[:num_seqs].set(out_KB[-1])
+  return out_KB, kv_caches, slots, last_S
+
+
 @dataclasses.dataclass
 class StepPlan:
   """What the host needs to read a step's results: which rows asked for logprobs or prompt logprobs."""
@@ -260,6 +296,13 @@ class ModelRunner:
     else:
       self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
                            donate_argnums=(1, 2), static_argnames=("layout",), **step_shardings)
+    self._burst = None
+    if rc.num_decode_steps > 1 and self.can_overlap and not self.multiprocess:
+      self._burst = jax.jit(functools.partial(_decode_burst, num_steps=rc.num_decode_steps, cfg=cfg,
+                                              attn_impl=rc.attn_impl, page_size=rc.page_size, mesh=mesh),
+                            donate_argnums=(1, 2), static_argnames=("layout",),
+                            **({} if mesh is None else {"out_shardings": (
+                                replicated(mesh), kv_cache_shardings(cfg, mesh), replicated(mesh), replicated(mesh))}))
     # Prompt logprobs, compiled per token bucket on first use (most deployments never ask for them).
     self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg))
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),
@@ -273,7 +316,19 @@ class ModelRunner:
 
   def num_compiled(self) -> int:
     """Programs compiled so far (a request must never add one after start-up)."""
-    return self._step._cache_size()
+    return self._step._cache_size() + (self._burst._cache_size() if self._burst is not None else 0)
+
+  @property
+  def burst_buckets(self) -> list[int]:
+    """Token buckets of the decode-only batches that run `num_decode_steps` steps per call."""
+    if self._burst is None:
+      return []
+    out = []
+    for b in self.buckets:  # up to the bucket of max_num_seqs single-token rows
+      out.append(b)
+      if b >= self.rc.max_num_seqs:
+        break
+    return out
 
   def _empty_inputs(self, num_tokens: int):
     rc = self.rc
@@ -316,7 +371,7 @@ class ModelRunner:
   @staticmethod
   def _to_host(x) -> np.ndarray:
     """A replicated result on the host (with processes, from this process's own copy)."""
-    return np.asarray(x if x.is_fully_addressable else x.addressable_shards[0].data)
+    return np.asarray(x if getattr(x, "is_fully_addressable", True) else x.addressable_shards[0].data)
 
   def compile_all(self, progress=None):
     """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
@@ -326,6 +381,8 @@ class ModelRunner:
       out.tokens_B.block_until_ready()
       if progress:
         progress(i + 1, len(self.buckets), b)
+    for b in self.burst_buckets:
+      self.execute_burst(*self._empty_inputs(b)).block_until_ready()
     self._flush_slot_writes(force=True)
     logging.info("compiled %d step buckets (%s tokens) in %.1f s", len(self.buckets),
                  ",".join(map(str, self.buckets)), time.monotonic() - start)
@@ -524,6 +581,15 @@ class ModelRunner:
       params = self.params[-1] if self.num_stages > 1 else self.params
       prompt = self._run_prompt_logprobs(x_TD, tokens.prompt_target_T)
     return out, prompt
+
+  def execute_burst(self, inputs: StepInputs, sampling: SamplingInputs, tokens: TokenInputs):
+    """Runs `num_decode_steps` steps of a decode-only batch (one token per sequence, pages reserved
+    for all of them) in one call; returns the tokens [K, B] on the device without waiting."""
+    self._flush_slot_writes()
+    buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
+    out_KB, self.kv_caches, self.slots, self._last_S = self._burst(
+        self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
+    return out_KB
 
   def _call_step(self, inputs, sampling, tokens):
     """Queues the step; returns the sampler's outputs and the last hidden states [T, D]."""

@@ -114,3 +114,34 @@ def test_abort_while_a_step_is_in_flight_frees_everything(engines):
   engine.kv.check_invariants()
   assert not engine.kv.page_tables and engine.kv.num_free_pages == engine.kv.num_usable_pages
   assert not engine.requests and engine._in_flight is None
+
+
+def test_several_decode_steps_per_call_give_the_outputs_of_single_steps(engines, tiny_model_dir):
+  """num_decode_steps=4: decode-only batches run 4 steps per device call (tokens fed back on the device,
+  pages reserved ahead); stop tokens and strings inside a burst drop the tokens after them."""
+  _, serial = engines
+  burst = LLM(tiny_model_dir, num_pages=48, num_decode_steps=4, **COMMON)
+  rng = np.random.default_rng(11)
+  prompts = [rng.integers(3, 1000, size=int(n)).tolist() for n in rng.integers(2, 40, 10)]
+  options = [
+      SamplingParams(max_tokens=37, temperature=0, ignore_eos=True),
+      SamplingParams(max_tokens=30, temperature=0.8, seed=2, repetition_penalty=1.2, presence_penalty=0.3,
+                     ignore_eos=True),
+      SamplingParams(max_tokens=40, temperature=1.0, seed=3, stop_token_ids=[int(t) for t in range(20, 84)]),
+      SamplingParams(max_tokens=40, temperature=1.0, seed=4, stop=["e"], n=2),
+  ]
+  params = [options[i % len(options)] for i in range(len(prompts))]
+  bursts = []
+  execute_burst = burst.engine.runner.execute_burst
+  burst.engine.runner.execute_burst = lambda *a: bursts.append(1) or execute_burst(*a)
+  try:
+    got = burst.generate(prompts, params, use_tqdm=False)
+  finally:
+    del burst.engine.runner.execute_burst
+  want = serial.generate(prompts, params, use_tqdm=False)
+  assert [o[1:] for o in _summary(got)] == [o[1:] for o in _summary(want)]  # (the ids count per engine)
+  assert len(bursts) >= 5
+  assert burst.engine.num_steps > 4 * len(bursts) - 1
+  kv = burst.engine.kv
+  kv.check_invariants()
+  assert not kv.page_tables and kv.num_free_pages == kv.num_usable_pages
