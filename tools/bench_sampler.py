@@ -33,6 +33,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
+import functools  # noqa: E402
 import gc  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
@@ -161,8 +162,11 @@ def bench_sampler(meta, data):
   logits, state, mask_BW, inputs = data
   results = {}
   for name, kind, _ in MIXES:
-    results[name] = time_fn(sampler.sample_jit, logits[kind], inputs[name], state, mask_BW)
-    add_row(meta, "sampler", name, results[name])
+    # The program the engine runs on a GPU: the path the host picks for these parameters.
+    path = sampler.host_path(jax.tree.map(np.asarray, inputs[name]))
+    results[name] = time_fn(functools.partial(sampler.sample_jit, path=path), logits[kind], inputs[name], state,
+                            mask_BW)
+    add_row(meta, "sampler", f"{name} [{path}]", results[name])
   return results
 
 
@@ -172,8 +176,10 @@ def bench_blocks(meta, data):
   s = inputs["temperature 0.8"]
   batch, vocab = x_BV.shape
   chunk, num_chunks = thresholds.SHORTLIST_CHUNK, thresholds.SHORTLIST_CHUNKS
+  # (Arrays go in as arguments: a captured one is a constant that XLA would fold, sorts and all.)
   maxima_BU = jax.jit(lambda x: jnp.max(thresholds._chunked(x, chunk), axis=2))(x_BV)
-  cand_BM = jax.jit(lambda x: thresholds._best_chunks(thresholds._chunked(x, chunk), maxima_BU, num_chunks)[0])(x_BV)
+  cand_BM = jax.jit(lambda x, m: thresholds._best_chunks(thresholds._chunked(x, chunk), m, num_chunks)[0])(
+      x_BV, maxima_BU)
   cands_BZ = jnp.linspace(-3.0, 12.0, thresholds.SEARCH_CANDIDATES + 1, dtype=jnp.float32)[None].repeat(batch, 0)
   no_k_B, top_p_B, no_min_p_B = jnp.zeros(batch, jnp.int32), jnp.full(batch, 0.9), jnp.zeros(batch)
 
@@ -241,12 +247,12 @@ def bench_step(meta, cfg, name, batch, context, data, sampler_ms):
     x_BD, kv = forward(params, kv, inputs, cfg)
     return jnp.argmax(compute_logits(params, x_BD, cfg), axis=-1), kv
 
-  def sample_step(params, kv, inputs, s, slots, mask_BW):
+  def sample_step(params, kv, inputs, s, slots, mask_BW, path):
     x_BD, kv = forward(params, kv, inputs, cfg)
-    return sampler.sample(compute_logits(params, x_BD, cfg), s, slots, mask_BW).tokens_B, kv
+    return sampler.sample(compute_logits(params, x_BD, cfg), s, slots, mask_BW, path=path).tokens_B, kv
 
-  def runner(step):
-    step = jax.jit(step, donate_argnums=(1,))
+  def runner(step, **static):
+    step = jax.jit(functools.partial(step, **static), donate_argnums=(1,))
 
     def run(*args):
       tokens, state["kv"] = step(args[0], state["kv"], *args[1:])
@@ -265,8 +271,8 @@ def bench_step(meta, cfg, name, batch, context, data, sampler_ms):
   if time.perf_counter() - _START > _BUDGET_S.value:
     log(f"{name}: past --budget_s, in-step timings skipped")
     return
-  run = runner(sample_step)
   for mix in STEP_MIXES:
+    run = runner(sample_step, path=sampler.host_path(jax.tree.map(np.asarray, sampling[mix])))
     with_sampler_ms = time_fn(run, params, inputs, sampling[mix], slots, mask_BW, reps=5)
     extra_ms = with_sampler_ms - step_ms
     add_row(meta, f"{name} step", f"in step: {mix} (step with sampler {with_sampler_ms:.3f} ms, minus argmax step)",

@@ -70,14 +70,20 @@ def write_generation_config(cfg, out_dir: str, **extra):
 
 
 def make_checkpoint(preset: str, out_dir: str, *, num_layers: int | None = None, dtype: str = "bfloat16",
-                    seed: int = 0, tokenizer_vocab: int = 4096, tokenizer_files: int = 200):
-  """Writes the checkpoint; returns its ModelConfig."""
+                    seed: int = 0, tokenizer_vocab: int = 4096, tokenizer_files: int = 200, weights: bool = True):
+  """Writes the checkpoint; returns its ModelConfig. weights=False: config.json, tokenizer and generation
+  config only, for an engine that makes its weights on the devices (`load_format="dummy"`)."""
   cfg = get_model_preset(preset)
   tok = train_tokenizer(min(tokenizer_vocab, cfg.vocab_size), stdlib_files(tokenizer_files))
   cfg = dataclasses.replace(cfg, bos_token_id=tok.token_to_id(BOS), eos_token_ids=(tok.token_to_id(EOS),),
                             num_layers=num_layers or cfg.num_layers)
-  params = init_params(cfg, jax.random.key(seed), dtype=resolve_dtype(dtype))
-  save_hf_checkpoint(params, cfg, out_dir)
+  if weights:
+    params = init_params(cfg, jax.random.key(seed), dtype=resolve_dtype(dtype))
+    save_hf_checkpoint(params, cfg, out_dir)
+  else:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+      json.dump(cfg.to_hf_dict(), f, indent=2)
   write_tokenizer(tok, out_dir)
   write_generation_config(cfg, out_dir)
   return cfg

@@ -30,6 +30,7 @@ flags.DEFINE_integer("steps", 12, "engine steps recorded")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "engine token budget (fewer buckets compile sooner)")
 flags.DEFINE_string("out_dir", "/tmp/profile_step", "results directory")
 flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
+flags.DEFINE_bool("py_profile", True, "also run the untraced steps under cProfile: where the host's time goes")
 
 _KINDS = [  # (kind, pattern over lowercased kernel names), first match wins
     ("attention", r"ragged|paged|attention|flash"),
@@ -101,7 +102,9 @@ def main(argv):
   cfg = make_checkpoint(FLAGS.preset, model)
   extra = json.loads(FLAGS.engine_args)
   # Long enough that no sequence finishes while the last prompts are still prefilled (decode goes first).
-  out_len = 3 * FLAGS.steps + 64 + -(-FLAGS.batch * FLAGS.input_len // FLAGS.max_num_batched_tokens)
+  # (Each call may run num_decode_steps steps; three rounds of --steps calls, plus warm-up.)
+  out_len = ((3 * FLAGS.steps + 8) * extra.get("num_decode_steps", 1) + 64
+             + -(-FLAGS.batch * FLAGS.input_len // FLAGS.max_num_batched_tokens))
   engine = LLMEngine(EngineConfig(model=model, max_model_len=FLAGS.input_len + out_len + 16,
                                   max_num_seqs=FLAGS.batch, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
                                   **extra))
@@ -114,19 +117,40 @@ def main(argv):
     engine.step()
   for _ in range(3):
     engine.step()
+  # With num_decode_steps=K one call runs up to K decode steps: times are per decode step.
+  n0 = engine.num_steps
   t = time.perf_counter()
   for _ in range(FLAGS.steps):
     engine.step()
-  untraced_ms = (time.perf_counter() - t) / FLAGS.steps * 1e3
+  steps = engine.num_steps - n0
+  untraced_ms = (time.perf_counter() - t) / steps * 1e3
+  host_top = []
+  if FLAGS.py_profile:
+    import cProfile
+    import pstats
+    prof = cProfile.Profile()
+    n0 = engine.num_steps
+    prof.enable()
+    for _ in range(FLAGS.steps):
+      engine.step()
+    prof.disable()
+    py_steps = engine.num_steps - n0
+    stats = pstats.Stats(prof)
+    for (file, line, func), (_, ncalls, tottime, cumtime, _) in sorted(stats.stats.items(),
+                                                                       key=lambda kv: -kv[1][3])[:30]:
+      host_top.append({"function": f"{os.path.basename(file)}:{line}({func})", "calls_per_step": ncalls / py_steps,
+                       "self_ms_per_step": tottime / py_steps * 1e3, "cum_ms_per_step": cumtime / py_steps * 1e3})
   running = engine.scheduler.running
   traced_batch, traced_context = len(running), float(np.mean([r.num_computed_tokens for r in running]))
   trace_dir = tempfile.mkdtemp()
+  n0 = engine.num_steps
   with jax.profiler.trace(trace_dir):
     t = time.perf_counter()
     for _ in range(FLAGS.steps):
       engine.step()
     jax.effects_barrier()
     wall_ns = (time.perf_counter() - t) * 1e9
+  steps = engine.num_steps - n0
   plane, events = device_events(trace_dir)
   by_name = collections.defaultdict(lambda: [0, 0.0])
   by_kind = collections.defaultdict(float)
@@ -135,7 +159,6 @@ def main(argv):
     by_name[name][1] += dur
     by_kind[kind_of(name)] += dur
   busy = busy_ns(events)
-  steps = FLAGS.steps
   result = {
       "date": datetime.date.today().isoformat(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
       "preset": FLAGS.preset, "batch": traced_batch, "context": traced_context, "plane": plane,
@@ -144,11 +167,13 @@ def main(argv):
       "kinds_ms_per_step": {k: v / steps / 1e6 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
       "top_kernels": [{"name": n[:160], "calls_per_step": c / steps, "ms_per_step": d / steps / 1e6}
                       for n, (c, d) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]],
+      "engine_args": extra, "decode_steps_per_call": steps / FLAGS.steps, "host_top_cumulative": host_top,
   }
   with open(os.path.join(FLAGS.out_dir, "profile.json"), "w") as f:
     json.dump(result, f, indent=1)
   lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, batch {traced_batch}, "
-           f"mean context {traced_context:.0f}; plane {plane}",
+           f"mean context {traced_context:.0f}; plane {plane}; engine args {extra}; "
+           f"{steps / FLAGS.steps:.1f} decode steps per call",
            f"wall {result['wall_ms_per_step']:.2f} ms/step (untraced {untraced_ms:.2f}); device busy "
            f"{result['device_busy_ms_per_step']:.2f} ms/step = {100 * result['busy_fraction']:.0f}% of wall", "",
            "| kind | ms / step |", "| --- | --- |"]
@@ -156,6 +181,11 @@ def main(argv):
   lines += ["", "| kernel | calls / step | ms / step |", "| --- | --- | --- |"]
   lines += [f"| `{k['name'][:90]}` | {k['calls_per_step']:.0f} | {k['ms_per_step']:.3f} |"
             for k in result["top_kernels"][:25]]
+  if host_top:
+    lines += ["", "Host (cProfile of the untraced steps, by cumulative time):", "",
+              "| function | calls / step | self ms / step | cumulative ms / step |", "| --- | --- | --- | --- |"]
+    lines += [f"| `{h['function'][:80]}` | {h['calls_per_step']:.1f} | {h['self_ms_per_step']:.3f} | "
+              f"{h['cum_ms_per_step']:.3f} |" for h in host_top]
   with open(os.path.join(FLAGS.out_dir, "profile.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
   print("\n".join(lines))

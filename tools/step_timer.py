@@ -6,16 +6,17 @@ import time
 class StepTimer:
   """Wraps the engine's scheduler and batch builder to time them; with `block`, also the device step
   (which then stops the engine from overlapping steps). `starts`: when each step was scheduled, so
-  successive differences are the wall time per step."""
+  successive differences are the wall time per step (per decode step where a call ran several)."""
 
   def __init__(self, engine, block: bool = True):
     import jax
-    self.sched, self.build, self.device, self.seqs, self.starts = [], [], [], [], []
+    self.sched, self.build, self.device, self.seqs, self.starts, self.counts = [], [], [], [], [], []
     schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
 
     def timed_schedule():
       t = time.perf_counter()
       self.starts.append(t)
+      self.counts.append(engine.num_steps)  # a call may run several decode steps (num_decode_steps)
       out = schedule()
       self.sched.append(time.perf_counter() - t)
       self.seqs.append(len(out.requests))
@@ -46,7 +47,7 @@ class StepTimer:
     pick = lambda xs: float(np.median([xs[i] for i in rows if i < len(xs)]) * 1e3)
     out = {"steps": len(rows), "schedule_ms": pick(self.sched), "build_ms": pick(self.build),
            "host_ms": pick([s + b for s, b in zip(self.sched, self.build)]),
-           "wall_ms": pick(list(np.diff(self.starts)))}
+           "wall_ms": pick(list(np.diff(self.starts) / np.maximum(np.diff(self.counts), 1)))}
     if self.device:
       out["device_ms"] = pick(self.device)
     return out

@@ -24,6 +24,9 @@ flags.DEFINE_integer("tensor_parallel_size", 1, "devices per tensor-parallel gro
 flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages, each of --tensor_parallel_size devices")
 flags.DEFINE_integer("num_decode_steps", 1, "decode steps per device call when a batch only decodes")
 flags.DEFINE_bool("overlap_steps", True, "queue the next step on the device before reading this step's tokens")
+flags.DEFINE_enum("sampler_paths", "auto", ["auto", "host", "device"],
+                  "who picks the sampler's path per batch: host (a program per path, no conditional in plain "
+                  "batches; auto on GPUs) or device (one program with a lax.switch)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, to serve one model from several processes")
 flags.DEFINE_integer("num_processes", 1, "processes serving one model (one per host); process 0 serves requests")
 flags.DEFINE_integer("process_id", 0, "this process's index among --num_processes")
@@ -50,4 +53,5 @@ def engine_config() -> EngineConfig:
       kv_cache_gib=FLAGS.kv_cache_gib, scheduling_policy=FLAGS.scheduling_policy, seed=FLAGS.seed,
       compilation_cache_dir=FLAGS.compilation_cache_dir or None,
       tensor_parallel_size=FLAGS.tensor_parallel_size, pipeline_parallel_size=FLAGS.pipeline_parallel_size,
-      num_decode_steps=FLAGS.num_decode_steps, overlap_steps=FLAGS.overlap_steps)
+      num_decode_steps=FLAGS.num_decode_steps, overlap_steps=FLAGS.overlap_steps,
+      sampler_paths=FLAGS.sampler_paths)

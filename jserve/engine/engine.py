@@ -57,6 +57,10 @@ class EngineConfig:
   overlap_steps: bool = True  # queue step N+1 on the device before reading step N's tokens
   num_decode_steps: int = 1  # decode steps per device call when a batch only decodes (vLLM: num_scheduler_steps)
   load_format: str = "auto"  # "dummy": random weights made on the devices (benchmarks; no checkpoint read)
+  # Who picks the sampler's path for a batch: "host" (a program per path: no conditional in the step
+  # of a batch of greedy and temperature rows), "device" (one program, a `lax.switch`), or "auto":
+  # "host" on GPUs, where a conditional makes the host wait for the device, else "device".
+  sampler_paths: str = "auto"
 
   def __post_init__(self):
     if self.page_size % 8:
@@ -66,6 +70,8 @@ class EngineConfig:
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_decode_steps"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name}={getattr(self, name)}: need at least 1")
+    if self.sampler_paths not in ("auto", "host", "device"):
+      raise ConfigError(f"sampler_paths={self.sampler_paths!r}: use auto, host or device")
     if self.load_format not in LOAD_FORMATS:
       raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 
@@ -93,6 +99,12 @@ class _Group:
   deferred: list  # children that wait for the first child's prompt pages (prefix caching shares them)
   finals: dict = dataclasses.field(default_factory=dict)  # index -> final CompletionOutput
   prompt_logprobs: list | None = None
+
+
+def _sampler_paths(setting: str) -> str:
+  if setting == "auto":
+    return "host" if jax.default_backend() == "gpu" else "device"
+  return setting
 
 
 def _enable_compilation_cache(path: str | None):
@@ -159,7 +171,8 @@ class LLMEngine:
     self.runner = ModelRunner(cfg, self.params, RunnerConfig(
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-        kv_dtype=kv_dtype, attn_impl=config.attn_impl, num_decode_steps=config.num_decode_steps), mesh=self.mesh)
+        kv_dtype=kv_dtype, attn_impl=config.attn_impl, num_decode_steps=config.num_decode_steps,
+        sampler_paths=_sampler_paths(config.sampler_paths)), mesh=self.mesh)
     self.runner.compile_all(progress)
     self.is_leader = jax.process_index() == 0
     if self.num_processes > 1 and self.is_leader:

@@ -20,7 +20,7 @@ from absl import logging
 
 from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
-from jserve.engine.sampler import SamplingInputs, SlotState, write_slots
+from jserve.engine.sampler import SamplingInputs, SlotState, host_path, write_slots
 from jserve.engine import multihost
 from jserve.engine.placement import default_device
 from jserve.engine.stages import PipelineStep
@@ -55,6 +55,10 @@ class RunnerConfig:
   kv_dtype: str = "bfloat16"
   attn_impl: str = "auto"
   num_decode_steps: int = 1  # decode steps per device call for decode-only batches (see `_decode_burst`)
+  # "host": the host picks the sampler's path and each bucket has a program per path (no conditional
+  # in a plain batch's step: on a GPU a conditional waits for the device); "device": one program per
+  # bucket, the path picked on the device (`sampler.sample`).
+  sampler_paths: str = "device"
 
   @property
   def pages_per_seq(self) -> int:
@@ -148,12 +152,12 @@ class ModelRunner:
       self._step = self._pipeline
     else:
       self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
-                           donate_argnums=(1, 2), static_argnames=("layout",), **step_shardings)
+                           donate_argnums=(1, 2), static_argnames=("layout", "path"), **step_shardings)
     self._burst = None
     if rc.num_decode_steps > 1 and self.can_overlap and not self.multiprocess:
       self._burst = jax.jit(functools.partial(_decode_burst, num_steps=rc.num_decode_steps, cfg=cfg,
                                               attn_impl=rc.attn_impl, page_size=rc.page_size, mesh=mesh),
-                            donate_argnums=(1, 2), static_argnames=("layout",),
+                            donate_argnums=(1, 2), static_argnames=("layout", "path"),
                             **({} if mesh is None else {"out_shardings": (
                                 replicated(mesh), kv_cache_shardings(cfg, mesh), replicated(mesh), replicated(mesh))}))
     # Prompt logprobs, compiled per token bucket on first use (most deployments never ask for them).
@@ -183,7 +187,7 @@ class ModelRunner:
         break
     return out
 
-  def _empty_inputs(self, num_tokens: int):
+  def _empty_inputs(self, num_tokens: int, staged: bool = False):
     rc = self.rc
     num_seqs = min(rc.max_num_seqs, num_tokens)
     inputs = StepInputs(
@@ -203,6 +207,7 @@ class ModelRunner:
         slot_B=np.full(num_seqs, self.num_slots, i32), use_bias_B=np.zeros(num_seqs, b),
         ban_stop_B=np.zeros(num_seqs, b), use_mask_B=np.zeros(num_seqs, b), logprobs_B=np.zeros(num_seqs, b),
         seed_B=np.zeros(num_seqs, np.uint32), position_B=np.zeros(num_seqs, i32))
+    sampling.logprobs_B[0] = staged  # (padding rows: nothing is read back)
     untracked = self.num_slots + 1  # past the table, so the scatter drops it
     tokens = TokenInputs(prompt_slot_T=np.full(num_tokens, untracked, i32),
                          output_slot_T=np.full(num_tokens, untracked, i32),
@@ -229,16 +234,22 @@ class ModelRunner:
   def compile_all(self, progress=None):
     """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
     start = time.monotonic()
+    # With host-chosen paths each bucket has a plain and a staged program: empty inputs take the
+    # plain path; a logprobs row sends them down the staged one.
+    variants = [False, True] if self._host_paths else [False]
     for i, b in enumerate(self.buckets):
-      out = self._call_step(*self._empty_inputs(b))[0]
-      out.tokens_B.block_until_ready()
+      for staged in variants:
+        out = self._call_step(*self._empty_inputs(b, staged=staged))[0]
+        out.tokens_B.block_until_ready()
       if progress:
         progress(i + 1, len(self.buckets), b)
     for b in self.burst_buckets:
-      self.execute_burst(*self._empty_inputs(b)).block_until_ready()
+      for staged in variants:
+        self.execute_burst(*self._empty_inputs(b, staged=staged)).block_until_ready()
     self._flush_slot_writes(force=True)
-    logging.info("compiled %d step buckets (%s tokens) in %.1f s", len(self.buckets),
-                 ",".join(map(str, self.buckets)), time.monotonic() - start)
+    logging.info("compiled %d step buckets (%s tokens)%s in %.1f s", len(self.buckets),
+                 ",".join(map(str, self.buckets)), ", a plain and a staged sampler each" if self._host_paths else "",
+                 time.monotonic() - start)
 
   # --- slots ----------------------------------------------------------------------------------
   def release(self, request_id: str):
@@ -440,8 +451,17 @@ class ModelRunner:
     self._flush_slot_writes()
     buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
     out_KB, self.kv_caches, self.slots, self._last_S = self._burst(
-        self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
+        self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
+        path=self._path(sampling))
     return out_KB
+
+  @property
+  def _host_paths(self) -> bool:
+    return self.rc.sampler_paths == "host" and self.can_overlap
+
+  def _path(self, sampling: SamplingInputs) -> str | None:
+    """The sampler's path for a batch when the host picks it (see RunnerConfig.sampler_paths)."""
+    return host_path(sampling) if self._host_paths else None
 
   def _call_step(self, inputs, sampling, tokens):
     """Queues the step; returns the sampler's outputs and the last hidden states [T, D]."""
@@ -453,7 +473,8 @@ class ModelRunner:
       if self._channel is not None:
         self._channel.send(multihost.STEP, buf_N, arg=inputs.token_ids_T.shape[0])
       out, x_TD, self.kv_caches, self.slots, self._last_S = self._step(
-          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
+          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
+          path=self._path(sampling))
     return out, x_TD
 
   def _run_prompt_logprobs(self, x_TD, target_T):
@@ -467,8 +488,10 @@ class ModelRunner:
     """Repeats on this process's devices one device command of the leader (jserve/engine/multihost.py)."""
     if command == multihost.STEP:
       layout = pack_host_inputs(self._empty_inputs(arg))[1]
+      path = self._path(unpack_host(buf_N, layout)[1]) if self._host_paths else None  # the leader's choice
       _, self._last_x_TD, self.kv_caches, self.slots, self._last_S = self._step(
-          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout)
+          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
+          path=path)
     elif command == multihost.SLOTS:
       self._run_slot_write(unpack_host(buf_N, pack_host_inputs(self._slot_write_template())[1]))
     elif command == multihost.MASK:

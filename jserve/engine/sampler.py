@@ -289,9 +289,30 @@ def _logprobs(logits_BV, tokens_B, s: SamplingInputs, chunk):
   return jax.lax.cond(jnp.any(s.logprobs_B), terms, lambda x: zeros, logits_BV)
 
 
-def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, chunk: int = SHORTLIST_CHUNK,
-           num_chunks: int = SHORTLIST_CHUNKS) -> SamplerOutput:
-  """Samples one token per sequence. mask_BW: grammar bitmask words, read where use_mask_B."""
+PLAIN, STAGED = "plain", "staged"  # the paths a host may choose for a batch (see `sample`)
+
+
+def host_path(s: SamplingInputs) -> str:
+  """The path `sample` takes for these (host, numpy) parameters: STAGED when some row uses an optional
+  stage (grammar mask, logit bias or stop ban, penalties, min-p / top-k / top-p, logprobs), else PLAIN.
+  The same test as the device's in `sample`."""
+  greedy_B = s.temperature_B <= 0
+  filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
+  penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
+  staged = s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B
+  return STAGED if staged.any() else PLAIN
+
+
+def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, path: str | None = None,
+           chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS) -> SamplerOutput:
+  """Samples one token per sequence. mask_BW: grammar bitmask words, read where use_mask_B.
+
+  path: None: one program for every batch, the path picked on the device by one `lax.switch`.
+  PLAIN or STAGED: the host picked it (`host_path`), a program per path. On a GPU the switch copies
+  its predicate to the host and waits for the device, so a step that holds one cannot be queued
+  behind the step before it: the engine compiles both paths there, and a batch of greedy and
+  temperature rows runs with no conditional at all.
+  """
   batch, vocab = logits_BV.shape
   greedy_B = s.temperature_B <= 0
   filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
@@ -308,23 +329,33 @@ def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, chunk: in
   # One switch picks the path, so a batch pays one cond for the choice (on a GPU each executed cond
   # copies its predicate to the host and waits for the device). Every branch takes the logits as
   # given and returns [B] or [B, A] arrays: a [B, V] output would be a copy.
-  staged = jnp.any(s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B)
   rewrite, cut = jnp.any(s.use_bias_B | penalized_B), jnp.any(filtered_B)
-  path = jnp.where(staged, 2 + 2 * rewrite.astype(jnp.int32) + cut.astype(jnp.int32),
-                   jnp.any(~greedy_B).astype(jnp.int32))
-  paths = [functools.partial(plain, noise=False), functools.partial(plain, noise=True)]
-  paths += [functools.partial(_staged, s=s, state=state, mask_BW=mask_BW, greedy_B=greedy_B, filtered_B=filtered_B,
-                              penalized_B=penalized_B, rewrite=rewrite_, cut=cut_, chunk=chunk, num_chunks=num_chunks)
-            for rewrite_ in (False, True) for cut_ in (False, True)]
-  tokens_B, logprob_B, ids_BA, top_BA = jax.lax.switch(path, paths, logits_BV)
+  staged_paths = [functools.partial(_staged, s=s, state=state, mask_BW=mask_BW, greedy_B=greedy_B,
+                                    filtered_B=filtered_B, penalized_B=penalized_B, rewrite=rewrite_, cut=cut_,
+                                    chunk=chunk, num_chunks=num_chunks)
+                  for rewrite_ in (False, True) for cut_ in (False, True)]
+  staged_index = 2 * rewrite.astype(jnp.int32) + cut.astype(jnp.int32)
+  if path == PLAIN:
+    # Greedy rows skip the noise inside `_draw`; computing it for the others is a few integer
+    # operations per logit in the same read.
+    tokens_B, logprob_B, ids_BA, top_BA = plain(logits_BV, noise=True)
+  elif path == STAGED:
+    tokens_B, logprob_B, ids_BA, top_BA = jax.lax.switch(staged_index, staged_paths, logits_BV)
+  elif path is None:
+    staged = jnp.any(s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B)
+    index = jnp.where(staged, 2 + staged_index, jnp.any(~greedy_B).astype(jnp.int32))
+    paths = [functools.partial(plain, noise=False), functools.partial(plain, noise=True)] + staged_paths
+    tokens_B, logprob_B, ids_BA, top_BA = jax.lax.switch(index, paths, logits_BV)
+  else:
+    raise ValueError(f"path={path!r}: use None, {PLAIN!r} or {STAGED!r}")
   asked_B = s.logprobs_B
   return SamplerOutput(tokens_B=tokens_B, logprob_B=jnp.where(asked_B, logprob_B, 0.0),
                        top_ids_BA=jnp.where(asked_B[:, None], ids_BA, 0),
                        top_logprobs_BA=jnp.where(asked_B[:, None], top_BA, 0.0))
 
 
-@functools.partial(jax.jit, static_argnames=("chunk", "num_chunks"))
-def sample_jit(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, chunk: int = SHORTLIST_CHUNK,
-               num_chunks: int = SHORTLIST_CHUNKS):
+@functools.partial(jax.jit, static_argnames=("path", "chunk", "num_chunks"))
+def sample_jit(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, path: str | None = None,
+               chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS):
   """`sample` as its own program, for tests and benchmarks (the engine's step inlines `sample`)."""
-  return sample(logits_BV, s, state, mask_BW, chunk=chunk, num_chunks=num_chunks)
+  return sample(logits_BV, s, state, mask_BW, path=path, chunk=chunk, num_chunks=num_chunks)

@@ -328,3 +328,34 @@ def test_logprobs_are_the_raw_log_softmax(small_sampler):
   np.testing.assert_allclose(np.asarray(out.top_logprobs_BA)[asked], np.take_along_axis(want, order, 1)[asked],
                              rtol=1e-5, atol=1e-5)
   assert not np.asarray(out.top_logprobs_BA)[~asked].any() and not np.asarray(out.logprob_B)[~asked].any()
+
+
+def test_host_plain_path_has_no_conditional_and_matches_the_device_switch(small_sampler):
+  # The host picks PLAIN for greedy and temperature rows: that program holds no conditional (on a GPU
+  # a conditional waits for the device) and draws what the one-program switch draws.
+  batch, vocab = SMALL_BATCH, SMALL_VOCAB
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=(batch, vocab)).astype(np.float32) * 3)
+  s = inputs(batch, temperature_B=rng.choice([0.0, 0.6, 1.0, 1.7], batch))
+  assert sampler.host_path(jax.tree.map(np.asarray, s)) == sampler.PLAIN
+  state, mask = empty_state(batch, vocab), no_mask(batch, vocab)
+  plain = sampler.sample_jit.lower(x, s, state, mask, path=sampler.PLAIN).compile()
+  assert not re.search(r" (conditional|while)\(", plain.as_text())
+  np.testing.assert_array_equal(np.asarray(plain(x, s, state, mask).tokens_B),
+                                np.asarray(small_sampler(x, s, state, mask).tokens_B))
+
+
+@pytest.mark.parametrize("stage", [dict(top_p_B=0.8), dict(top_k_B=4), dict(min_p_B=0.2), dict(logprobs_B=True),
+                                   dict(repetition_penalty_B=1.3), dict(use_bias_B=True), dict(use_mask_B=True)])
+def test_host_staged_path_matches_the_device_switch(small_sampler, stage):
+  batch, vocab = SMALL_BATCH, SMALL_VOCAB
+  rng = np.random.default_rng(10)
+  x = jnp.asarray(rng.normal(size=(batch, vocab)).astype(np.float32) * 3)
+  s = inputs(batch, temperature_B=0.9, **stage)
+  assert sampler.host_path(jax.tree.map(np.asarray, s)) == sampler.STAGED
+  state = empty_state(batch, vocab)
+  mask = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (batch, (vocab + 31) // 32), dtype=np.int64).astype(np.int32))
+  staged = sampler.sample_jit(x, s, state, mask, path=sampler.STAGED)
+  device = small_sampler(x, s, state, mask)
+  for a, b in zip(jax.tree.leaves(staged), jax.tree.leaves(device)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

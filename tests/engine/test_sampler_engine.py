@@ -1,5 +1,6 @@
 """Sampling through the whole engine on a tiny random checkpoint written by transformers."""
 
+import dataclasses
 import json
 import re
 
@@ -32,9 +33,8 @@ def hf_logits(hf_model, ids):
     return hf_model(torch.tensor([ids])).logits[0].double().numpy()
 
 
-def test_seeded_request_gives_same_tokens_alone_and_in_a_batch_of_64(llm):
-  target = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
-  alone = llm.generate([PROMPT], target, use_tqdm=False)[0].outputs[0].token_ids
+def mixed_batch(target):
+  """64 prompts: `target` at row 31 among 63 others with every sampling parameter in some mix."""
   rng = np.random.default_rng(0)
   others = []
   for i in range(63):
@@ -46,9 +46,42 @@ def test_seeded_request_gives_same_tokens_alone_and_in_a_batch_of_64(llm):
         repetition_penalty=[1.0, 1.2, 1.0, 1.0, 1.0, 1.0, 1.1][kind], frequency_penalty=0.5 * (kind == 2),
         logit_bias={7: 3.0} if kind == 5 else None, logprobs=3 if kind == 6 else None))
   prompts = [PROMPT[:int(n)] for n in rng.integers(3, len(PROMPT), 63)]
-  outs = llm.generate(prompts[:31] + [PROMPT] + prompts[31:], others[:31] + [target] + others[31:], use_tqdm=False)
+  return prompts[:31] + [PROMPT] + prompts[31:], others[:31] + [target] + others[31:]
+
+
+TARGET = SamplingParams(max_tokens=24, temperature=0.9, top_p=0.95, seed=1234, ignore_eos=True)
+
+
+def test_seeded_request_gives_same_tokens_alone_and_in_a_batch_of_64(llm):
+  alone = llm.generate([PROMPT], TARGET, use_tqdm=False)[0].outputs[0].token_ids
+  outs = llm.generate(*mixed_batch(TARGET), use_tqdm=False)
   assert outs[31].outputs[0].token_ids == alone
   assert llm.engine.runner.num_compiled() == 3  # no parameter value compiled anything new
+
+
+def test_host_chosen_sampler_paths_give_the_device_switchs_tokens(llm, tiny_model_dir):
+  # sampler_paths="host" (the GPU default): a plain and a staged program per bucket, the host picking
+  # one per step. Same tokens and logprobs as the one-program switch, for a plain-only batch and for
+  # the mixed batch, and nothing compiled after start-up.
+  host = LLM(tiny_model_dir, dtype="float32", max_model_len=256, max_num_seqs=64, max_num_batched_tokens=64,
+             kv_cache_gib=0.02, compilation_cache_dir=None, sampler_paths="host")
+  assert host.engine.runner.num_compiled() == 6
+  plain = [SamplingParams(max_tokens=10, temperature=t, seed=i, ignore_eos=True)
+           for i, t in enumerate([0.0, 0.7, 1.0, 1.3] * 4)]
+  prompts = [PROMPT[:20 + 3 * i] for i in range(16)]
+  prompts_64, params_64 = mixed_batch(TARGET)
+  # Every row seeded: an unseeded request's seed comes from its engine's generator.
+  params_64 = [dataclasses.replace(p, seed=1000 + i if p.seed is None else p.seed) for i, p in enumerate(params_64)]
+  for batch in ((prompts, plain), (prompts_64, params_64)):
+    want = llm.generate(*batch, use_tqdm=False)
+    got = host.generate(*batch, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
+    for g, w in zip(got, want):  # a different program: the same values up to float rounding
+      assert (g.outputs[0].logprobs is None) == (w.outputs[0].logprobs is None)
+      for step_g, step_w in zip(g.outputs[0].logprobs or [], w.outputs[0].logprobs or []):
+        assert step_g.keys() == step_w.keys()
+        np.testing.assert_allclose(list(step_g.values()), list(step_w.values()), rtol=1e-5, atol=1e-5)
+  assert host.engine.runner.num_compiled() == 6
 
 
 def test_n_completions_are_the_seeds_seed_plus_index_sharing_prefix_pages(llm):
