@@ -24,6 +24,7 @@ from jserve.engine.outputs import OutputProcessor
 from jserve.engine.request import (MAX_EOS_TOKEN_IDS, PLACEHOLDER, FinishReason, Request, RequestOutput,
                                    RequestStatus, SamplingParams)
 from jserve.engine.runner import ModelRunner, RunnerConfig
+from jserve.engine.sampler import PLAIN, request_path
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
 from jserve.tokenizer import Tokenizer
@@ -61,6 +62,10 @@ class EngineConfig:
   # of a batch of greedy and temperature rows), "device" (one program, a `lax.switch`), or "auto":
   # "host" on GPUs, where a conditional makes the host wait for the device, else "device".
   sampler_paths: str = "auto"
+  # With host paths: compile the staged sampler's programs (top-k/top-p/min-p, penalties, bias,
+  # logprobs, grammar) at start-up; False halves start-up compiling, and the first batch that needs
+  # one waits for its compile (a deployment that only serves greedy and temperature never does).
+  precompile_staged_sampler: bool = True
 
   def __post_init__(self):
     if self.page_size % 8:
@@ -172,7 +177,8 @@ class LLMEngine:
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
         kv_dtype=kv_dtype, attn_impl=config.attn_impl, num_decode_steps=config.num_decode_steps,
-        sampler_paths=_sampler_paths(config.sampler_paths)), mesh=self.mesh)
+        sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler),
+        mesh=self.mesh)
     self.runner.compile_all(progress)
     self.is_leader = jax.process_index() == 0
     if self.num_processes > 1 and self.is_leader:
@@ -376,7 +382,8 @@ class LLMEngine:
   def _can_burst(self, batch) -> bool:
     """Whether the batch may run `num_decode_steps` steps in one call: it only decodes, asks for nothing
     computed per step on the host (grammar, logprobs), no request can end by length within the steps,
-    and every request gets the pages of all of them."""
+    every request gets the pages of all of them, and, where the host picks the sampler's path, every
+    row is plain (bursts are compiled for that path only)."""
     steps = self.config.num_decode_steps
     if self.runner._burst is None:
       return False
@@ -384,7 +391,8 @@ class LLMEngine:
       p = req.params
       if (n != 1 or req.num_computed_tokens + 1 < req.num_tokens or req.grammar is not None
           or p.logprobs is not None or p.prompt_logprobs is not None
-          or req.num_output_tokens + steps >= p.max_tokens or req.num_tokens + steps >= self.max_model_len):
+          or req.num_output_tokens + steps >= p.max_tokens or req.num_tokens + steps >= self.max_model_len
+          or (self.runner.host_paths and request_path(p) != PLAIN)):
         return False
     return all(self.kv.allocate(req, steps) for req in batch.requests)
 

@@ -59,6 +59,7 @@ class RunnerConfig:
   # in a plain batch's step: on a GPU a conditional waits for the device); "device": one program per
   # bucket, the path picked on the device (`sampler.sample`).
   sampler_paths: str = "device"
+  precompile_staged: bool = True  # with host paths: compile the staged programs at start-up (else on first use)
 
   @property
   def pages_per_seq(self) -> int:
@@ -236,7 +237,8 @@ class ModelRunner:
     start = time.monotonic()
     # With host-chosen paths each bucket has a plain and a staged program: empty inputs take the
     # plain path; a logprobs row sends them down the staged one.
-    variants = [False, True] if self._host_paths else [False]
+    # Bursts run plain batches only (the engine's `_can_burst`).
+    variants = [False, True] if self._host_paths and self.rc.precompile_staged else [False]
     for i, b in enumerate(self.buckets):
       for staged in variants:
         out = self._call_step(*self._empty_inputs(b, staged=staged))[0]
@@ -244,11 +246,10 @@ class ModelRunner:
       if progress:
         progress(i + 1, len(self.buckets), b)
     for b in self.burst_buckets:
-      for staged in variants:
-        self.execute_burst(*self._empty_inputs(b, staged=staged)).block_until_ready()
+      self.execute_burst(*self._empty_inputs(b)).block_until_ready()
     self._flush_slot_writes(force=True)
     logging.info("compiled %d step buckets (%s tokens)%s in %.1f s", len(self.buckets),
-                 ",".join(map(str, self.buckets)), ", a plain and a staged sampler each" if self._host_paths else "",
+                 ",".join(map(str, self.buckets)), ", a plain and a staged sampler each" if len(variants) > 1 else "",
                  time.monotonic() - start)
 
   # --- slots ----------------------------------------------------------------------------------
@@ -454,6 +455,11 @@ class ModelRunner:
         self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
         path=self._path(sampling))
     return out_KB
+
+  @property
+  def host_paths(self) -> bool:
+    """Whether the host picks the sampler's path (then a decode burst takes plain batches only)."""
+    return self._host_paths
 
   @property
   def _host_paths(self) -> bool:

@@ -303,6 +303,16 @@ def host_path(s: SamplingInputs) -> str:
   return STAGED if staged.any() else PLAIN
 
 
+def request_path(params, constrained: bool = False) -> str:
+  """`host_path` of one request's row, from its SamplingParams (min_tokens bans stop tokens through
+  the bias table)."""
+  filtered = params.temperature > 0 and (params.top_k > 0 or params.top_p < 1 or params.min_p > 0)
+  penalized = params.repetition_penalty != 1 or params.presence_penalty != 0 or params.frequency_penalty != 0
+  staged = (constrained or filtered or penalized or bool(params.logit_bias) or params.min_tokens > 0
+            or params.logprobs is not None)
+  return STAGED if staged else PLAIN
+
+
 def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, path: str | None = None,
            chunk: int = SHORTLIST_CHUNK, num_chunks: int = SHORTLIST_CHUNKS) -> SamplerOutput:
   """Samples one token per sequence. mask_BW: grammar bitmask words, read where use_mask_B.

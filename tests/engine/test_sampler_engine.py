@@ -215,3 +215,29 @@ def test_engine_refuses_token_ids_outside_the_vocabulary(llm, params, message):
   with pytest.raises(InvalidRequestError, match=message):
     llm.generate([PROMPT], params, use_tqdm=False)
   assert not llm.engine.has_unfinished()
+
+
+def test_host_paths_burst_plain_batches_and_compile_staged_on_first_use(llm, tiny_model_dir):
+  # precompile_staged_sampler=False: only the plain programs at start-up (3 step buckets, bursts of
+  # 4 decode steps for the 16- and 32-token buckets); plain batches burst; a top-p request compiles
+  # its staged step once, never bursts, and both give the one-program engine's tokens.
+  host = LLM(tiny_model_dir, dtype="float32", max_model_len=256, max_num_seqs=32, max_num_batched_tokens=64,
+             kv_cache_gib=0.02, compilation_cache_dir=None, sampler_paths="host", num_decode_steps=4,
+             precompile_staged_sampler=False)
+  runner = host.engine.runner
+  started = runner.num_compiled()
+  assert started == 3 + len(runner.burst_buckets)
+  bursts = []
+  execute_burst = runner.execute_burst
+  runner.execute_burst = lambda *a: bursts.append(1) or execute_burst(*a)
+  prompts = [PROMPT[:20 + 3 * i] for i in range(8)]
+  plain = [SamplingParams(max_tokens=14, temperature=t, seed=i, ignore_eos=True)
+           for i, t in enumerate([0.0, 0.7, 1.0, 1.3] * 2)]
+  want = [o.outputs[0].token_ids for o in llm.generate(prompts, plain, use_tqdm=False)]
+  assert [o.outputs[0].token_ids for o in host.generate(prompts, plain, use_tqdm=False)] == want
+  assert bursts and runner.num_compiled() == started
+  del bursts[:]
+  top_p = [SamplingParams(max_tokens=14, temperature=1.0, top_p=0.8, seed=i, ignore_eos=True) for i in range(8)]
+  want = [o.outputs[0].token_ids for o in llm.generate(prompts, top_p, use_tqdm=False)]
+  assert [o.outputs[0].token_ids for o in host.generate(prompts, top_p, use_tqdm=False)] == want
+  assert not bursts and runner.num_compiled() > started
