@@ -26,6 +26,7 @@ from jserve.engine.request import (MAX_EOS_TOKEN_IDS, PLACEHOLDER, FinishReason,
 from jserve.engine.runner import ModelRunner, RunnerConfig
 from jserve.engine.sampler import PLAIN, request_path
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
+from jserve.engine.startup import StartupClock
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
 from jserve.tokenizer import Tokenizer
 from jserve.weights import resolve_dtype
@@ -125,7 +126,12 @@ class LLMEngine:
 
   def __init__(self, config: EngineConfig, progress=None, devices=None):
     """`devices`: where this replica runs (it takes the first `pipeline_parallel_size` x
-    `tensor_parallel_size` of them); default: JAX's default device, or this host's first devices."""
+    `tensor_parallel_size` of them); default: JAX's default device, or this host's first devices.
+
+    `startup_s`: seconds per start-up phase (config and tokenizer, weights on the devices, KV pool
+    and runner, compiling or loading every step program); `startup_programs`: XLA programs built
+    meanwhile, and how many came from the persistent cache (see jserve/engine/startup.py)."""
+    clock = StartupClock()
     self.config = config
     _enable_compilation_cache(config.compilation_cache_dir)
     model_dir = config.model_dir
@@ -155,7 +161,10 @@ class LLMEngine:
                           f"set tensor_parallel_size={jax.device_count()}")
       devices = jax.devices()
     self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices, config.pipeline_parallel_size)
+    clock.lap("config")
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
+    jax.block_until_ready(self.params)  # else the weights' last transfers are timed as compiling
+    clock.lap("weights")
     kv_dtype = resolve_dtype(config.dtype)
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
@@ -179,7 +188,11 @@ class LLMEngine:
         kv_dtype=kv_dtype, attn_impl=config.attn_impl, num_decode_steps=config.num_decode_steps,
         sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler),
         mesh=self.mesh)
+    clock.lap("kv_pool")
     self.runner.compile_all(progress)
+    clock.lap("compile")
+    self.startup_s, self.startup_programs = clock.phases, clock.programs()
+    logging.info("start-up: %s", clock.summary())
     self.is_leader = jax.process_index() == 0
     if self.num_processes > 1 and self.is_leader:
       self.runner._channel = multihost.LeaderChannel()
