@@ -26,5 +26,6 @@ per axis, in order: `q_TNH` is [tokens, query heads, head dim].
     A  alternatives reported with log-probabilities (the MAX_LOGPROBS most likely tokens)
     M  entries of the sampler's shortlist of candidate tokens
     U  chunks of the vocabulary; Y  tokens in one chunk (V padded = U * Y)
+    O  groups of chunks, ranked before their chunks when the shortlist picks the best chunks
     Z  candidate thresholds tried in one pass of the sampler's threshold search
 """

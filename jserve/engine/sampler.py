@@ -36,8 +36,9 @@ the host and waits for the device, and a [B, V] output would be a copy. So:
   largest values, or, for rows it cannot settle, from an exact search over the
   float order that reads the logits 8 times; neither sorts the row
   (thresholds.py).
-- Log-probabilities take one more read: per-chunk max and sum of exp give the
-  log-softmax normalizer and the top-20 shortlist at once.
+- Log-probabilities take two more reads, two plain reductions: per-chunk max,
+  then per-chunk sum of exp, give the log-softmax normalizer and the top-20
+  shortlist at once.
 
 Per-request state that outlives a step (penalty counts, logit-bias tables)
 lives on the device in `SlotState`, one row per slot; the runner assigns slots
@@ -273,7 +274,7 @@ def _staged(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, greedy_B, f
 
 def _logprobs(logits_BV, tokens_B, s: SamplingInputs, chunk):
   """(chosen token's log-probability [B], top ids [B, A], top log-probabilities [B, A]) of the raw
-  logits where some row asked for them, zeros otherwise. One read of the logits, under a cond whose
+  logits where some row asked for them, zeros otherwise. Two reads of the logits, under a cond whose
   operand is the logits as given (a converted copy would be one more [B, V] array written)."""
   batch, vocab = logits_BV.shape
   num = min(MAX_LOGPROBS, vocab)

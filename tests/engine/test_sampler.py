@@ -11,7 +11,7 @@ import scipy.stats
 import torch
 from transformers.generation.logits_process import RepetitionPenaltyLogitsProcessor
 
-from jserve.engine import sampler
+from jserve.engine import sampler, thresholds
 from jserve.engine.request import BIAS_TABLE_SIZE
 
 NUM_DRAWS = 20_000
@@ -120,6 +120,45 @@ def test_shortlist_thresholds_equal_full_sort_thresholds():
     # The filter as a whole (shortlist, falling back to the sort where unresolved) keeps what the sort keeps.
     kept = np.asarray(_filter(x, top_k, top_p, min_p)) > -np.inf
     np.testing.assert_array_equal(kept, np.asarray(x) >= np.asarray(full)[:, None])
+
+
+@pytest.mark.parametrize("group", [4, 5])
+def test_shortlist_picked_in_two_rounds_is_the_one_round_shortlist(group):
+  # 1003 tokens in 126 chunks of 8: groups of 5 leave a padded last group. Rows 0-3 are 90% masked,
+  # row 4 keeps 3 tokens (the bound is -inf: the whole shortlist is exact).
+  rng = np.random.default_rng(11)
+  batch, vocab, chunk, num_chunks = 16, 1003, 8, 12
+  x = rng.normal(size=(batch, vocab)).astype(np.float32)
+  x[:4][rng.random((4, vocab)) < 0.9] = -np.inf
+  x[4, 3:] = -np.inf
+  short = functools.partial(sampler.shortlist, chunk=chunk, num_chunks=num_chunks)
+  v1, ids1, bound1 = (np.asarray(a) for a in jax.jit(functools.partial(short, group=1))(jnp.asarray(x)))
+  v2, ids2, bound2 = (np.asarray(a) for a in jax.jit(functools.partial(short, group=group))(jnp.asarray(x)))
+  np.testing.assert_array_equal(v2, v1)
+  np.testing.assert_array_equal(bound2, bound1)
+  head = v1 > bound1[:, None]
+  np.testing.assert_array_equal(ids2[head], ids1[head])
+  want = -np.sort(-x, axis=1)[:, :v1.shape[1]]
+  for i in range(batch):
+    exact = head[i] | (bound1[i] == -np.inf)
+    np.testing.assert_array_equal(v2[i, exact], want[i, exact])
+    assert bound1[i] == -np.inf or head[i].sum() >= num_chunks, (i, head[i].sum())
+    real = ids2[i] < vocab
+    np.testing.assert_array_equal(x[i, ids2[i, real]], v2[i, real])
+    assert (v2[i, ~real] == -np.inf).all() and len(set(ids2[i].tolist())) == len(ids2[i])
+
+
+def test_max_and_sumexp_equals_numpy_with_all_neg_inf_chunks():
+  rng = np.random.default_rng(12)
+  x = rng.normal(size=(3, 40, 16)).astype(np.float32) * 4
+  x[0, :5] = -np.inf  # whole chunks masked: max -inf, sum 0
+  x[1][rng.random((40, 16)) < 0.7] = -np.inf
+  max_, sum_ = jax.jit(thresholds.max_and_sumexp, static_argnums=1)(jnp.asarray(x), 2)
+  want_max = x.max(axis=2)
+  with np.errstate(invalid="ignore"):
+    want_sum = np.where(want_max > -np.inf, np.exp(x.astype(np.float64) - want_max[..., None]).sum(axis=2), 0.0)
+  np.testing.assert_array_equal(np.asarray(max_), want_max)
+  np.testing.assert_allclose(np.asarray(sum_), want_sum, rtol=1e-6)
 
 
 def test_top_logprobs_are_the_largest_entries():
