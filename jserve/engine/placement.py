@@ -75,8 +75,9 @@ def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh 
   if has_orbax_params(model_dir):
     from sharding import checkpoint
     target = mesh or make_mesh(MeshShape(), [default_device()])
-    return checkpoint.restore(os.path.join(model_dir, ORBAX_SUBDIR), param_specs(cfg), target,
-                              resolve_dtype(dtype))
+    params = checkpoint.restore(os.path.join(model_dir, ORBAX_SUBDIR), param_specs(cfg), target,
+                                resolve_dtype(dtype))
+    return params if mesh is not None else on_default_device(params)
   if mesh is None:
     return load_params(model_dir, cfg, dtype)
   return load_params(model_dir, cfg, dtype, place=rules.make_place(param_specs(cfg), mesh))
@@ -89,7 +90,7 @@ def random_engine_params(cfg: ModelConfig, dtype: str, mesh: Mesh | None, seed: 
   every device its slice of the same values whatever the layout, so no device ever holds a whole
   split tensor and every layout serves exactly the same model (the values match `init_params` up
   to float rounding: the scaling fuses differently under jit). Without a mesh the weights go on a
-  one-device mesh of the default device, as restored orbax weights do.
+  one-device mesh of the default device, then relabelled as plain arrays of that device.
   """
   target = mesh or make_mesh(MeshShape(), [default_device()])
   specs = param_specs(cfg)
@@ -107,7 +108,19 @@ def random_engine_params(cfg: ModelConfig, dtype: str, mesh: Mesh | None, seed: 
                              axes=spec.axes, tp=target.shape[TENSOR], dtype=resolve_dtype(dtype))
       makers[what] = jax.jit(fn, out_shardings=sharding)
     out.append(makers[what](np.int32(i)))
-  return jax.tree_util.tree_unflatten(treedef, out)
+  params = jax.tree_util.tree_unflatten(treedef, out)
+  return params if mesh is not None else on_default_device(params)
+
+
+def on_default_device(params: dict) -> dict:
+  """Weights made on a one-device mesh, as arrays of the default device (the same buffers).
+
+  Without a mesh the KV pool, the sampler's state and the step's inputs are plain arrays of the
+  default device; weights with a one-device-mesh sharding beside them would make the step's first
+  real call compile again, for a different layout than start-up compiled.
+  """
+  device = jax.sharding.SingleDeviceSharding(default_device())
+  return jax.tree.map(lambda a: jax.device_put(a, device), params)
 
 
 def _random_tensor(index, *, seed, count, shape, init, axes, tp, dtype):

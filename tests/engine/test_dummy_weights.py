@@ -58,3 +58,18 @@ def test_dummy_weights_are_made_in_their_shards(report):
   assert report["tensor 4"]["wq_devices"] == [0, 1, 2, 3]
   assert report["tensor 4"]["wk_shape"] == [64, 4, 16]  # 2 KV heads widened to one per device
   assert report["pipeline 2 x tensor 2"]["wq_devices"] == [0, 1]
+
+
+def test_one_device_dummy_weights_compile_nothing_after_start(tmp_path, bpe_tokenizer):
+  # Without a mesh the weights must have the layout of the KV pool and the step inputs (plain
+  # arrays of the default device): otherwise the first request compiles its bucket again.
+  from jserve import LLM, SamplingParams
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(CFG.to_hf_dict(), f)
+  write_tokenizer(bpe_tokenizer, str(tmp_path))
+  llm = LLM(str(tmp_path), load_format="dummy", dtype="float32", max_model_len=64, max_num_seqs=4,
+            max_num_batched_tokens=32, kv_cache_gib=0.01, compilation_cache_dir=None)
+  assert all(isinstance(a.sharding, jax.sharding.SingleDeviceSharding) for a in jax.tree.leaves(llm.engine.params))
+  compiled = llm.engine.runner.num_compiled()
+  llm.generate([[5, 6, 7, 8, 9]] * 3, SamplingParams(max_tokens=6, ignore_eos=True), use_tqdm=False)
+  assert llm.engine.runner.num_compiled() == compiled
