@@ -1,23 +1,52 @@
 """End-to-end offline throughput on the device, against the memory roofline measured in the same run.
 
     PYTHONPATH=. python -m tools.bench_e2e --preset=llama-3.2-1b --out_dir=$OUT
+    PYTHONPATH=. python -m tools.bench_e2e --preset=llama-3.1-8b --dummy --max_num_batched_tokens=2048 \
+        --engine_args='{"num_decode_steps": 8, "precompile_staged_sampler": false}' \
+        --workloads=longtail/1000,1024/128/1000 --step_sweep=1,16,64,256x1024,4096 --out_dir=$OUT
+    PYTHONPATH=. python -m tools.plot_e2e $OUT/e2e.json --out_dir=$OUT   # the PNGs
 
-One process: measures the copy bandwidth (PyTorch device-to-device copy and
-a JAX copy, bytes read plus written), writes a random-weight checkpoint of the
-preset, starts one `LLM`, and runs each workload (`--workloads=in/out/count,...`)
-through `LLM.generate` with `ignore_eos`, steps overlapping as in production.
-For each workload it reports output and total tokens/s beside the workload's
-roofline (every step's weight bytes plus the KV bytes its batch reads, over the
-measured copy bandwidth), and, for the decode steps that had the full batch,
-the median wall time per step against that step's roofline, and the host time
-per step (scheduling plus batch building). With `--hf_batch=B` it also runs
-Hugging Face transformers `generate` (PyTorch, same checkpoint, same device)
-on B prompts of 128/128 and jserve on the same prompts: the same-run anchor.
-Writes e2e.json and e2e.md to --out_dir; prints a short table last.
+and as a smoke run on a CPU (tiny shapes; a small pool, since a CPU step copies the whole pool):
+
+    PYTHONPATH=. python -m tools.bench_e2e --preset=tiny-llama --dummy --workloads=16/16/8,longtail/16 \
+        --step_sweep=1,4x32,64 --copy_gib=0.01 --max_num_seqs=8 --max_num_batched_tokens=64 \
+        --engine_args='{"kv_cache_gib": 0.01}' --out_dir=/tmp/e2e
+
+One process: measures the ceilings (the copy bandwidth: a PyTorch device-to-device copy and a JAX
+copy, bytes read plus written; the matmul rate: a bfloat16 8192^3 `jnp.dot`, 512^3 under a CPU),
+writes a random-weight checkpoint of the preset (none with `--dummy`), starts one `LLM`, then:
+
+- `--step_sweep=B1,B2,..xC1,C2,..`: times the engine's own decode step (its runner, its compiled
+  programs, its KV pool filled with random values) for B sequences each at context C, for every
+  pair: the single step (`execute`, dispatched back to back) and, when the engine runs several
+  decode steps per call (`num_decode_steps` > 1), the burst per step (the path the engine takes for
+  decode-only batches). Each beside its bounds: the memory roofline (weight bytes + B * C * KV bytes
+  per token, over the copy bandwidth) and the FLOP bound (2 * matmul parameters * B, over the matmul
+  rate; matmul parameters leave out an untied input embedding, which is gathered, not multiplied);
+  `fraction` is the larger bound over the step time. A pair whose KV does not fit the engine's pool
+  runs at the largest halved batch that fits (`capped_from` says so); a batch over `max_num_seqs`
+  or a context over the model's length is skipped with the reason.
+- each workload of `--workloads` through `LLM.generate` with `ignore_eos`, steps overlapping as in
+  production. `in/out/count` is `count` requests of `in` prompt and `out` output tokens;
+  `longtail/count` is `count` requests whose lengths follow chat-like long-tailed distributions
+  (LONGTAIL below: lognormal, input median 250 tokens, output median 200; written into the JSON and
+  the markdown with the drawn lengths' statistics). For each workload: output and total tokens/s
+  beside the workload's roofline (every step's weight bytes plus the KV bytes its batch reads, over
+  the copy bandwidth; from the per-request lengths, see `workload_roofline`), and, for the decode
+  steps that had the full batch, the median wall time per step against that step's roofline, and
+  the host time per step (scheduling plus batch building).
+- with `--hf_batch=B`, Hugging Face transformers `generate` (PyTorch, same checkpoint, same device)
+  on B prompts of 128/128 and jserve on the same prompts: the same-run anchor.
+
+The engine's `max_model_len` covers the longest request and the sweep's longest context. Writes
+e2e.json and e2e.md to --out_dir after every stage (a run cut short keeps what it finished);
+prints a short table last.
 """
 
 import datetime
+import heapq
 import json
+import math
 import os
 import tempfile
 import time
@@ -26,15 +55,29 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "llama-3.2-1b", "model preset (random weights)")
-flags.DEFINE_string("workloads", "128/128/512,1024/128/256", "input/output/requests, comma separated")
+flags.DEFINE_string("workloads", "128/128/512,1024/128/256",
+                    "comma separated: input/output/requests, or longtail/requests (lengths drawn from LONGTAIL)")
+flags.DEFINE_string("step_sweep", "", "decode step sweep, batches x contexts, e.g. 1,16,64,256x1024,4096 "
+                    "(empty: none)")
+flags.DEFINE_integer("step_iters", 16, "steps per timed round of the step sweep (3 rounds)")
 flags.DEFINE_integer("max_num_seqs", 256, "engine max_num_seqs")
 flags.DEFINE_integer("max_num_batched_tokens", 8192, "engine token budget")
 flags.DEFINE_string("out_dir", "/tmp/bench_e2e", "results directory")
 flags.DEFINE_float("copy_gib", 4.0, "size of the copy that measures the bandwidth ceiling")
+flags.DEFINE_integer("matmul_n", 8192, "size of the square bf16 matmul that measures the matmul rate (512 on CPU)")
 flags.DEFINE_integer("hf_batch", 0, "if > 0: transformers generate against jserve at this batch, 128/128")
 flags.DEFINE_bool("dummy", False, "random weights made on the device (load_format=dummy): no checkpoint written "
                   "(saves 96 s for the 8B shape); the transformers anchor needs a checkpoint")
 flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
+
+# The long-tailed workload: chat-like lengths (ShareGPT-style traffic has prompts of a few hundred
+# tokens with a tail into the thousands, and answers of a couple of hundred tokens with a tail to
+# about two thousand). Each length is round(exp(N(log(median), sigma^2))) clipped to [lo, hi],
+# input and output drawn independently, from numpy's default_rng(seed). Means before clipping:
+# input 250 * e^0.5 = 412, output 200 * e^0.32 = 275; 99th percentiles 2,560 and 1,287.
+LONGTAIL = {"input": {"median": 250, "sigma": 1.0, "clip": [4, 4096]},
+            "output": {"median": 200, "sigma": 0.8, "clip": [4, 2048]},
+            "seed": 0}
 
 
 def hf_anchor(model_dir, llm, batch, vocab):
@@ -102,19 +145,248 @@ def copy_bandwidth():
   return {"jax_copy_GBps": jax_bw / 1e9, "torch_copy_GBps": torch_bw / 1e9, "best_GBps": max(jax_bw, torch_bw) / 1e9}
 
 
+def longtail_lengths(count: int, max_total: int):
+  """`count` (input, output) lengths drawn from LONGTAIL, and the distribution with the drawn
+  lengths' statistics, for the results. A request longer than `max_total` (the model's length) has
+  its input cut, then its output, to fit; `cut_to_model_len` counts them."""
+  import numpy as np
+  rng = np.random.default_rng(LONGTAIL["seed"])
+  lens = {}
+  for key in ("input", "output"):
+    d = LONGTAIL[key]
+    x_N = np.rint(np.exp(rng.normal(math.log(d["median"]), d["sigma"], size=count)))
+    lens[key] = np.clip(x_N, *d["clip"]).astype(np.int64)
+  in_N, out_N = lens["input"], lens["output"]
+  over_N = in_N + out_N > max_total
+  in_N = np.where(over_N, np.maximum(max_total - out_N, 4), in_N)
+  out_N = np.minimum(out_N, max_total - in_N)
+
+  def stats(x_N):
+    return {"mean": float(x_N.mean()), "p50": float(np.percentile(x_N, 50)), "p90": float(np.percentile(x_N, 90)),
+            "p99": float(np.percentile(x_N, 99)), "min": int(x_N.min()), "max": int(x_N.max()),
+            "total": int(x_N.sum())}
+
+  spec = dict(LONGTAIL, form="round(exp(N(log(median), sigma^2))) clipped to clip, input and output independent, "
+              "numpy default_rng(seed): normal for inputs, then for outputs")
+  spec.update(cut_to_model_len=int(over_N.sum()), drawn={"input": stats(in_N), "output": stats(out_N)})
+  return in_N.tolist(), out_N.tolist(), spec
+
+
+def longtail_text(spec: dict) -> str:
+  """One line that says the long-tailed distribution and what was drawn from it."""
+  parts = []
+  for key in ("input", "output"):
+    d, s = spec[key], spec["drawn"][key]
+    parts.append(f"{key} lognormal(median {d['median']}, sigma {d['sigma']}) clipped to [{d['clip'][0]}, "
+                 f"{d['clip'][1]}], drawn mean {s['mean']:.0f} / p50 {s['p50']:.0f} / p90 {s['p90']:.0f} / "
+                 f"p99 {s['p99']:.0f} / max {s['max']}")
+  cut = f"; {spec['cut_to_model_len']} cut to the model's length" if spec.get("cut_to_model_len") else ""
+  return f"longtail: {'; '.join(parts)}; independent, seed {spec['seed']}{cut}"
+
+
+def parse_workloads(spec: str, max_total: int) -> list[dict]:
+  """`--workloads` as dicts: label, per-request input and output lengths, the long tail's spec."""
+  out = []
+  for w in spec.split(","):
+    parts = w.strip().split("/")
+    if parts[0] == "longtail":
+      if len(parts) != 2:
+        raise app.UsageError(f"workload {w!r}: use longtail/requests")
+      ins, outs, dist = longtail_lengths(int(parts[1]), max_total)
+      out.append({"label": f"longtail x {len(ins)}", "in_lens": ins, "out_lens": outs, "longtail": dist})
+    else:
+      if len(parts) != 3:
+        raise app.UsageError(f"workload {w!r}: use input/output/requests or longtail/requests")
+      in_len, out_len, count = (int(x) for x in parts)
+      out.append({"label": f"{in_len}/{out_len} x {count}", "in_lens": [in_len] * count,
+                  "out_lens": [out_len] * count})
+  return out
+
+
+def parse_sweep(spec: str) -> tuple[list[int], list[int]]:
+  """`--step_sweep=1,16,64,256x1024,4096` as ([1, 16, 64, 256], [1024, 4096]); empty: none."""
+  if not spec:
+    return [], []
+  batches, sep, contexts = spec.partition("x")
+  if not sep:
+    raise app.UsageError(f"--step_sweep={spec!r}: use batches x contexts, e.g. 1,16,64,256x1024,4096")
+  return [int(b) for b in batches.split(",")], [int(c) for c in contexts.split(",")]
+
+
+def decode_steps(out_lens: list[int], slots: int) -> int:
+  """Decode steps of a workload: the makespan of the requests' output lengths on `slots` sequence
+  slots, each request taking the first slot free in arrival order (continuous batching, prefill
+  taking no steps). For equal lengths this is out_len * ceil(count / slots), the waves of the
+  equal-length formula."""
+  free = [0] * min(slots, len(out_lens))
+  for n in out_lens:
+    heapq.heappush(free, heapq.heappop(free) + n)
+  return max(free, default=0)
+
+
+def workload_roofline(in_lens: list[int], out_lens: list[int], *, max_num_seqs: int, max_num_batched_tokens: int,
+                      weight_bytes: int, kv_per_token: int, bandwidth: float) -> float:
+  """Seconds the device needs for a workload at its memory bound: every decode step reads all
+  weights (`decode_steps` of them), request i's out_i decode steps read its KV at a mean context of
+  in_i + out_i / 2, and prefill reads the weights once per step of max_num_batched_tokens (and is
+  compute-light at these lengths: counted as weight reads only)."""
+  steps = decode_steps(out_lens, max_num_seqs)
+  kv_read = sum(o * (i + o / 2) for i, o in zip(in_lens, out_lens)) * kv_per_token
+  prefill_steps = -(-sum(in_lens) // max_num_batched_tokens)
+  return ((steps + prefill_steps) * weight_bytes + kv_read) / bandwidth
+
+
+class _BurstRunner:
+  """Lets `multi_gpu_timing._time_steps` time the runner's decode burst: `execute` runs the
+  `num_decode_steps` steps of one device call (the engine's path for decode-only batches)."""
+
+  def __init__(self, runner):
+    self.runner = runner
+
+  def execute(self, inputs, sampling, tokens):
+    return self.runner.execute_burst(inputs, sampling, tokens), None
+
+
+def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_bytes: int, ceiling: dict,
+               iters: int, save) -> dict:
+  """Times the engine's decode step at each (batch, context) against its memory roofline and FLOP
+  bound (see the module docstring); calls `save(partial)` after each pair."""
+  import numpy as np
+
+  from tools.multi_gpu_parts import PAGE_SIZE
+  from tools.multi_gpu_timing import _decode_batch, _time_steps, fill_pool
+  runner = llm.engine.runner
+  rc = runner.rc
+  out = {"batches": batches, "contexts": contexts, "iters": iters, "rows": []}
+  if rc.page_size != PAGE_SIZE:
+    out["skipped"] = f"page_size {rc.page_size}: the sweep builds batches of {PAGE_SIZE}-token pages"
+    return out
+  burst_k = rc.num_decode_steps if runner.burst_buckets else 1
+  kv_per_token = cfg.kv_bytes_per_token(2)
+  matmul_params = cfg.param_count() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+  bandwidth, flop_rate = ceiling["best_GBps"] * 1e9, ceiling["matmul_TFLOPs"] * 1e12
+  out.update(num_decode_steps=burst_k, kv_pool_tokens=(rc.num_pages - 1) * rc.page_size,
+             kv_pool_GiB=(rc.num_pages - 1) * rc.page_size * kv_per_token / 2**30, weight_bytes=weight_bytes,
+             kv_bytes_per_token=kv_per_token, matmul_params=matmul_params)
+
+  def bounds(batch, context):
+    memory_ms = (weight_bytes + batch * context * kv_per_token) / bandwidth * 1e3
+    flop_ms = 2 * matmul_params * batch / flop_rate * 1e3
+    return memory_ms, flop_ms
+
+  compiled = runner.num_compiled()
+  fill_pool(runner)
+  rng = np.random.default_rng(3)
+  for context in contexts:
+    for batch in batches:
+      row = {"batch": batch, "context": context}
+      out["rows"].append(row)
+      pages = -(-context // PAGE_SIZE)
+      if batch > rc.max_num_seqs:
+        row["skipped"] = f"batch {batch} > max_num_seqs {rc.max_num_seqs}"
+        continue
+      if context + burst_k > rc.max_model_len:
+        row["skipped"] = f"context {context} + {burst_k} steps > max_model_len {rc.max_model_len}"
+        continue
+      run = batch
+      while run and 1 + run * pages > rc.num_pages:  # page 0 is the engine's reserved page
+        run //= 2
+      if not run:
+        row["skipped"] = f"one sequence of {context} tokens does not fit the KV pool"
+        continue
+      if run < batch:
+        row.update(batch=run, capped_from=batch,
+                   cap_reason=f"{batch} x {context} tokens of KV = {batch * context * kv_per_token / 2**30:.3g} GiB "
+                   f"> the pool's {out['kv_pool_GiB']:.3g} GiB")
+      inputs = _decode_batch(runner, run, context, rng, first_page=1)
+      single = _time_steps(runner, inputs, iters)
+      memory_ms, flop_ms = bounds(run, context)
+      row.update(bucket=runner.bucket_for(run), single_step_ms=single["device_ms"],
+                 single_step_ms_spread=single["device_ms_spread"], single_waited_ms=single["waited_ms"])
+      step_ms = single["device_ms"]
+      if burst_k > 1:
+        # The burst's steps read contexts context .. context + K - 1 (positions past the batch's
+        # pages write to and read the reserved page 0: the same bytes).
+        burst = _time_steps(_BurstRunner(runner), inputs, max(2, iters // burst_k))
+        step_ms = row["burst_step_ms"] = burst["device_ms"] / burst_k
+        row["burst_step_ms_spread"] = [x / burst_k for x in burst["device_ms_spread"]]
+        memory_ms, flop_ms = bounds(run, context + (burst_k - 1) / 2)
+      bound_ms = max(memory_ms, flop_ms)
+      row.update(step_ms=step_ms, roofline_ms=memory_ms, flop_bound_ms=flop_ms, bound_ms=bound_ms,
+                 bound="memory" if memory_ms >= flop_ms else "flops", fraction=bound_ms / step_ms,
+                 tokens_per_s=run / step_ms * 1e3)
+      print(json.dumps(row), flush=True)
+      save(out)
+  out["compiled_during_sweep"] = runner.num_compiled() - compiled
+  return out
+
+
+def markdown(results: dict) -> list[str]:
+  """The report's lines: the run's setting, the workloads, the long tail's distribution, the sweep."""
+  nan = float("nan")
+  bw = results["ceiling"]
+  lines = [f"{results['device']}, JAX {results['jax']}, {results['date']}, {results['preset']} random weights bf16; "
+           f"copy ceiling {bw['best_GBps']:.0f} GB/s; matmul {bw.get('matmul_TFLOPs', nan):.3g} TFLOP/s "
+           f"(bf16 {bw.get('matmul_n', '-')}^3); engine start {results.get('engine_start_s', nan):.0f} s; "
+           f"max_model_len {results.get('max_model_len', '-')}; engine args {results.get('engine_args')}"]
+  if results.get("workloads"):
+    lines += ["", "| in/out x requests | output tok/s | roofline output tok/s | fraction | total tok/s | "
+              "decode step wall ms (batch) | roofline step ms | fraction | host ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in results["workloads"]:
+      label = r.get("label") or f"{r['input_len']}/{r['output_len']} x {r['requests']}"
+      lines.append(f"| {label} | {r['output_tok_s']:.0f} | {r['roofline_output_tok_s']:.0f} | "
+                   f"{r['roofline_fraction_workload']:.2f} | {r['total_tok_s']:.0f} | "
+                   f"{r.get('decode_wall_ms', nan):.2f} ({r.get('decode_batch', '-')}) | "
+                   f"{r.get('roofline_step_ms', nan):.2f} | {r.get('roofline_fraction', nan):.2f} | "
+                   f"{r.get('host_ms', nan):.3f} |")
+    tails = [f"- {longtail_text(r['longtail'])}" for r in results["workloads"] if "longtail" in r]
+    if tails:
+      lines += [""] + tails
+  sweep = results.get("step_sweep")
+  if sweep:
+    k = sweep.get("num_decode_steps", 1)
+    lines += ["", f"Decode step sweep (the engine's runner; KV pool {sweep.get('kv_pool_GiB', nan):.3g} GiB; "
+              f"step = {'burst of ' + str(k) + ' steps per call, per step' if k > 1 else 'single step'}; "
+              "roofline = (weight bytes + batch x context x KV bytes per token) / copy bandwidth; "
+              "FLOP bound = 2 x matmul params x batch / matmul rate):", "",
+              "| batch | context | step ms | single step ms | roofline ms | FLOP bound ms | fraction | note |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in sweep["rows"]:
+      note = r.get("skipped") or (f"capped from {r['capped_from']}: {r['cap_reason']}" if "capped_from" in r else "")
+      cells = [f"{r[k]:.2f}" if k in r else "-"
+               for k in ("step_ms", "single_step_ms", "roofline_ms", "flop_bound_ms", "fraction")]
+      lines.append(f"| {r['batch']} | {r['context']} | {' | '.join(cells)} | {note} |")
+    if sweep.get("skipped"):
+      lines.append(f"sweep skipped: {sweep['skipped']}")
+  if "hf_anchor" in results:
+    lines += ["", f"transformers generate anchor: {json.dumps(results['hf_anchor'])}"]
+  return lines
+
+
+def write(results: dict):
+  """e2e.json and e2e.md, rewritten after every stage."""
+  with open(os.path.join(FLAGS.out_dir, "e2e.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(FLAGS.out_dir, "e2e.md"), "w") as f:
+    f.write("\n".join(markdown(results)) + "\n")
+
+
 def main(argv):
   del argv
   import jax
   import numpy as np
 
   from jserve import LLM, SamplingParams
-  from tools.step_timer import StepTimer
+  from tools.ceilings import matmul_rate
   from tools.make_random_checkpoint import make_checkpoint
+  from tools.step_timer import StepTimer
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   results = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
              "device": jax.devices()[0].device_kind, "preset": FLAGS.preset}
   results["ceiling"] = bw = copy_bandwidth()
-  print(f"copy bandwidth: {bw}", flush=True)
+  bw.update(matmul_rate(FLAGS.matmul_n))
+  print(f"ceilings: {bw}", flush=True)
   model = os.path.join(tempfile.mkdtemp(), FLAGS.preset)
   t = time.perf_counter()
   cfg = make_checkpoint(FLAGS.preset, model, weights=not FLAGS.dummy)
@@ -123,74 +395,75 @@ def main(argv):
   if FLAGS.dummy:
     extra["load_format"] = "dummy"
   results["engine_args"] = extra
-  workloads = [tuple(int(x) for x in w.split("/")) for w in FLAGS.workloads.split(",")]
-  max_len = max(i + o for i, o, _ in workloads) + 16
+  model_len = cfg.max_position_embeddings
+  workloads = parse_workloads(FLAGS.workloads, model_len)
+  batches, contexts = parse_sweep(FLAGS.step_sweep)
+  # The longest request, and the sweep's longest context plus a burst of decode steps past it.
+  need = max(i + o for w in workloads for i, o in zip(w["in_lens"], w["out_lens"]))
+  if contexts:
+    need = max(need, max(contexts) + extra.get("num_decode_steps", 1))
+  results["max_model_len"] = max_len = min(need + 16, model_len)
   t = time.perf_counter()
   llm = LLM(model, max_model_len=max_len, max_num_seqs=FLAGS.max_num_seqs,
             max_num_batched_tokens=FLAGS.max_num_batched_tokens, **extra)
   results["engine_start_s"] = time.perf_counter() - t
   weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.engine.params))
   kv_per_token = cfg.kv_bytes_per_token(2)
+  if batches:
+    # Before the workloads: it fills the KV pool with random values, which no cached prefix may see.
+    results["step_sweep"] = step_sweep(llm, cfg, batches, contexts, weight_bytes=weight_bytes, ceiling=bw,
+                                       iters=FLAGS.step_iters,
+                                       save=lambda s: write(dict(results, step_sweep=s)))
+    write(results)
   rng = np.random.default_rng(0)
   results["workloads"] = []
-  for in_len, out_len, count in workloads:
-    prompts = [rng.integers(10, min(cfg.vocab_size, 4000), size=in_len).tolist() for _ in range(count)]
-    params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
+  for w in workloads:
+    in_lens, out_lens = w["in_lens"], w["out_lens"]
+    count = len(in_lens)
+    prompts = [rng.integers(10, min(cfg.vocab_size, 4000), size=n).tolist() for n in in_lens]
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     timer = StepTimer(llm.engine, block=False)  # not blocking: steps overlap as in production
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    full = min(FLAGS.max_num_seqs, count)
-    row = {"input_len": in_len, "output_len": out_len, "requests": count, "elapsed_s": elapsed,
-           "output_tok_s": out_tokens / elapsed, "total_tok_s": (out_tokens + in_len * count) / elapsed,
+    in_mean, out_mean = sum(in_lens) / count, sum(out_lens) / count
+    equal = len(set(in_lens)) == 1 and len(set(out_lens)) == 1
+    row = {"label": w["label"], "input_len": in_lens[0] if equal else in_mean,
+           "output_len": out_lens[0] if equal else out_mean, "requests": count, "elapsed_s": elapsed,
+           "output_tok_s": out_tokens / elapsed, "total_tok_s": (out_tokens + sum(in_lens)) / elapsed,
            "steps": len(timer.seqs)}
-    # The roofline of the whole workload: every decode step reads all weights and the KV of its batch;
-    # prefill reads the weights once per step of max_num_batched_tokens and is compute-light at these
-    # lengths (counted as weight reads only). Tokens/s at that bound is what the device allows.
-    decode_steps = out_len * -(-count // FLAGS.max_num_seqs)
-    kv_read = count * out_len * (in_len + out_len / 2) * kv_per_token
-    prefill_steps = -(-count * in_len // FLAGS.max_num_batched_tokens)
-    bound_s = ((decode_steps + prefill_steps) * weight_bytes + kv_read) / (bw["best_GBps"] * 1e9)
-    row.update(roofline_output_tok_s=count * out_len / bound_s, roofline_fraction_workload=bound_s / elapsed)
+    if "longtail" in w:
+      row["longtail"] = w["longtail"]
+    # The roofline of the whole workload (see workload_roofline): tokens/s at that bound is what the
+    # device allows.
+    bound_s = workload_roofline(in_lens, out_lens, max_num_seqs=FLAGS.max_num_seqs,
+                                max_num_batched_tokens=FLAGS.max_num_batched_tokens, weight_bytes=weight_bytes,
+                                kv_per_token=kv_per_token, bandwidth=bw["best_GBps"] * 1e9)
+    row.update(roofline_output_tok_s=sum(out_lens) / bound_s, roofline_fraction_workload=bound_s / elapsed,
+               roofline_decode_steps=decode_steps(out_lens, FLAGS.max_num_seqs))
+    full = min(FLAGS.max_num_seqs, count)
     summary = timer.summary(full)
     if summary:
-      context = in_len + out_len / 2  # the mean context of a decode step over the run
+      # The mean context of a decode step over the run: each request's out_i steps at in_i + out_i / 2.
+      context = sum(o * (i + o / 2) for i, o in zip(in_lens, out_lens)) / sum(out_lens)
       roofline = (weight_bytes + full * context * kv_per_token) / (bw["best_GBps"] * 1e9)
       row.update(decode_batch=full, decode_wall_ms=summary["wall_ms"], host_ms=summary["host_ms"],
                  roofline_step_ms=roofline * 1e3, roofline_fraction=roofline * 1e3 / summary["wall_ms"],
-                 decode_steps_timed=summary["steps"], wall_per_step_ms=elapsed / len(timer.seqs) * 1e3)
+                 decode_steps_timed=summary["steps"], wall_per_step_ms=elapsed / len(timer.seqs) * 1e3,
+                 decode_mean_context=context)
     results["workloads"].append(row)
-    print(json.dumps(row), flush=True)
-    with open(os.path.join(FLAGS.out_dir, "e2e.json"), "w") as f:
-      json.dump(results, f, indent=1)
+    print(json.dumps({k: v for k, v in row.items() if k != "longtail"}), flush=True)
+    write(results)
   if FLAGS.hf_batch and not FLAGS.dummy:
     try:
       results["hf_anchor"] = hf_anchor(model, llm, FLAGS.hf_batch, cfg.vocab_size)
     except Exception as e:  # noqa: BLE001 - the anchor is optional where torch has no GPU
       results["hf_anchor"] = {"error": repr(e)}
     print(json.dumps(results["hf_anchor"]), flush=True)
-    with open(os.path.join(FLAGS.out_dir, "e2e.json"), "w") as f:
-      json.dump(results, f, indent=1)
-  lines = [f"{results['device']}, JAX {results['jax']}, {results['date']}, {FLAGS.preset} random weights bf16; "
-           f"copy ceiling {bw['best_GBps']:.0f} GB/s; engine start {results['engine_start_s']:.0f} s; "
-           f"engine args {extra}", "",
-           "| in/out x requests | output tok/s | roofline output tok/s | fraction | total tok/s | "
-           "decode step wall ms (batch) | roofline step ms | fraction | host ms |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
-  nan = float("nan")
-  for r in results["workloads"]:
-    lines.append(f"| {r['input_len']}/{r['output_len']} x {r['requests']} | {r['output_tok_s']:.0f} | "
-                 f"{r['roofline_output_tok_s']:.0f} | {r['roofline_fraction_workload']:.2f} | {r['total_tok_s']:.0f} | "
-                 f"{r.get('decode_wall_ms', nan):.2f} ({r.get('decode_batch', '-')}) | "
-                 f"{r.get('roofline_step_ms', nan):.2f} | {r.get('roofline_fraction', nan):.2f} | "
-                 f"{r.get('host_ms', nan):.3f} |")
-  if "hf_anchor" in results:
-    lines += ["", f"transformers generate anchor: {json.dumps(results['hf_anchor'])}"]
-  with open(os.path.join(FLAGS.out_dir, "e2e.md"), "w") as f:
-    f.write("\n".join(lines) + "\n")
-  print("\n".join(lines))
+  write(results)
+  print("\n".join(markdown(results)))
 
 
 if __name__ == "__main__":

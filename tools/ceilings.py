@@ -44,3 +44,25 @@ def copy_ceilings(nbytes: int) -> dict:
   res["jax_elementwise_TBps"] = 2 * nbytes / float(np.median(times)) / 1e12
   res["ceiling_TBps"] = max(v for k, v in res.items() if k.endswith("TBps"))
   return res
+
+
+def matmul_rate(n: int = 8192) -> dict:
+  """TFLOP/s of a bfloat16 [n, n] x [n, n] `jnp.dot` (2 n^3 FLOPs per call), median of 5 rounds of 10
+  calls dispatched back to back: the compute ceiling that a FLOP bound is measured against. Under a
+  CPU `n` is cut to 512 (an 8192^3 product there takes minutes)."""
+  if jax.default_backend() == "cpu":
+    n = min(n, 512)
+  k_a, k_b = jax.random.split(jax.random.key(1))
+  a_NN = jax.random.normal(k_a, (n, n), jnp.bfloat16)
+  b_NN = jax.random.normal(k_b, (n, n), jnp.bfloat16)
+  dot = jax.jit(jnp.dot)
+  jax.block_until_ready(dot(a_NN, b_NN))
+  times = []
+  for _ in range(5):
+    t0 = time.perf_counter()
+    for _ in range(10):
+      out_NN = dot(a_NN, b_NN)
+    jax.block_until_ready(out_NN)
+    times.append((time.perf_counter() - t0) / 10)
+  del a_NN, b_NN, out_NN
+  return {"matmul_n": n, "matmul_TFLOPs": 2 * n ** 3 / float(np.median(times)) / 1e12}
