@@ -407,7 +407,13 @@ def main(argv):
   llm = LLM(model, max_model_len=max_len, max_num_seqs=FLAGS.max_num_seqs,
             max_num_batched_tokens=FLAGS.max_num_batched_tokens, **extra)
   results["engine_start_s"] = time.perf_counter() - t
-  weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(llm.engine.params))
+  # Bytes a step reads: every weight, except an untied input embedding, of which a step reads only
+  # its tokens' rows (a tied one is read whole as the LM head).
+  params = llm.engine.params
+  weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+  if not cfg.tie_word_embeddings:
+    weight_bytes -= params["embed"].nbytes
+  results["weight_bytes_read_per_step"] = weight_bytes
   kv_per_token = cfg.kv_bytes_per_token(2)
   if batches:
     # Before the workloads: it fills the KV pool with random values, which no cached prefix may see.
