@@ -31,6 +31,9 @@ flags.DEFINE_integer("max_num_batched_tokens", 512, "engine token budget (fewer 
 flags.DEFINE_string("out_dir", "/tmp/profile_step", "results directory")
 flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
 flags.DEFINE_bool("py_profile", True, "also run the untraced steps under cProfile: where the host's time goes")
+flags.DEFINE_string("xla_variants", None,
+                    "compare XLA flag sets: 'name=flags;name=flags' (e.g. 'default=;no_cmdbuf="
+                    "--xla_gpu_enable_command_buffer='), each profiled in its own process into out_dir/name")
 
 _KINDS = [  # (kind, pattern over lowercased kernel names), first match wins
     ("attention", r"ragged|paged|attention|flash"),
@@ -89,8 +92,39 @@ def busy_ns(events) -> float:
   return total
 
 
+def compare_variants(spec: str):
+  """Profiles each XLA flag set in its own process; prints and writes a table side by side."""
+  import subprocess
+  import sys
+  rows = []
+  for item in spec.split(";"):
+    name, _, xla_flags = item.partition("=")
+    out = os.path.join(FLAGS.out_dir, name)
+    env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + xla_flags).strip())
+    args = [a for a in sys.argv[1:] if not a.startswith(("--xla_variants", "--out_dir"))]
+    done = subprocess.run([sys.executable, "-m", "tools.profile_step", *args, f"--out_dir={out}"], env=env)
+    try:
+      with open(os.path.join(out, "profile.json")) as f:
+        r = json.load(f)
+    except OSError:
+      rows.append(f"| {name} | `{xla_flags}` | failed (exit {done.returncode}) | | |")
+      continue
+    dispatch = [h for h in r["host_top_cumulative"] if "_call_step" in h["function"] or "execute_burst" in h["function"]]
+    dispatch_ms = sum(h["self_ms_per_step"] for h in dispatch)
+    rows.append(f"| {name} | `{xla_flags}` | {r['untraced_wall_ms_per_step']:.2f} | {r['device_busy_ms_per_step']:.2f} | "
+                f"{dispatch_ms:.2f} |")
+  lines = ["| variant | XLA_FLAGS added | wall ms / step (untraced) | device busy ms / step (traced) | "
+           "host ms / step inside the jit call (cProfile self time) |", "| --- | --- | --- | --- | --- |"] + rows
+  with open(os.path.join(FLAGS.out_dir, "variants.md"), "w") as f:
+    f.write("\n".join(lines) + "\n")
+  print("\n".join(lines))
+
+
 def main(argv):
   del argv
+  if FLAGS.xla_variants:
+    os.makedirs(FLAGS.out_dir, exist_ok=True)
+    return compare_variants(FLAGS.xla_variants)
   import jax
   import numpy as np
 
