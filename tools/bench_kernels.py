@@ -10,6 +10,12 @@ kernel and the baselines in the same process, and prints one table. Results
 go to OUT_DIR/kernels.md (the table, with device, JAX version and date) and
 OUT_DIR/kernels.json (everything). `--sweep` also times the block-size
 candidates of `tuning.py`, which is how its table was produced.
+
+It also times the step's KV write both ways on two decode cases and one
+prefill case: `write_kv_pages` then the attention kernel, jitted together,
+against `gpu.ragged_paged_attention_write` (the write inside the kernel),
+each with the pool donated, after checking that the two give the same
+output and the same pool. `--fused_only` runs only that comparison.
 """
 
 import os
@@ -37,6 +43,7 @@ _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_kernels", "where kernels.m
 _SWEEP = flags.DEFINE_bool("sweep", False, "also time the block-size candidates of tuning.py")
 _QUICK = flags.DEFINE_bool("quick", False, "tiny cases: a smoke run of this script")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run our kernel in interpret mode (with --quick, on a CPU)")
+_FUSED_ONLY = flags.DEFINE_bool("fused_only", False, "only the fused-KV-write against separate-scatter comparison")
 
 _LOG = []
 
@@ -344,6 +351,76 @@ def write_kv_cost(case):
   return float(np.median(times)) * 1e6
 
 
+def new_kv_of(case, a, seed=5):
+  """The step's new keys, values and slots for a built case: row t of sequence b is position
+  kv_len - q_len + (t - cu[b]), and its slot is that position's slot under the page table."""
+  page_indices = np.asarray(a["page_indices_BP"])
+  slots = []
+  for b, (q, k) in enumerate(case.seqs):
+    pos = np.arange(k - q, k)
+    slots.append(page_indices[b, pos // case.page_size] * case.page_size + pos % case.page_size)
+  slots_T = jnp.asarray(np.concatenate(slots).astype(np.int32))
+  kv = a["kv_pages_PSCH"]
+  shape = (slots_T.shape[0], case.num_kv_heads, case.head_dim)
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  return jax.random.normal(k1, shape, kv.dtype), jax.random.normal(k2, shape, kv.dtype), slots_T
+
+
+def time_donated(fn, pool, *args, reps=10, rounds=7):
+  """Like time_fn for fn(pool, *args) -> (out, pool) with the pool donated: each call gets the last pool."""
+  pool = fn(pool, *args)[1]
+  pool.block_until_ready()
+  times = []
+  for _ in range(rounds):
+    t0 = time.perf_counter()
+    for _ in range(reps):
+      pool = fn(pool, *args)[1]
+    pool.block_until_ready()
+    times.append((time.perf_counter() - t0) / reps)
+  return float(np.median(times))
+
+
+def fused_write_case(case):
+  """(a) write_kv_pages then attention in one jit against (b) the fused kernel, pool donated in both.
+
+  (b) is checked against (a) first: its output within bfloat16 error, its
+  pool equal bit for bit. Returns a row of the fused table.
+  """
+  from pallas_kernels.ragged_paged_attention import write_kv_pages
+  a = build(case)
+  q, pool, kv_lens, pages, cu, num_seqs = args_of(a)
+  k, v, slots = new_kv_of(case, a)
+  kw = dict(sm_scale=case.head_dim**-0.5, interpret=_INTERPRET.value)
+
+  def separate(pool_PSCH, q_TNH, k_TKH, v_TKH, slots_T, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs):
+    pool_PSCH = write_kv_pages(pool_PSCH, k_TKH, v_TKH, slots_T)
+    return gpu.ragged_paged_attention(q_TNH, pool_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
+                                      **kw), pool_PSCH
+
+  def fused(pool_PSCH, q_TNH, k_TKH, v_TKH, slots_T, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs):
+    return gpu.ragged_paged_attention_write(q_TNH, pool_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
+                                            k_TKH, v_TKH, slots_T, **kw)
+
+  rest = (q, k, v, slots, kv_lens, pages, cu, num_seqs)
+  separate, fused = jax.jit(separate, donate_argnums=0), jax.jit(fused, donate_argnums=0)
+  out_a, pool_a = separate(jnp.copy(pool), *rest)
+  out_b, pool_b = fused(jnp.copy(pool), *rest)
+  row = dict(case=case.name, err=rel_err(out_b, out_a), pool_equal=bool(jnp.array_equal(pool_a, pool_b)))
+  row["ok"] = row["err"] <= 1e-2 and row["pool_equal"]
+  del out_a, pool_a, out_b, pool_b
+  if not row["ok"]:
+    return row
+  row["separate_us"] = time_donated(separate, jnp.copy(pool), *rest) * 1e6
+  row["fused_us"] = time_donated(fused, pool, *rest) * 1e6
+  row["ratio"] = row["fused_us"] / row["separate_us"]
+  return row
+
+
+def fused_cases(cases, quick):
+  """The decode cases (64 x 2048 H128 page 16, 256 x 1024 H64) and the prefill case, or the quick ones."""
+  return cases[:2] if quick else [cases[0], cases[3], cases[4]]
+
+
 def cfg_str(cfg):
   d, p = cfg.decode, cfg.prefill
   return (f"decode m{d.block_m} n{d.block_n} w{d.num_warps} st{d.num_stages}, "
@@ -354,14 +431,32 @@ def fmt(v, spec=".1f"):
   return "" if v is None else format(v, spec)
 
 
-def markdown(meta, ceilings, checks, rows, sweeps, kv_write, chosen=None):
-  lines = [f"Device: {meta['device']}; JAX {meta['jax']}; {meta['date']}.", "",
-           f"Copy ceiling: {ceilings['ceiling_TBps']:.2f} TB/s (PyTorch device-to-device copy "
-           f"{fmt(ceilings.get('torch_copy_TBps'), '.2f')} TB/s, JAX elementwise pass "
-           f"{ceilings['jax_elementwise_TBps']:.2f} TB/s; bytes read plus written).", "",
-           "| case | ours us | bytes MB | ours TB/s | % of copy | ours TFLOP/s | JAX paged us (TB/s) "
-           "| cuDNN us (TFLOP/s) | XLA gather us | err vs exact |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def fused_markdown(fused):
+  """The fused-write table: one row per case, both times and fused / separate."""
+  lines = ["| KV write case | write_kv_pages + attention us | fused write us | fused / separate "
+           "| out err | pool equal |", "| --- | --- | --- | --- | --- | --- |"]
+  for r in fused:
+    if "fused_us" not in r:
+      why = r.get("error", "") or f"check failed: err={r.get('err')}, pool equal={r.get('pool_equal')}"
+      lines.append(f"| {r['case']} | failed: {why[-120:]} | | | | |")
+      continue
+    lines.append(f"| {r['case']} | {r['separate_us']:.1f} | {r['fused_us']:.1f} | {r['ratio']:.2f} | "
+                 f"{r['err']:.1e} | {r['pool_equal']} |")
+  return lines
+
+
+def markdown(meta, checks, rows, sweeps, kv_write, ceilings=None, chosen=None, fused=()):
+  lines = [f"Device: {meta['device']}; JAX {meta['jax']}; {meta['date']}.", ""]
+  if fused:
+    lines += fused_markdown(fused) + [""]
+  if ceilings is None:  # --fused_only, or saved before the ceilings are measured
+    return "\n".join(lines)
+  lines += [f"Copy ceiling: {ceilings['ceiling_TBps']:.2f} TB/s (PyTorch device-to-device copy "
+            f"{fmt(ceilings.get('torch_copy_TBps'), '.2f')} TB/s, JAX elementwise pass "
+            f"{ceilings['jax_elementwise_TBps']:.2f} TB/s; bytes read plus written).", "",
+            "| case | ours us | bytes MB | ours TB/s | % of copy | ours TFLOP/s | JAX paged us (TB/s) "
+            "| cuDNN us (TFLOP/s) | XLA gather us | err vs exact |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     if "ours_us" not in r:
       lines.append(f"| {r['case']} | failed: {r.get('error', '')[:80]} | | | | | | | | |")
@@ -398,18 +493,28 @@ def main(argv):
   meta = dict(device=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
               backend=jax.default_backend())
   log(f"{meta}")
-  res = dict(meta=meta, checks=[], rows=[], sweeps=[], kv_write={})
+  res = dict(meta=meta, checks=[], rows=[], sweeps=[], kv_write={}, fused=[])
 
   def save():
     dump(**res)
     with open(os.path.join(_OUT_DIR.value, "kernels.md"), "w") as f:
       f.write(markdown(**res))
 
+  cases = bench_cases(_QUICK.value)
+  for case in fused_cases(cases, _QUICK.value):
+    try:
+      res["fused"].append(fused_write_case(case))
+    except Exception:  # noqa: BLE001
+      res["fused"].append(dict(case=case.name, error=traceback.format_exc(limit=4)))
+    log(f"  fused write {res['fused'][-1]}")
+    save()
+  if _FUSED_ONLY.value:
+    print(markdown(**res))
+    return
   res["ceilings"] = copy_ceilings((256 << 20) if _QUICK.value else (4 << 30))
   log(f"ceilings {res['ceilings']}")
   res["checks"] = check_test_shapes()
   save()
-  cases = bench_cases(_QUICK.value)
   chosen = {}
   if _SWEEP.value and not _QUICK.value:
     res["sweeps"], chosen = sweep_all(cases)

@@ -51,8 +51,9 @@ def write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, slots_T):
 
   A separate XLA scatter on every backend, before the attention call. On the
   H200 it measured at most 57 us for a 64-token decode step and 286 us for
-  16k prefill tokens (docs/benchmarks/kernels.md); a write fused into the
-  attention kernel was not built, so the two were not compared.
+  16k prefill tokens (docs/benchmarks/kernels.md). The GPU kernel has a
+  fused variant, `gpu.ragged_paged_attention_write`, which tools/bench_kernels.py
+  times against this scatter; it is not used here until the H200 says it is faster.
   """
   return reference.write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, slots_T)
 

@@ -18,6 +18,16 @@ pool through the page table, `block_n` positions per step; only the blocks
 that straddle the causal diagonal, the sliding-window edge or the end of the
 context pay for masking. Both launches write only the live rows of `out_TNH`.
 
+`ragged_paged_attention_write` is the same attention with the step's new
+keys and values written into their pool slots by the kernel itself (the pool
+aliased in place), instead of by the separate `write_kv_pages` scatter before
+it. No program reads a slot another program writes: a program takes its
+sequence's cached context (positions below kv_len - q_len) from the pool and
+the step's new positions straight from the rows of `k_TKH` / `v_TKH`, and the
+new rows of one sequence and KV head are written by one program only (KV
+split 0 of the item that owns them). It exists to be measured against the
+separate scatter (tools/bench_kernels.py); the engine does not use it.
+
 Axis letters beyond jserve/shapes.py, local to the kernels: M rows of a tile
 (query token x query head of one KV head), W work items of a launch, 1 an
 axis of size one kept for broadcasting; X is the KV positions of one block.
@@ -53,12 +63,21 @@ def supports(q_TNH, kv_pages_PSCH) -> str | None:
 
 def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref,
                       q_ref, kv_ref, *rest, group, block_q, block_m, block_n, page_size, num_splits,
-                      sm_scale, sliding_window, soft_cap, split_out):
-  """One program: query rows of one item x all query heads of one KV head x one KV split."""
+                      sm_scale, sliding_window, soft_cap, split_out, fused):
+  """One program: query rows of one item x all query heads of one KV head x one KV split.
+
+  fused: the refs after the pool are the step's new keys, values and slots
+  (`k_TKH`, `v_TKH`, `slots_T`), and the last output is the pool itself
+  (aliased): the program reads its sequence's new positions from those rows
+  and, in KV split 0, writes its own rows into their slots.
+  """
+  if fused:
+    k_new_ref, v_new_ref, slots_ref, *rest = rest
   if split_out:
-    o_ref, lse_ref = rest
+    o_ref, lse_ref, *rest = rest
   else:
-    _, o_ref = rest  # rest[0] is the aliased output passed in; the output ref is the same buffer
+    _, o_ref, *rest = rest  # the aliased output passed in; the output ref is the same buffer
+  kv_out_ref = rest[0] if fused else None
   item = pl.program_id(0)
   kv_head = pl.program_id(1)
   split = pl.program_id(2)
@@ -87,6 +106,36 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
     t_in_M = jnp.minimum(t_M, num_tokens - 1)
     q_MH = plgpu.load(q_ref.at[t_in_M[:, None], n_M[:, None], h_1H], mask=row_ok_M[:, None], other=0)
 
+    # Positions below ctx_end come from the pool. Fused, the step's own
+    # positions [ctx_end, kv_len) come from rows new_row0 + x of k_TKH / v_TKH;
+    # otherwise the whole context is in the pool.
+    if fused:
+      ctx_end = kv_len - (q_end - cu_q_lens_ref[seq])
+      new_row0 = q_end - kv_len
+      num_pages = kv_out_ref.shape[0]
+      lead_M = row_ok_M & (m_M % group == 0)  # one lane per token: head 0 of its group
+
+      def write_new_rows():
+        # Only slots inside the pool: the engine points padding rows past it,
+        # and write_kv_pages drops those too.
+        slot_M = plgpu.load(slots_ref.at[t_in_M], mask=lead_M, other=-1)
+        write_M = lead_M & (slot_M >= 0) & (slot_M < num_pages * page_size)
+        # Lanes that do not write get a page past the pool, not a clamped
+        # duplicate: the interpreter stores every lane and drops only those.
+        page_M1 = jnp.where(write_M, slot_M // page_size, num_pages)[:, None]
+        off_M1 = jnp.where(write_M, slot_M % page_size, 0)[:, None]
+        for new_ref, c in ((k_new_ref, 2 * kv_head), (v_new_ref, 2 * kv_head + 1)):
+          row_MH = plgpu.load(new_ref.at[t_in_M[:, None], kv_head, h_1H], mask=write_M[:, None], other=0)
+          plgpu.store(kv_out_ref.at[page_M1, off_M1, c, h_1H], row_MH.astype(kv_out_ref.dtype),
+                      mask=write_M[:, None])
+
+      if num_splits > 1:
+        pl.when(split == 0)(write_new_rows)
+      else:
+        write_new_rows()
+    else:
+      ctx_end = kv_len
+
     # KV positions this item needs: up to its last row's position, and from
     # its first row's window start.
     pos_first = kv_len - q_end + q0
@@ -110,21 +159,33 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
     a = jnp.clip(safe_lo, b0, b1)
     b = jnp.clip(safe_hi, a, b1)
 
-    def body(j, carry, masked):
+    def body(j, carry, masked, source):
+      """One KV block; `source`: "pool" (all cached), "new" (all the step's rows) or "both" (masked loads)."""
       m_M, l_M, acc_MH = carry
       x_X = j * block_n + jnp.arange(block_n, dtype=jnp.int32)
-      if masked:
-        x_ok_X = x_X < kv_len
-        slot_X = jnp.minimum(x_X // page_size, pages_per_seq - 1)
-        page_X = plgpu.load(page_indices_ref.at[seq, slot_X], mask=x_ok_X, other=0)
-        page_X1, off_X1 = page_X[:, None], (x_X % page_size)[:, None]
-        k_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head, h_1H], mask=x_ok_X[:, None], other=0)
-        v_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head + 1, h_1H], mask=x_ok_X[:, None], other=0)
-      else:
+      if source == "pool":
         page_X1 = page_indices_ref[seq, x_X // page_size][:, None]
         off_X1 = (x_X % page_size)[:, None]
         k_XH = kv_ref[page_X1, off_X1, 2 * kv_head, h_1H]
         v_XH = kv_ref[page_X1, off_X1, 2 * kv_head + 1, h_1H]
+      elif source == "new":
+        t_X1 = (new_row0 + x_X)[:, None]
+        k_XH = k_new_ref[t_X1, kv_head, h_1H].astype(kv_ref.dtype)
+        v_XH = v_new_ref[t_X1, kv_head, h_1H].astype(kv_ref.dtype)
+      else:
+        pool_X = x_X < ctx_end
+        slot_X = jnp.minimum(x_X // page_size, pages_per_seq - 1)
+        page_X = plgpu.load(page_indices_ref.at[seq, slot_X], mask=pool_X, other=0)
+        page_X1, off_X1 = page_X[:, None], (x_X % page_size)[:, None]
+        k_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head, h_1H], mask=pool_X[:, None], other=0)
+        v_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head + 1, h_1H], mask=pool_X[:, None], other=0)
+        if fused:
+          new_X1 = ((x_X >= ctx_end) & (x_X < kv_len))[:, None]
+          t_X1 = jnp.clip(new_row0 + x_X, 0, num_tokens - 1)[:, None]
+          kn_XH = plgpu.load(k_new_ref.at[t_X1, kv_head, h_1H], mask=new_X1, other=0)
+          vn_XH = plgpu.load(v_new_ref.at[t_X1, kv_head, h_1H], mask=new_X1, other=0)
+          k_XH = jnp.where(new_X1, kn_XH.astype(k_XH.dtype), k_XH)
+          v_XH = jnp.where(new_X1, vn_XH.astype(v_XH.dtype), v_XH)
       s_MX = lax.dot_general(q_MH, k_XH.astype(q_MH.dtype), (((1,), (1,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
       if soft_cap is not None:
@@ -147,9 +208,18 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
     head_dim = q_ref.shape[-1]
     carry = (jnp.full((block_m,), _MASKED, jnp.float32), jnp.zeros((block_m,), jnp.float32),
              jnp.zeros((block_m, head_dim), jnp.float32))
-    carry = lax.fori_loop(b0, a, functools.partial(body, masked=True), carry)
-    carry = lax.fori_loop(a, b, functools.partial(body, masked=False), carry)
-    m_M, l_M, acc_MH = lax.fori_loop(b, b1, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(b0, a, functools.partial(body, masked=True, source="both"), carry)
+    if fused:
+      # The unmasked blocks: wholly cached ones from the pool, the one that
+      # holds ctx_end from both, the rest from the step's rows.
+      p = jnp.clip(ctx_end // block_n, a, b)
+      r = jnp.clip((ctx_end + block_n - 1) // block_n, p, b)
+      carry = lax.fori_loop(a, p, functools.partial(body, masked=False, source="pool"), carry)
+      carry = lax.fori_loop(p, r, functools.partial(body, masked=False, source="both"), carry)
+      carry = lax.fori_loop(r, b, functools.partial(body, masked=False, source="new"), carry)
+    else:
+      carry = lax.fori_loop(a, b, functools.partial(body, masked=False, source="pool"), carry)
+    m_M, l_M, acc_MH = lax.fori_loop(b, b1, functools.partial(body, masked=True, source="both"), carry)
 
     if split_out:
       empty_M = l_M == 0  # a split with no block of this item
@@ -162,44 +232,54 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
 
 
 def _launch(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, out_TNH, *,
-            blocks, num_splits, sm_scale, sliding_window, soft_cap, interpret):
-  """One pallas_call over `items` (seq, first query row; seq -1 for none)."""
+            blocks, num_splits, sm_scale, sliding_window, soft_cap, interpret, new_kv=None):
+  """One pallas_call over `items` (seq, first query row; seq -1 for none).
+
+  Returns `out_TNH` (one split) or the splits' (o, lse); with `new_kv`
+  (k_TKH, v_TKH, slots_T) also the pool, with the items' new rows written.
+  """
   item_seq_W, item_q0_W = items
   num_items = item_seq_W.shape[0]
   num_tokens, num_heads, head_dim = q_TNH.shape
   num_kv_heads = kv_pages_PSCH.shape[2] // 2
   group = num_heads // num_kv_heads
   split_out = num_splits > 1
+  fused = new_kv is not None
   kernel = functools.partial(
       _attention_kernel, group=group, block_q=blocks.block_m // group, block_m=blocks.block_m,
       block_n=blocks.block_n, page_size=kv_pages_PSCH.shape[1], num_splits=num_splits, sm_scale=sm_scale,
-      sliding_window=sliding_window, soft_cap=soft_cap, split_out=split_out)
+      sliding_window=sliding_window, soft_cap=soft_cap, split_out=split_out, fused=fused)
   whole = pl.BlockSpec()
-  in_specs = [whole] * 7
   args = [item_seq_W, item_q0_W, kv_lens_B, page_indices_BP, cu_q_lens_E, q_TNH, kv_pages_PSCH]
+  if fused:
+    args += list(new_kv)
   if split_out:
-    out_shape = (jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, blocks.block_m, head_dim), jnp.float32),
-                 jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, blocks.block_m), jnp.float32))
-    out_specs = (pl.BlockSpec((None, None, None, blocks.block_m, head_dim), lambda w, k, s: (s, w, k, 0, 0)),
-                 pl.BlockSpec((None, None, None, blocks.block_m), lambda w, k, s: (s, w, k, 0)))
+    out_shape = [jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, blocks.block_m, head_dim), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, num_items, num_kv_heads, blocks.block_m), jnp.float32)]
+    out_specs = [pl.BlockSpec((None, None, None, blocks.block_m, head_dim), lambda w, k, s: (s, w, k, 0, 0)),
+                 pl.BlockSpec((None, None, None, blocks.block_m), lambda w, k, s: (s, w, k, 0))]
     aliases = {}
   else:
-    out_shape = jax.ShapeDtypeStruct(out_TNH.shape, out_TNH.dtype)
-    out_specs = whole
-    in_specs.append(whole)
+    out_shape = [jax.ShapeDtypeStruct(out_TNH.shape, out_TNH.dtype)]
+    out_specs = [whole]
+    aliases = {len(args): 0}
     args.append(out_TNH)
-    aliases = {7: 0}
-  return pl.pallas_call(
+  if fused:  # the pool, updated in place
+    aliases[6] = len(out_shape)
+    out_shape.append(jax.ShapeDtypeStruct(kv_pages_PSCH.shape, kv_pages_PSCH.dtype))
+    out_specs.append(whole)
+  outs = pl.pallas_call(
       kernel,
       grid=(num_items, num_kv_heads, num_splits),
-      in_specs=in_specs,
+      in_specs=[whole] * len(args),
       out_specs=out_specs,
       out_shape=out_shape,
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
-      name=f"ragged_paged_attention_m{blocks.block_m}_n{blocks.block_n}_s{num_splits}",
+      name=f"ragged_paged_attention{'_write' if fused else ''}_m{blocks.block_m}_n{blocks.block_n}_s{num_splits}",
   )(*args)
+  return outs[0] if len(outs) == 1 else tuple(outs)
 
 
 def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q):
@@ -247,8 +327,10 @@ def _combine(o_SWKMH, lse_SWKM, items, cu_q_lens_E, out_TNH, *, group, block_q):
   return out_TNH.at[t_WKM, n_WKM].set(o_WKMH.astype(out_TNH.dtype), mode="drop")
 
 
-@functools.partial(jax.jit, static_argnames=("sm_scale", "sliding_window", "soft_cap", "interpret", "config",
-                                             "num_splits"))
+_STATIC = ("sm_scale", "sliding_window", "soft_cap", "interpret", "config", "num_splits")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, out_TNH=None, interpret=False,
                            config=None, num_splits=None):
@@ -258,6 +340,44 @@ def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_
   (zeros when it is None): the kernels never write them.
   `config` (a `tuning.GpuConfig`) and `num_splits` override the tuned choice.
   """
+  out_TNH, _ = _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, None,
+                          sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, out_TNH=out_TNH,
+                          interpret=interpret, config=config, num_splits=num_splits)
+  return out_TNH
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def ragged_paged_attention_write(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
+                                 k_TKH, v_TKH, slots_T, *, sm_scale, sliding_window=None, soft_cap=None,
+                                 out_TNH=None, interpret=False, config=None, num_splits=None):
+  """`write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, slots_T)` and then attention, in the attention kernel.
+
+  Returns (out_TNH, kv_pages_PSCH): the same attention output and the same
+  pool as the two-step path, when the inputs are what the engine sends:
+  - `slots_T[t]` of a live row is the pool slot of that row's position
+    under the page table (the step's positions kv_len - q_len .. kv_len - 1
+    of each sequence; the kernel reads them from `k_TKH` / `v_TKH`, not back
+    from the pool), and no sequence's cached context lies in one of them;
+  - rows from `cu_q_lens_E[num_seqs]` on are padding, with slots outside
+    the pool. The kernel writes only live rows whose slot is inside
+    [0, num_pages * page_size); write_kv_pages would also write a padding
+    row with a slot inside the pool.
+  The pool is an in-place output of the kernels (input_output_aliases):
+  donate it to the enclosing jit, or XLA copies the whole pool first.
+  """
+  num_tokens, num_kv_heads = q_TNH.shape[0], kv_pages_PSCH.shape[2] // 2
+  want = (num_tokens, num_kv_heads, q_TNH.shape[2])
+  if k_TKH.shape != want or v_TKH.shape != want or slots_T.shape != (num_tokens,):
+    raise ValueError(f"k_TKH {k_TKH.shape}, v_TKH {v_TKH.shape}, slots_T {slots_T.shape}: expected {want}, "
+                     f"{want} and ({num_tokens},)")
+  return _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
+                    (k_TKH, v_TKH, slots_T.astype(jnp.int32)), sm_scale=sm_scale, sliding_window=sliding_window,
+                    soft_cap=soft_cap, out_TNH=out_TNH, interpret=interpret, config=config, num_splits=num_splits)
+
+
+def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, new_kv, *,
+               sm_scale, sliding_window, soft_cap, out_TNH, interpret, config, num_splits):
+  """Both launches (and the split combine); returns (out_TNH, the pool after the fused write or None)."""
   num_tokens, num_heads, head_dim = q_TNH.shape
   _, page_size, num_combined, _ = kv_pages_PSCH.shape
   num_kv_heads = num_combined // 2
@@ -281,11 +401,18 @@ def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_
   decode_q = config.decode.block_m // group
   decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
                            num_tokens=num_tokens, decode_q=decode_q, prefill_q=config.prefill.block_m // group)
-  common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret)
+  common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
+                new_kv=new_kv)
   meta = (kv_lens_B, page_indices_BP, cu_q_lens_E)
-  out_TNH = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
+  fused = new_kv is not None
+  # The prefill launch writes its sequences' new rows before the decode
+  # launch runs; the decode launch reads only its own sequences' cached
+  # slots, which are not among them.
+  out = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
+  out_TNH, kv_pages_PSCH = out if fused else (out, kv_pages_PSCH)
   if num_splits == 1:
-    return _launch(decode, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.decode, num_splits=1, **common)
-  o_SWKMH, lse_SWKM = _launch(decode, q_TNH, kv_pages_PSCH, *meta, None, blocks=config.decode,
-                              num_splits=num_splits, **common)
-  return _combine(o_SWKMH, lse_SWKM, decode, cu_q_lens_E, out_TNH, group=group, block_q=decode_q)
+    out = _launch(decode, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.decode, num_splits=1, **common)
+    return out if fused else (out, None)
+  out = _launch(decode, q_TNH, kv_pages_PSCH, *meta, None, blocks=config.decode, num_splits=num_splits, **common)
+  o_SWKMH, lse_SWKM, kv_pages_PSCH = out if fused else (*out, None)
+  return _combine(o_SWKMH, lse_SWKM, decode, cu_q_lens_E, out_TNH, group=group, block_q=decode_q), kv_pages_PSCH

@@ -101,3 +101,31 @@ SEQS = {
     "kv_len_not_page_multiple": [(2, 19), (1, 27), (5, 11)],
     "q_len_equals_context": [(19, 19), (8, 8), (1, 1)],
 }
+
+
+def with_new_kv(case, seed):
+  """The case as a step that also writes its new keys and values: (case, k_TKH, v_TKH, slots_T).
+
+  Each live row's slot is its position's slot under the page table; padding
+  rows get the engine's slot, one past the pool, and NaN keys and values.
+  The returned case's pool has every step slot poisoned (NaN): a fused
+  kernel must take the step's positions from k_TKH / v_TKH, not the pool.
+  """
+  rng = np.random.default_rng(seed)
+  num_pages, page_size, num_combined, head_dim = case.kv_pages_PSCH.shape
+  num_tokens = case.q_TNH.shape[0]
+  kv_lens_B, pages_BP, cu_E = (np.asarray(a) for a in (case.kv_lens_B, case.page_indices_BP, case.cu_q_lens_E))
+  slots_T = np.full(num_tokens, num_pages * page_size, np.int32)
+  for b in range(int(np.asarray(case.num_seqs)[0])):
+    pos_Q = kv_lens_B[b] - (cu_E[b + 1] - cu_E[b]) + np.arange(cu_E[b + 1] - cu_E[b])
+    slots_T[cu_E[b]:cu_E[b + 1]] = pages_BP[b, pos_Q // page_size] * page_size + pos_Q % page_size
+  k_TKH, v_TKH = rng.standard_normal((2, num_tokens, num_combined // 2, head_dim), np.float32)
+  k_TKH[case.live_rows:] = np.nan
+  v_TKH[case.live_rows:] = np.nan
+  live_slots = slots_T[:case.live_rows]
+  flat_ZCH = np.array(case.kv_pages_PSCH, np.float32).reshape(num_pages * page_size, num_combined, head_dim)
+  flat_ZCH[live_slots] = np.nan
+  dtype = case.kv_pages_PSCH.dtype
+  pool_PSCH = jnp.asarray(flat_ZCH.reshape(case.kv_pages_PSCH.shape), dtype)
+  return (dataclasses.replace(case, kv_pages_PSCH=pool_PSCH), jnp.asarray(k_TKH, dtype), jnp.asarray(v_TKH, dtype),
+          jnp.asarray(slots_T))

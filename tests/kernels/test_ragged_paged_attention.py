@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels.ragged_paged_attention import gpu, ragged_paged_attention, reference, tpu, tuning
-from tests.kernels.rpa_cases import SEQS, SEQS_SHAPE, make_case, relative_error
+from tests.kernels.rpa_cases import SEQS, SEQS_SHAPE, make_case, relative_error, with_new_kv
 
 TOLERANCE = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2}  # relative, ||out - ref|| / ||ref||
 
@@ -39,6 +39,12 @@ def check(kernel, case, dtype, *, head_dim, **attn_kw):
   ref = reference.ragged_paged_attention(*case.reference_args(), sm_scale=sm_scale, **ref_kw)
   poison = jnp.full(case.q_TNH.shape, jnp.nan, dtype)
   out = np.asarray(kernel(*case.args(), sm_scale=sm_scale, out_TNH=poison, **attn_kw), np.float32)
+  check_output(out, ref, case, dtype)
+
+
+def check_output(out, ref, case, dtype):
+  """Live rows match the reference, padding rows are still the NaN they started as."""
+  out = np.asarray(out, np.float32)
   live = case.live_rows
   assert not np.isnan(out[:live]).any(), "a live row was left unwritten or read poison"
   assert np.isnan(out[live:]).all(), "a padding row was written"
@@ -110,6 +116,70 @@ def test_dispatcher_rejects_an_unknown_impl():
     ragged_paged_attention(*case.args(), sm_scale=0.125, impl="cuda")
 
 
+def check_fused(case, dtype, *, head_dim, seed=0, config=GPU_TILES, **attn_kw):
+  """The GPU kernel's fused write against write_kv_pages followed by the reference attention.
+
+  The step's slots are NaN in the pool given to the kernel, so reading a new
+  position back from the pool instead of from k_TKH / v_TKH shows up as NaN.
+  """
+  step, k_TKH, v_TKH, slots_T = with_new_kv(case, seed)
+  written_PSCH = reference.write_kv_pages(step.kv_pages_PSCH, k_TKH, v_TKH, slots_T)
+  sm_scale = head_dim**-0.5
+  ref_kw = {k: v for k, v in attn_kw.items() if k in ("sliding_window", "soft_cap")}
+  ref = reference.ragged_paged_attention(step.q_TNH, jnp.nan_to_num(written_PSCH, nan=0.0), *step.args()[2:],
+                                         sm_scale=sm_scale, **ref_kw)
+  poison = jnp.full(case.q_TNH.shape, jnp.nan, dtype)
+  out, pool_PSCH = gpu.ragged_paged_attention_write(*step.args(), k_TKH, v_TKH, slots_T, sm_scale=sm_scale,
+                                                    out_TNH=poison, interpret=True, config=config, **attn_kw)
+  # Equal bit for bit, NaN where NaN: the step's rows written, nothing else touched.
+  np.testing.assert_array_equal(np.asarray(pool_PSCH, np.float32), np.asarray(written_PSCH, np.float32))
+  check_output(out, ref, case, dtype)
+
+
+@pytest.mark.parametrize("name,dtype", [(name, jnp.float32) for name in SEQS] + [("mixed", jnp.bfloat16)])
+def test_gpu_fused_write_matches_separate_write(name, dtype):
+  case = make_case(0, SEQS[name], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=dtype,
+                   shape=SEQS_SHAPE)
+  check_fused(case, dtype, head_dim=64)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(4, 4), (8, 1)])
+def test_gpu_fused_write_handles_head_dim_128_and_gqa_ratios(num_heads, num_kv_heads):
+  case = make_case(1, SEQS["mixed"], num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=128, page_size=8,
+                   dtype=jnp.bfloat16, shape=SEQS_SHAPE)
+  check_fused(case, jnp.bfloat16, head_dim=128)
+
+
+@pytest.mark.parametrize("attn_kw", [dict(sliding_window=7), dict(soft_cap=2.0)], ids=["window", "soft_cap"])
+def test_gpu_fused_write_applies_sliding_window_and_soft_cap(attn_kw):
+  case = make_case(2, SEQS["mixed"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32,
+                   shape=SEQS_SHAPE)
+  check_fused(case, jnp.float32, head_dim=64, **attn_kw)
+
+
+def test_gpu_fused_write_with_split_k_writes_each_row_once():
+  # Four KV splits per decode item: only split 0 writes, the others read only cached slots.
+  seqs = [(1, 70), (2, 45), (1, 3), (1, 128)]
+  case = make_case(4, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32)
+  check_fused(case, jnp.float32, head_dim=64, num_splits=4, sliding_window=40)
+
+
+def test_gpu_fused_write_with_no_padding_and_tuned_tiles():
+  # No padding rows or sequences, the tuned tiles (64-position blocks: the
+  # step's positions share a block with cached ones at kv_len 64 and 65).
+  seqs = [(5, 21), (1, 64), (1, 65), (40, 90)]
+  case = make_case(3, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=16, dtype=jnp.bfloat16,
+                   extra_seqs=0, extra_tokens=0, permute=False)
+  check_fused(case, jnp.bfloat16, head_dim=64, config=None)
+
+
+def test_gpu_fused_write_rejects_mismatched_new_rows():
+  case = make_case(7, SEQS["decode_only"], num_heads=4, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.float32)
+  _, k_TKH, v_TKH, slots_T = with_new_kv(case, 0)
+  with pytest.raises(ValueError, match="expected"):
+    gpu.ragged_paged_attention_write(*case.args(), k_TKH[:, :1], v_TKH, slots_T, sm_scale=0.1, interpret=True)
+
+
 def _abstract_args(dtype, num_tokens=256, num_heads=32, num_kv_heads=8, head_dim=128, page_size=16):
   shape = jax.ShapeDtypeStruct
   return (shape((num_tokens, num_heads, head_dim), dtype), shape((1024, page_size, 2 * num_kv_heads, head_dim), dtype),
@@ -123,6 +193,17 @@ def test_gpu_kernel_lowers_to_triton_for_cuda(attn_kw):
   fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, **attn_kw)
   text = jax.jit(fn).trace(*_abstract_args(jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 2  # the prefill launch and the decode launch
+
+
+@pytest.mark.parametrize("attn_kw", [dict(), dict(num_splits=4, sliding_window=64, soft_cap=30.0)])
+def test_gpu_fused_write_lowers_to_triton_for_cuda(attn_kw):
+  args = _abstract_args(jnp.bfloat16)
+  num_tokens, kv_shape = args[0].shape[0], args[1].shape
+  new_TKH = jax.ShapeDtypeStruct((num_tokens, kv_shape[2] // 2, kv_shape[3]), jnp.bfloat16)
+  new_kv = (new_TKH, new_TKH, jax.ShapeDtypeStruct((num_tokens,), jnp.int32))
+  fn = functools.partial(gpu.ragged_paged_attention_write, sm_scale=0.1, **attn_kw)
+  text = jax.jit(fn, donate_argnums=1).trace(*args, *new_kv).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
