@@ -89,13 +89,15 @@ def random_engine_params(cfg: ModelConfig, dtype: str, mesh: Mesh | None, seed: 
   Each tensor is drawn by a jit straight into its sharding. JAX's partitionable threefry gives
   every device its slice of the same values whatever the layout, so no device ever holds a whole
   split tensor and every layout serves exactly the same model (the values match `init_params` up
-  to float rounding: the scaling fuses differently under jit). Without a mesh the weights go on a
-  one-device mesh of the default device, then relabelled as plain arrays of that device.
+  to float rounding: the scaling fuses differently under jit). Without a mesh the weights are plain
+  arrays of the default device, like the KV pool and the step inputs beside them.
   """
-  target = mesh or make_mesh(MeshShape(), [default_device()])
   specs = param_specs(cfg)
   leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
-  shardings = jax.tree_util.tree_leaves(rules.param_shardings(specs, target))
+  if mesh is None:
+    shardings, tp = [jax.sharding.SingleDeviceSharding(default_device())] * len(leaves), 1
+  else:
+    shardings, tp = jax.tree_util.tree_leaves(rules.param_shardings(specs, mesh)), mesh.shape[TENSOR]
   # One program per distinct (shape, init, axes, sharding), shared by all layers: 80 layers of a 70B
   # shape compile a dozen programs, not 720. The tensor's index is a host int (not a key array on
   # one device) so that the same call works when the mesh spans several processes.
@@ -105,15 +107,14 @@ def random_engine_params(cfg: ModelConfig, dtype: str, mesh: Mesh | None, seed: 
     what = (spec.shape, spec.init, spec.axes, sharding)
     if what not in makers:
       fn = functools.partial(_random_tensor, seed=seed, count=len(leaves), shape=spec.shape, init=spec.init,
-                             axes=spec.axes, tp=target.shape[TENSOR], dtype=resolve_dtype(dtype))
+                             axes=spec.axes, tp=tp, dtype=resolve_dtype(dtype))
       makers[what] = jax.jit(fn, out_shardings=sharding)
     out.append(makers[what](np.int32(i)))
-  params = jax.tree_util.tree_unflatten(treedef, out)
-  return params if mesh is not None else on_default_device(params)
+  return jax.tree_util.tree_unflatten(treedef, out)
 
 
 def on_default_device(params: dict) -> dict:
-  """Weights made on a one-device mesh, as arrays of the default device (the same buffers).
+  """Weights restored onto a one-device mesh, as arrays of the default device.
 
   Without a mesh the KV pool, the sampler's state and the step's inputs are plain arrays of the
   default device; weights with a one-device-mesh sharding beside them would make the step's first

@@ -1,9 +1,11 @@
 """Builds each step's ragged batch on the host and runs it as one jit call on the device.
 
-The device programs it calls are in step.py. The batch is padded to a bucket: the token count to the next power of two (from
-`MIN_TOKEN_BUCKET` up to `max_num_batched_tokens`), the sequence count to
-`min(max_num_seqs, token bucket)`, so there is exactly one compiled program per
-token bucket and all of them are compiled at start-up. The KV pool (one array
+The device programs it calls are in step.py. The batch is padded to a bucket:
+the token count to the next power of two (from `MIN_TOKEN_BUCKET` up to
+`max_num_batched_tokens`), the sequence count to
+`min(max_num_seqs, token bucket)`, so there is one compiled program per token
+bucket (two where the host picks the sampler's path, `RunnerConfig.sampler_paths`)
+and all of them are compiled at start-up. The KV pool (one array
 per layer) is donated into the step and replaced by its output, so it is
 updated in place.
 """
@@ -238,7 +240,7 @@ class ModelRunner:
     # With host-chosen paths each bucket has a plain and a staged program: empty inputs take the
     # plain path; a logprobs row sends them down the staged one.
     # Bursts run plain batches only (the engine's `_can_burst`).
-    variants = [False, True] if self._host_paths and self.rc.precompile_staged else [False]
+    variants = [False, True] if self.host_paths and self.rc.precompile_staged else [False]
     for i, b in enumerate(self.buckets):
       for staged in variants:
         out = self._call_step(*self._empty_inputs(b, staged=staged))[0]
@@ -459,15 +461,11 @@ class ModelRunner:
   @property
   def host_paths(self) -> bool:
     """Whether the host picks the sampler's path (then a decode burst takes plain batches only)."""
-    return self._host_paths
-
-  @property
-  def _host_paths(self) -> bool:
     return self.rc.sampler_paths == "host" and self.can_overlap
 
   def _path(self, sampling: SamplingInputs) -> str | None:
     """The sampler's path for a batch when the host picks it (see RunnerConfig.sampler_paths)."""
-    return host_path(sampling) if self._host_paths else None
+    return host_path(sampling) if self.host_paths else None
 
   def _call_step(self, inputs, sampling, tokens):
     """Queues the step; returns the sampler's outputs and the last hidden states [T, D]."""
@@ -494,7 +492,7 @@ class ModelRunner:
     """Repeats on this process's devices one device command of the leader (jserve/engine/multihost.py)."""
     if command == multihost.STEP:
       layout = pack_host_inputs(self._empty_inputs(arg))[1]
-      path = self._path(unpack_host(buf_N, layout)[1]) if self._host_paths else None  # the leader's choice
+      path = self._path(unpack_host(buf_N, layout)[1])  # the leader's choice
       _, self._last_x_TD, self.kv_caches, self.slots, self._last_S = self._step(
           self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
           path=path)
@@ -506,6 +504,7 @@ class ModelRunner:
       self._run_prompt_logprobs(self._last_x_TD, buf_N)
     else:
       raise ValueError(f"unknown command {command} from the leader")
+
   @staticmethod
   def fetch(out, prompt, plan: StepPlan) -> StepResult:
     """Copies to the host what the step's plan asked for (waiting for the step)."""

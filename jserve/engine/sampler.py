@@ -293,15 +293,20 @@ def _logprobs(logits_BV, tokens_B, s: SamplingInputs, chunk):
 PLAIN, STAGED = "plain", "staged"  # the paths a host may choose for a batch (see `sample`)
 
 
-def host_path(s: SamplingInputs) -> str:
-  """The path `sample` takes for these (host, numpy) parameters: STAGED when some row uses an optional
-  stage (grammar mask, logit bias or stop ban, penalties, min-p / top-k / top-p, logprobs), else PLAIN.
-  The same test as the device's in `sample`."""
+def _row_stages(s: SamplingInputs):
+  """Per row: (greedy, filtered by min-p / top-k / top-p, penalized, uses any optional stage). Plain
+  array operators, so the host (numpy) and the step (jax) take the same test."""
   greedy_B = s.temperature_B <= 0
   filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
   penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
-  staged = s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B
-  return STAGED if staged.any() else PLAIN
+  staged_B = s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B
+  return greedy_B, filtered_B, penalized_B, staged_B
+
+
+def host_path(s: SamplingInputs) -> str:
+  """The path `sample` takes for these (host, numpy) parameters: STAGED when some row uses an optional
+  stage (grammar mask, logit bias or stop ban, penalties, min-p / top-k / top-p, logprobs), else PLAIN."""
+  return STAGED if _row_stages(s)[3].any() else PLAIN
 
 
 def request_path(params, constrained: bool = False) -> str:
@@ -325,9 +330,7 @@ def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, path: str
   temperature rows runs with no conditional at all.
   """
   batch, vocab = logits_BV.shape
-  greedy_B = s.temperature_B <= 0
-  filtered_B = ~greedy_B & ((s.top_k_B > 0) | (s.top_p_B < 1) | (s.min_p_B > 0))
-  penalized_B = (s.repetition_penalty_B != 1) | (s.presence_penalty_B != 0) | (s.frequency_penalty_B != 0)
+  greedy_B, filtered_B, penalized_B, staged_B = _row_stages(s)
   num = min(MAX_LOGPROBS, vocab)
 
   def plain(logits_BV, noise):
@@ -353,8 +356,7 @@ def sample(logits_BV, s: SamplingInputs, state: SlotState, mask_BW, *, path: str
   elif path == STAGED:
     tokens_B, logprob_B, ids_BA, top_BA = jax.lax.switch(staged_index, staged_paths, logits_BV)
   elif path is None:
-    staged = jnp.any(s.use_mask_B | s.use_bias_B | penalized_B | filtered_B | s.logprobs_B)
-    index = jnp.where(staged, 2 + staged_index, jnp.any(~greedy_B).astype(jnp.int32))
+    index = jnp.where(jnp.any(staged_B), 2 + staged_index, jnp.any(~greedy_B).astype(jnp.int32))
     paths = [functools.partial(plain, noise=False), functools.partial(plain, noise=True)] + staged_paths
     tokens_B, logprob_B, ids_BA, top_BA = jax.lax.switch(index, paths, logits_BV)
   else:
