@@ -93,15 +93,6 @@ def _run_child(label: str, spec: dict, out_dir: str, timeout_s: float) -> dict:
   return json.loads(lines[-1][len(_RESULT):])
 
 
-def _write_checkpoint(preset: str, model_dir: str, dummy: bool, timeout_s: float):
-  """In a subprocess: the parent never starts a backend, so it holds no device memory the children need."""
-  code = ("import sys; from tools.make_random_checkpoint import make_checkpoint; "
-          "make_checkpoint(sys.argv[1], sys.argv[2], weights=sys.argv[3] == '1')")
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (_REPO, os.environ.get("PYTHONPATH")) if p))
-  subprocess.run([sys.executable, "-c", code, preset, model_dir, "0" if dummy else "1"], check=True, env=env,
-                 cwd=_REPO, timeout=timeout_s)
-
-
 def table(results: dict) -> str:
   """Markdown: one row per phase, one column per run."""
   labels = list(results)
@@ -118,7 +109,6 @@ def table(results: dict) -> str:
       fmt = "{:.2f}" if key.endswith("_s") else "{}"
       lines.append(f"| {name} | " + " | ".join(fmt.format(results[label][part][key]) for label in labels) + " |")
   return "\n".join(lines)
-
 
 
 def _define_flags():
@@ -147,7 +137,8 @@ def main(argv):
   if model is None:
     model = os.path.join(work, FLAGS.preset)
     t = time.perf_counter()
-    _write_checkpoint(FLAGS.preset, model, FLAGS.dummy, FLAGS.timeout_s)
+    from tools.make_random_checkpoint import make_checkpoint_in_subprocess  # (the child never imports it)
+    make_checkpoint_in_subprocess(FLAGS.preset, model, weights=not FLAGS.dummy, timeout_s=FLAGS.timeout_s)
     checkpoint_s = time.perf_counter() - t
   engine_args = {"max_num_seqs": FLAGS.max_num_seqs, **json.loads(FLAGS.engine_args)}
   if FLAGS.max_num_batched_tokens is not None:

@@ -110,39 +110,11 @@ def hf_anchor(model_dir, llm, batch, vocab):
 
 
 def copy_bandwidth():
-  """Best of a JAX copy and a PyTorch device copy of 4 GiB, in bytes/s counting read plus write."""
-  import jax
-  import jax.numpy as jnp
-  n = int(FLAGS.copy_gib * (1 << 30)) // 2  # bf16 elements
-  x = jnp.ones((n,), jnp.bfloat16)
-  f = jax.jit(lambda a: a * 1)
-  f(x).block_until_ready()
-  times = []
-  for _ in range(5):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    times.append(time.perf_counter() - t)
-  jax_bw = 2 * 2 * n / min(times)
-  del x
-  torch_bw = 0.0
-  try:
-    import torch
-    a = torch.ones(n, dtype=torch.bfloat16, device="cuda")
-    b = torch.empty_like(a)
-    b.copy_(a)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(5):
-      b.copy_(a)
-    end.record()
-    torch.cuda.synchronize()
-    torch_bw = 2 * 2 * n * 5 / (start.elapsed_time(end) / 1e3)
-    del a, b
-    torch.cuda.empty_cache()
-  except Exception as e:  # no CUDA torch here: the JAX figure stands alone
-    print(f"torch copy unavailable: {e}")
-  return {"jax_copy_GBps": jax_bw / 1e9, "torch_copy_GBps": torch_bw / 1e9, "best_GBps": max(jax_bw, torch_bw) / 1e9}
+  """The copy ceiling (`tools.ceilings.copy_ceilings` over --copy_gib) in GB/s, read plus written."""
+  from tools.ceilings import copy_ceilings
+  c = copy_ceilings(int(FLAGS.copy_gib * (1 << 30)))
+  return {"jax_copy_GBps": c["jax_elementwise_TBps"] * 1e3, "torch_copy_GBps": c.get("torch_copy_TBps", 0.0) * 1e3,
+          "best_GBps": c["ceiling_TBps"] * 1e3}
 
 
 def longtail_lengths(count: int, max_total: int):

@@ -11,6 +11,8 @@ arrivals at that rate (`inf`: all at once), --num_prompts random prompts of --in
 has finished is written to online.json and online.md under --out_dir as it goes, and the server's
 log to server.log. Prints a table last: per API and rate, request and output token throughput and
 TTFT / TPOT / ITL p50 and p99. tools/plot_e2e.py draws latency against rate from online.json.
+This process never starts a JAX backend (the checkpoint and the device's name come from child
+processes): on a GPU it would hold memory the server needs.
 """
 
 import datetime
@@ -130,20 +132,29 @@ def save(results: dict):
     f.write("\n".join([head, ""] + table(results)) + "\n")
 
 
+def _device_info() -> tuple[str, str]:
+  """(device kind, JAX version), asked of a child process: this one must not start a JAX backend,
+  which on a GPU would hold most of the memory the server needs."""
+  code = "import jax; print(jax.devices()[0].device_kind); print(jax.__version__)"
+  kind, version = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                 check=True).stdout.strip().splitlines()[-2:]
+  return kind, version
+
+
 def main(argv):
   del argv
-  import jax
-
-  from tools.make_random_checkpoint import make_checkpoint
+  from jserve.config import load_model_config
+  from tools.make_random_checkpoint import make_checkpoint_in_subprocess
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   backends = [b for b in FLAGS.backends if b == "grpc" or _http_available()]
   skipped = sorted(set(FLAGS.backends) - set(backends))
-  results = {"date": datetime.date.today().isoformat(), "jax": jax.__version__,
-             "device": jax.devices()[0].device_kind, "preset": FLAGS.preset, "input_len": FLAGS.input_len,
-             "output_len": FLAGS.output_len, "num_prompts": FLAGS.num_prompts,
+  device, jax_version = _device_info()
+  results = {"date": datetime.date.today().isoformat(), "jax": jax_version, "device": device, "preset": FLAGS.preset,
+             "input_len": FLAGS.input_len, "output_len": FLAGS.output_len, "num_prompts": FLAGS.num_prompts,
              "skipped_backends": {b: "starlette/uvicorn not importable" for b in skipped}, "runs": []}
   model_dir = os.path.join(tempfile.mkdtemp(), FLAGS.preset)
-  cfg = make_checkpoint(FLAGS.preset, model_dir, weights=not FLAGS.dummy)
+  make_checkpoint_in_subprocess(FLAGS.preset, model_dir, weights=not FLAGS.dummy)
+  cfg = load_model_config(model_dir)
   vocab = min(cfg.vocab_size, 4000)  # random prompt ids the tokenizer also knows
   grpc_port, http_port = _free_port(), (_free_port() if any(b.startswith("http") for b in backends) else 0)
   log_path = os.path.join(FLAGS.out_dir, "server.log")

@@ -48,6 +48,7 @@ from configs.models import get_model_preset  # noqa: E402
 from jserve.engine import sampler, thresholds  # noqa: E402
 from jserve.engine.request import BIAS_TABLE_SIZE  # noqa: E402
 from jserve.models.llama import StepInputs, compute_logits, forward, init_params  # noqa: E402
+from tools.ceilings import copy_ceilings  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_sampler", "where sampler.md and sampler.json go")
 _BATCH = flags.DEFINE_integer("batch", 256, "sequences in the decode step")
@@ -245,12 +246,6 @@ def bench_blocks(meta, data):
     add_row(meta, "block", name, time_fn(make(), *args))
 
 
-def copy_bandwidth(smoke):
-  x = jnp.ones((1 << (20 if smoke else 28),), jnp.float32)  # 1 GiB on the GPU
-  t = time_fn(jax.jit(lambda x: x + 1), x) / 1e3
-  return 2 * x.nbytes / t
-
-
 def step_setup(cfg, batch, context, page_size=16):
   params = jax.jit(lambda key: init_params(cfg, key, jnp.bfloat16))(jax.random.key(0))
   pages_per_seq = -(-(context + 1) // page_size)
@@ -345,7 +340,7 @@ def main(_):
   data = sampler_data(batch, vocab)
   results = bench_sampler(meta, data)
   bench_blocks(meta, data)
-  meta["copy_bandwidth_TBps"] = round(copy_bandwidth(_SMOKE.value) / 1e12, 3)
+  meta["copy_bandwidth_TBps"] = round(copy_ceilings(1 << (22 if _SMOKE.value else 30))["ceiling_TBps"], 3)
   for name, cfg in cfgs.items():
     if cfg.vocab_size != vocab:
       raise ValueError(f"{name} has vocab {cfg.vocab_size}, the sampler was timed at {vocab}")

@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import json
 import os
+import subprocess
 import sys
 import sysconfig
 
@@ -87,6 +88,18 @@ def make_checkpoint(preset: str, out_dir: str, *, num_layers: int | None = None,
   write_tokenizer(tok, out_dir)
   write_generation_config(cfg, out_dir)
   return cfg
+
+
+def make_checkpoint_in_subprocess(preset: str, out_dir: str, *, weights: bool = True, timeout_s: float = 1800):
+  """`make_checkpoint` in a child process, for a benchmark whose own process must not start a JAX
+  backend: on a GPU the first process to start one takes most of the device's memory, which the
+  engine started after it (a server, a measured child) then lacks."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = ("import sys; from tools.make_random_checkpoint import make_checkpoint; "
+          "make_checkpoint(sys.argv[1], sys.argv[2], weights=sys.argv[3] == '1')")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (repo, os.environ.get("PYTHONPATH")) if p))
+  subprocess.run([sys.executable, "-c", code, preset, out_dir, "1" if weights else "0"], check=True, env=env,
+                 cwd=repo, timeout=timeout_s)
 
 
 FLAGS = flags.FLAGS
