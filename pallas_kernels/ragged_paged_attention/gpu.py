@@ -10,6 +10,8 @@ launches over the same output:
   their log-sum-exp;
 - the prefill launch has one item per `prefill.block_m // G` query tokens of
   every longer sequence (query-block tiling), each over its causal context.
+  With `GpuConfig.prefill_kernel="hopper"` it runs on hopper.py's Mosaic GPU
+  kernel instead (TMA and wgmma; items of 128 tokens of one query head).
 
 A program takes all G query heads of one KV head as the rows of its tile
 (row m is token m // G, head m % G), so a KV page is read once per item, not
@@ -38,11 +40,12 @@ import math
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention import hopper, tuning
 
 _MASKED = -1e30  # finite, as in the reference: a fully masked row must not make NaNs
 _LOG2E = math.log2(math.e)
@@ -308,6 +311,13 @@ def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q)
   return decode, prefill
 
 
+def _hopper_supports(q_TNH, kv_pages_PSCH, config) -> bool:
+  why_not = hopper.supports(q_TNH, kv_pages_PSCH, config.hopper)
+  if why_not:
+    logging.log_first_n(logging.WARNING, "Hopper prefill kernel unavailable (%s); using the Triton one", 1, why_not)
+  return why_not is None
+
+
 def _combine(o_SWKMH, lse_SWKM, items, cu_q_lens_E, out_TNH, *, group, block_q):
   """Merges the KV splits of the decode launch and writes their live rows into `out_TNH`."""
   item_seq_W, item_q0_W = items
@@ -399,17 +409,24 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   page_indices_BP = page_indices_BP.astype(jnp.int32)
   cu_q_lens_E = cu_q_lens_E.astype(jnp.int32)
   decode_q = config.decode.block_m // group
+  fused = new_kv is not None
+  use_hopper = config.prefill_kernel == "hopper" and not fused and _hopper_supports(q_TNH, kv_pages_PSCH, config)
+  prefill_q = hopper.BLOCK_Q if use_hopper else config.prefill.block_m // group
   decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
-                           num_tokens=num_tokens, decode_q=decode_q, prefill_q=config.prefill.block_m // group)
+                           num_tokens=num_tokens, decode_q=decode_q, prefill_q=prefill_q)
   common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
                 new_kv=new_kv)
   meta = (kv_lens_B, page_indices_BP, cu_q_lens_E)
-  fused = new_kv is not None
   # The prefill launch writes its sequences' new rows before the decode
   # launch runs; the decode launch reads only its own sequences' cached
   # slots, which are not among them.
-  out = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
-  out_TNH, kv_pages_PSCH = out if fused else (out, kv_pages_PSCH)
+  if use_hopper:
+    out_TNH = hopper.prefill(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, sm_scale=sm_scale,
+                             sliding_window=sliding_window, soft_cap=soft_cap, blocks=config.hopper,
+                             interpret=hopper.interpret_params() if interpret else False)
+  else:
+    out = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
+    out_TNH, kv_pages_PSCH = out if fused else (out, kv_pages_PSCH)
   if num_splits == 1:
     out = _launch(decode, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.decode, num_splits=1, **common)
     return out if fused else (out, None)

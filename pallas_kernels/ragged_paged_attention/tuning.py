@@ -29,6 +29,18 @@ class GpuBlocks:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class HopperBlocks:
+  """The Mosaic GPU prefill kernel (hopper.py): KV positions per pipeline step, and steps in flight."""
+  block_kv: int = 128
+  num_stages: int = 2
+
+
+# The candidates `tools/bench_kernels.py --sweep` tries for the Hopper prefill kernel.
+HOPPER_SWEEP = (HopperBlocks(block_kv=128, num_stages=2), HopperBlocks(block_kv=64, num_stages=4),
+                HopperBlocks(block_kv=64, num_stages=3), HopperBlocks(block_kv=128, num_stages=3))
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GpuConfig:
   """Decode launch (short query runs, split over the context) and prefill launch (query-block tiling)."""
   decode: GpuBlocks
@@ -36,6 +48,15 @@ class GpuConfig:
   # Most KV splits of one decode sequence; the split count itself follows from
   # how many programs the decode launch has (see `gpu_num_splits`).
   max_splits: int = 8
+  # Which kernel runs the prefill launch: "triton" (gpu.py, with `prefill`'s
+  # tiles) or "hopper" (hopper.py, Mosaic GPU, with `hopper`'s). Triton until
+  # the Hopper kernel has been measured faster on an H200.
+  prefill_kernel: str = "triton"
+  hopper: HopperBlocks = HopperBlocks()
+
+  def __post_init__(self):
+    if self.prefill_kernel not in ("triton", "hopper"):
+      raise ValueError(f"prefill_kernel={self.prefill_kernel!r}: expected 'triton' or 'hopper'")
 
 
 # Decode: 16 rows (Triton's smallest tensor-core tile) x 64 positions, two warps
