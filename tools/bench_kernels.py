@@ -262,20 +262,26 @@ def run_case(case, ceiling, config=None, num_splits=None):
       row.update(jax_paged_us=t * 1e6, jax_paged_TBps=nbytes / t / 1e12)
     except Exception as e:  # noqa: BLE001
       row["jax_paged_error"] = repr(e)[:300]
-  if case.kind == "prefill" and all(q == k for q, k in case.seqs) and len({q for q, _ in case.seqs}) == 1:
-    try:
-      nb, seq_len = len(case.seqs), case.seqs[0][0]
-      kv_bXCH = a["kv_pages_PSCH"][a["page_indices_BP"]].reshape(nb, seq_len, 2 * case.num_kv_heads, case.head_dim)
-      k, v = kv_bXCH[:, :, 0::2], kv_bXCH[:, :, 1::2]
-      q = a["q_TNH"].reshape(nb, seq_len, case.num_heads, case.head_dim)
-      fn = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=sm_scale, is_causal=True,
-                                     implementation="cudnn"))
-      row["cudnn_err"] = rel_err(fn(q, k, v).reshape(out.shape), exact)
-      t = time_fn(fn, q, k, v)
-      row.update(cudnn_us=t * 1e6, cudnn_TFLOPs=flops / t / 1e12)
-    except Exception as e:  # noqa: BLE001
-      row["cudnn_error"] = repr(e)[:300]
+  row.update(cudnn_row(case, a, exact))
   return row
+
+
+def cudnn_row(case, a, exact):
+  """cuDNN's causal attention on the same shapes, unpaged (prefill cases of equal whole sequences only)."""
+  if not (case.kind == "prefill" and all(q == k for q, k in case.seqs) and len({q for q, _ in case.seqs}) == 1):
+    return {}
+  try:
+    nb, seq_len = len(case.seqs), case.seqs[0][0]
+    kv_bXCH = a["kv_pages_PSCH"][a["page_indices_BP"]].reshape(nb, seq_len, 2 * case.num_kv_heads, case.head_dim)
+    k, v = kv_bXCH[:, :, 0::2], kv_bXCH[:, :, 1::2]
+    q = a["q_TNH"].reshape(nb, seq_len, case.num_heads, case.head_dim)
+    fn = jax.jit(functools.partial(jax.nn.dot_product_attention, scale=case.head_dim**-0.5, is_causal=True,
+                                   implementation="cudnn"))
+    err = rel_err(fn(q, k, v).reshape(a["q_TNH"].shape), exact)
+    t = time_fn(fn, q, k, v)
+    return dict(cudnn_err=err, cudnn_us=t * 1e6, cudnn_TFLOPs=bytes_and_flops(case)[1] / t / 1e12)
+  except Exception as e:  # noqa: BLE001
+    return dict(cudnn_error=repr(e)[:300])
 
 
 def sweep(case, variants):
