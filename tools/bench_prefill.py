@@ -30,7 +30,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from absl import app  # noqa: E402
 
-from pallas_kernels.ragged_paged_attention import gpu, reference, tuning  # noqa: E402
+from pallas_kernels.ragged_paged_attention import gpu, hopper, reference, tuning  # noqa: E402
 from tests.kernels import rpa_cases  # noqa: E402
 from tools import bench_kernels  # noqa: E402
 from tools.bench_kernels import (BenchCase, args_of, build, bytes_and_flops, cudnn_row, groups_of, log,  # noqa: E402
@@ -99,11 +99,15 @@ def time_case(case, quick):
   base = tuning.gpu_config(case.head_dim, case.page_size, group)
   variants = [("triton " + _blocks_str(base.prefill), base)]
   for hb in tuning.HOPPER_SWEEP[:1] if quick else tuning.HOPPER_SWEEP:
-    variants.append((f"hopper n{hb.block_kv} st{hb.num_stages}",
+    variants.append((f"hopper n{hb.block_kv} st{hb.num_stages}{'' if hb.ping_pong else ' no ping-pong'}",
                      hopper_config(case.head_dim, case.page_size, group, hb)))
   rows = []
   for label, cfg in variants:
     row = dict(case=case.name, kernel=label)
+    why_not = hopper.supports(args[0], args[1], cfg.hopper) if cfg.prefill_kernel == "hopper" else None
+    if why_not:  # the call would quietly run the Triton prefill instead
+      rows.append(dict(row, error=f"not run: {why_not}"))
+      continue
     try:
       fn = jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=case.head_dim**-0.5, config=cfg,
                                      interpret=_INTERPRET.value))

@@ -87,9 +87,9 @@ def supports(q_TNH, kv_pages_PSCH, blocks: HopperBlocks = HopperBlocks()) -> str
 
 
 def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref, q_ref, kv_ref, o_ref,
-            scratch, *, group, page_size, block_kv, num_stages, sm_scale, sliding_window, soft_cap,
+            scratch, *, group, page_size, block_kv, num_stages, ping_pong, sm_scale, sliding_window, soft_cap,
             interpreted):
-  (q_smem, o_smem, k_smem, v_smem), (q_full, k_full, v_full), (k_empty, v_empty) = scratch
+  (q_smem, o_smem, k_smem, v_smem), (q_full, k_full, v_full), (k_empty, v_empty), sched = scratch
   head = lax.axis_index("head")
   item = lax.axis_index("item")
   wg = lax.axis_index("wg")
@@ -165,6 +165,11 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
       plgpu.barrier_wait(q_full.at[wg])
       pos0 = offset + t0  # position of this warpgroup's row 0
 
+      def take_turn():  # ping-pong: the two consumers' matmuls alternate (see HopperBlocks)
+        if ping_pong:
+          plgpu.barrier_arrive(sched)
+          plgpu.barrier_wait(sched)
+
       def body(step, carry, masked):
         acc, m, l = carry
         slot = lax.rem(step, num_stages)
@@ -172,9 +177,11 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
 
         def qk(acc_ref):
           plgpu.wgmma(acc_ref, q_wg, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+          take_turn()  # the other consumer's softmax runs under this matmul
           return acc_ref[...]
         if interpreted:  # the interpreter's wgmma takes no transposed operand
           s = lax.dot_general(q_wg[...], k_smem[slot], (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+          take_turn()
         else:
           s = pl.run_scoped(qk, plgpu.ACC((WG_ROWS, block_kv), jnp.float32))
         plgpu.barrier_arrive(k_empty.at[slot])
@@ -198,7 +205,11 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
+        if ping_pong:  # done with the softmax: let the other consumer's second matmul go first
+          plgpu.barrier_arrive(sched)
         plgpu.barrier_wait(v_full.at[slot])
+        if ping_pong:
+          plgpu.barrier_wait(sched)
 
         def pv(acc_ref):
           plgpu.wgmma(acc_ref, p.astype(v_smem.dtype), v_smem.at[slot])
@@ -214,10 +225,12 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
       carry = (layout(jnp.zeros((WG_ROWS, head_dim), jnp.float32), plgpu.Layout.WGMMA),
                layout(jnp.full((WG_ROWS,), _MASKED, jnp.float32), plgpu.Layout.WGMMA.reduce(1)),
                layout(jnp.zeros((WG_ROWS,), jnp.float32), plgpu.Layout.WGMMA.reduce(1)))
+      pl.when(wg == 1)(take_turn)  # consumer 1 starts half a turn behind
       if sliding_window is not None:
         carry = lax.fori_loop(0, safe_lo, functools.partial(body, masked=True), carry)
       carry = lax.fori_loop(safe_lo, safe_hi, functools.partial(body, masked=False), carry)
       acc, _, l = lax.fori_loop(safe_hi, num_blocks, functools.partial(body, masked=True), carry)
+      pl.when(wg == 0)(take_turn)  # and consumer 0 ends with the matching half turn
 
       o_wg = o_smem.at[wg]
       o_wg[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(o_wg.dtype)
@@ -269,15 +282,16 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
                     num_threads=NUM_CONSUMERS + 1, thread_name="wg")
   kernel = functools.partial(
       _kernel, group=num_heads // num_kv_heads, page_size=kv_pages_PSCH.shape[1], block_kv=blocks.block_kv,
-      num_stages=blocks.num_stages, sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap,
-      interpreted=bool(interpret))
+      num_stages=blocks.num_stages, ping_pong=blocks.ping_pong, sm_scale=sm_scale, sliding_window=sliding_window,
+      soft_cap=soft_cap, interpreted=bool(interpret))
   copies = blocks.block_kv // min(kv_pages_PSCH.shape[1], blocks.block_kv)
 
   def stateful(refs):
     *in_refs, o_ref = refs
 
     @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret or False,
-                 name=f"ragged_paged_attention_hopper_n{blocks.block_kv}_s{blocks.num_stages}")
+                 name=f"ragged_paged_attention_hopper_n{blocks.block_kv}_s{blocks.num_stages}"
+                      f"_pp{int(blocks.ping_pong)}")
     def _():
       pl.run_scoped(
           lambda *scratch: kernel(*in_refs, o_ref, scratch),
@@ -289,21 +303,23 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
            plgpu.Barrier(num_arrivals=copies, num_barriers=blocks.num_stages),
            plgpu.Barrier(num_arrivals=copies, num_barriers=blocks.num_stages)),
           (plgpu.Barrier(num_arrivals=NUM_CONSUMERS, num_barriers=blocks.num_stages),) * 2,
+          plgpu.Barrier(num_arrivals=NUM_CONSUMERS) if blocks.ping_pong else None,
           collective_axes="wg")
 
   args = (item_seq_W, item_q0_W, kv_lens_B, page_indices_BP, cu_q_lens_E, q_TNH, kv_pages_PSCH, out_TNH)
   return pl.run_state(stateful)(args)[-1]
 
 
-def interpret_params(detect_races: bool = True):
+def interpret_params():
   """Mosaic GPU interpreter parameters (simulated threads, TMA and barriers on the CPU).
 
   Reads past the end of a buffer return uninitialized memory (NaN) where TMA
   would read zeros: only query rows past the end of `q_TNH` do that here,
-  and their outputs are never stored. `detect_races` turns on the
-  interpreter's happens-before race detector over shared memory.
+  and their outputs are never stored. The interpreter's race detector stays
+  off: with it on (JAX 0.10), runs of this kernel hung now and then inside
+  the interpreter's barrier waits, with or without ping-pong.
   """
-  kw = dict(out_of_bounds_reads="uninitialized", uninitialized_memory="nan", detect_races=detect_races)
+  kw = dict(out_of_bounds_reads="uninitialized", uninitialized_memory="nan")
   if hasattr(plgpu, "InterpretGPUParams"):  # where JAX exports it
     return plgpu.InterpretGPUParams(**kw)
   from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # JAX 0.10
