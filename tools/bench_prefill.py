@@ -16,8 +16,11 @@ prefill.json under OUT_DIR.
 """
 
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if any(a.startswith("--interpret") for a in sys.argv[1:]):  # see tests/kernels/hopper_interpret_worker.py
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import dataclasses  # noqa: E402
 import datetime  # noqa: E402
