@@ -3,9 +3,11 @@
 Why a separate process with 8 simulated CPU devices: the interpreter runs each
 simulated warpgroup as a compiled XLA computation whose barrier waits block
 inside host callbacks, and XLA's CPU runtime runs those callbacks on a small
-pool of threads. On a 2-core machine with one CPU device a waiting consumer
-could hold the last free thread while the producer it waits for never got
-one: the test hung (seen with and without ping-pong). With 8 simulated
+pool of threads. On a 2-core machine with one CPU device the test hung in
+every run (with and without ping-pong, with async dispatch off too); the
+stack dumps showed two warpgroups blocked in barrier waits and the others
+waiting to execute, which reads as a waiter holding the thread the producer
+needed (our reading of the dumps, not proven). With 8 simulated
 devices it has not hung in repeated runs; the test also bounds the process's
 time, so a hang would fail instead of stalling the suite.
 """
