@@ -45,7 +45,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.ragged_paged_attention import hopper, tuning
+from pallas_kernels.ragged_paged_attention import hopper, reference, tuning
 
 _MASKED = -1e30  # finite, as in the reference: a fully masked row must not make NaNs
 _LOG2E = math.log2(math.e)
@@ -391,12 +391,7 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   num_tokens, num_heads, head_dim = q_TNH.shape
   _, page_size, num_combined, _ = kv_pages_PSCH.shape
   num_kv_heads = num_combined // 2
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-  why_not = supports(q_TNH, kv_pages_PSCH)
-  if why_not:
-    raise ValueError(why_not)
-  group = num_heads // num_kv_heads
+  group = reference.query_group(q_TNH, kv_pages_PSCH, supports(q_TNH, kv_pages_PSCH))
   if config is None:
     config = tuning.gpu_config(head_dim, page_size, group)
   max_seqs, pages_per_seq = page_indices_BP.shape

@@ -36,7 +36,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.ragged_paged_attention import tuning
+from pallas_kernels.ragged_paged_attention import reference, tuning
 
 _MASKED = -1e30  # finite, as in the reference: a fully masked row must not make NaNs
 
@@ -198,12 +198,7 @@ def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_
   num_tokens, num_heads, head_dim = q_TNH.shape
   num_pages, page_size, num_combined, _ = kv_pages_PSCH.shape
   num_kv_heads = num_combined // 2
-  if num_heads % num_kv_heads:
-    raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
-  why_not = supports(q_TNH, kv_pages_PSCH)
-  if why_not:
-    raise ValueError(why_not)
-  group = num_heads // num_kv_heads
+  group = reference.query_group(q_TNH, kv_pages_PSCH, supports(q_TNH, kv_pages_PSCH))
   if config is None:
     config = tuning.tpu_config(head_dim, page_size, group)
   max_seqs, pages_per_seq = page_indices_BP.shape
