@@ -67,6 +67,23 @@ class Result:
   ttft: float = 0.0
   e2e: float = 0.0
   itl: list[float] = dataclasses.field(default_factory=list)
+  start: float = dataclasses.field(default_factory=time.perf_counter)  # the request was sent
+  last: float = 0.0  # the latest tokens arrived
+
+  def arrived(self, new: int):
+    """`new` tokens arrived now: the first set the TTFT, later ones add an inter-token latency."""
+    if not new:
+      return
+    now = time.perf_counter()
+    if self.output_tokens == 0:
+      self.ttft = now - self.start
+    else:
+      self.itl.append(now - self.last)
+    self.last = now
+    self.output_tokens += new
+
+  def finished(self):
+    self.e2e, self.ok = time.perf_counter() - self.start, True
 
   @property
   def tpot(self) -> float | None:
@@ -133,22 +150,13 @@ class GrpcClient:
     params = pb.SamplingParams(max_tokens=p.max_tokens, temperature=0, ignore_eos=FLAGS.ignore_eos)
     request = (pb.GenerateRequest(token_ids=pb.TokenIds(ids=p.token_ids), sampling_params=params) if p.token_ids
                else pb.GenerateRequest(text=p.text, sampling_params=params))
-    r, start = Result(), time.perf_counter()
-    last = start
+    r = Result()
     try:
       async for msg in self.stub.Generate(request, metadata=self.metadata, timeout=FLAGS.timeout_s):
-        now = time.perf_counter()
-        new = sum(len(c.token_ids) for c in msg.choices)
-        if new:
-          if r.output_tokens == 0:
-            r.ttft = now - start
-          else:
-            r.itl.append(now - last)
-          last = now
-          r.output_tokens += new
+        r.arrived(sum(len(c.token_ids) for c in msg.choices))
         if msg.HasField("usage"):
           r.prompt_tokens = msg.usage.prompt_tokens
-      r.e2e, r.ok = time.perf_counter() - start, True
+      r.finished()
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
       details = e.details() if hasattr(e, "details") else str(e)
       r.error = f"{type(e).__name__}: {details}"
@@ -176,8 +184,7 @@ class HttpClient:
       body["messages"], path = [{"role": "user", "content": p.text}], "/v1/chat/completions"
     else:
       body["prompt"], path = (p.token_ids if p.token_ids else p.text), "/v1/completions"
-    r, start = Result(), time.perf_counter()
-    last = start
+    r = Result()
     try:
       async with self.http.stream("POST", path, json=body) as resp:
         if resp.status_code != 200:
@@ -190,18 +197,10 @@ class HttpClient:
           if "error" in chunk:
             r.error = chunk["error"]["message"]
             return r
-          now = time.perf_counter()
-          new = sum(len(c.get("token_ids") or []) for c in chunk.get("choices", []))
-          if new:
-            if r.output_tokens == 0:
-              r.ttft = now - start
-            else:
-              r.itl.append(now - last)
-            last = now
-            r.output_tokens += new
+          r.arrived(sum(len(c.get("token_ids") or []) for c in chunk.get("choices", [])))
           if chunk.get("usage"):
             r.prompt_tokens = chunk["usage"]["prompt_tokens"]
-      r.e2e, r.ok = time.perf_counter() - start, True
+      r.finished()
     except Exception as e:  # noqa: BLE001
       r.error = f"{type(e).__name__}: {e}"
     return r
