@@ -391,7 +391,7 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   num_tokens, num_heads, head_dim = q_TNH.shape
   _, page_size, num_combined, _ = kv_pages_PSCH.shape
   num_kv_heads = num_combined // 2
-  group = reference.query_group(q_TNH, kv_pages_PSCH, supports(q_TNH, kv_pages_PSCH))
+  group = reference.query_group(q_TNH, kv_pages_PSCH, supports)
   if config is None:
     config = tuning.gpu_config(head_dim, page_size, group)
   max_seqs, pages_per_seq = page_indices_BP.shape

@@ -88,11 +88,12 @@ def write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, slots_T):
   return flat_ZCH.reshape(num_pages, page_size, num_combined, head_dim)
 
 
-def query_group(q_TNH, kv_pages_PSCH, why_not: str | None) -> int:
-  """Query heads per KV head, after the checks every kernel makes; `why_not` is the kernel's `supports`."""
+def query_group(q_TNH, kv_pages_PSCH, supports) -> int:
+  """Query heads per KV head, after the checks every kernel makes: GQA shapes, then the kernel's `supports`."""
   num_heads, num_kv_heads = q_TNH.shape[1], kv_pages_PSCH.shape[2] // 2
   if num_heads % num_kv_heads:
     raise ValueError(f"num_heads={num_heads} is not a multiple of num_kv_heads={num_kv_heads}")
+  why_not = supports(q_TNH, kv_pages_PSCH)
   if why_not:
     raise ValueError(why_not)
   return num_heads // num_kv_heads

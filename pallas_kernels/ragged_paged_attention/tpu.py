@@ -198,7 +198,7 @@ def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_
   num_tokens, num_heads, head_dim = q_TNH.shape
   num_pages, page_size, num_combined, _ = kv_pages_PSCH.shape
   num_kv_heads = num_combined // 2
-  group = reference.query_group(q_TNH, kv_pages_PSCH, supports(q_TNH, kv_pages_PSCH))
+  group = reference.query_group(q_TNH, kv_pages_PSCH, supports)
   if config is None:
     config = tuning.tpu_config(head_dim, page_size, group)
   max_seqs, pages_per_seq = page_indices_BP.shape
