@@ -78,7 +78,7 @@ def checks(quick):
       ok = err <= 1e-2 and not np.isnan(out[:live]).any() and np.isnan(out[live:]).all()
       rows.append(dict(case=label, err=err, ok=bool(ok)))
     except Exception:  # noqa: BLE001 - one failing shape must not stop the run
-      rows.append(dict(case=label, err=None, ok=False, error=traceback.format_exc(limit=4)))
+      rows.append(dict(case=label, err=None, ok=False, error=traceback.format_exc(limit=-4)))
     log(f"  check {label}: err={rows[-1].get('err')} ok={rows[-1]['ok']}")
   return rows
 
@@ -119,7 +119,7 @@ def time_case(case, quick):
         t = time_fn(fn, *args, reps=1, rounds=1) if _INTERPRET.value else time_fn(fn, *args)
         row.update(us=t * 1e6, TFLOPs=flops / t / 1e12)
     except Exception:  # noqa: BLE001
-      row["error"] = traceback.format_exc(limit=4)
+      row["error"] = traceback.format_exc(limit=-4)
     rows.append(row)
     log(f"  {case.name} {label}: {row.get('us')} us err={row.get('err')} {row.get('error', '')[-300:]}")
   cd = cudnn_row(case, a, exact)
@@ -172,7 +172,7 @@ def main(argv):
     try:
       res["rows"] += time_case(case, _QUICK.value)
     except Exception:  # noqa: BLE001
-      res["rows"].append(dict(case=case.name, kernel="all", error=traceback.format_exc(limit=4)))
+      res["rows"].append(dict(case=case.name, kernel="all", error=traceback.format_exc(limit=-4)))
     save()
   print(markdown(meta, res["checks"], res["rows"]))
 

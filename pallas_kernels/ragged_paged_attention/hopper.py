@@ -255,6 +255,17 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
       plgpu.wait_smem_to_gmem(0)
 
 
+def _compiler_params():
+  """Lane semantics, named: the kernel is written per thread, with explicit register layouts.
+
+  JAX 0.11 made warpgroup semantics the default. Its layout inference asks
+  every TMA copy into a tiled buffer to start on a whole tile in global
+  memory, which a ragged batch's query rows do not (on JAX 0.11.2 the check
+  fails with an AssertionError inside layout inference).
+  """
+  return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
+
+
 def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, out_TNH, *, sm_scale,
             sliding_window, soft_cap, blocks: HopperBlocks = HopperBlocks(), interpret=False):
   """gpu.py's prefill launch on this kernel: writes the live rows of `items` into `out_TNH` (in place).
@@ -289,7 +300,7 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   def stateful(refs):
     *in_refs, o_ref = refs
 
-    @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(approx_math=True), interpret=interpret or False,
+    @pl.core_map(mesh, compiler_params=_compiler_params(), interpret=interpret or False,
                  name=f"ragged_paged_attention_hopper_n{blocks.block_kv}_s{blocks.num_stages}"
                       f"_pp{int(blocks.ping_pong)}")
     def _():
