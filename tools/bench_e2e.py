@@ -197,15 +197,26 @@ def decode_steps(out_lens: list[int], slots: int) -> int:
 
 
 def workload_roofline(in_lens: list[int], out_lens: list[int], *, max_num_seqs: int, max_num_batched_tokens: int,
-                      weight_bytes: int, kv_per_token: int, bandwidth: float) -> float:
-  """Seconds the device needs for a workload at its memory bound: every decode step reads all
-  weights (`decode_steps` of them), request i's out_i decode steps read its KV at a mean context of
-  in_i + out_i / 2, and prefill reads the weights once per step of max_num_batched_tokens (and is
-  compute-light at these lengths: counted as weight reads only)."""
+                      weight_bytes: int, kv_per_token: int, bandwidth: float, matmul_params: int = 0,
+                      flop_rate: float = float("inf")) -> float:
+  """Seconds the device needs for a workload at the larger of its two bounds.
+
+  Memory: every decode step reads all weights (`decode_steps` of them), request i's out_i decode
+  steps read its KV at a mean context of in_i + out_i / 2, and prefill reads the weights once per
+  step of max_num_batched_tokens. Compute: 2 x matmul_params FLOPs per token, prompt and output
+  (attention's own FLOPs left out: under 3% of the total at these lengths on an 8B model). Long
+  prompts make the second one the bound (1000 x 1024 prompt tokens on an 8B model: 16 PFLOP).
+  """
   steps = decode_steps(out_lens, max_num_seqs)
   kv_read = sum(o * (i + o / 2) for i, o in zip(in_lens, out_lens)) * kv_per_token
   prefill_steps = -(-sum(in_lens) // max_num_batched_tokens)
-  return ((steps + prefill_steps) * weight_bytes + kv_read) / bandwidth
+  memory_s = ((steps + prefill_steps) * weight_bytes + kv_read) / bandwidth
+  return max(memory_s, 2 * matmul_params * (sum(in_lens) + sum(out_lens)) / flop_rate)
+
+
+def matmul_params_of(cfg) -> int:
+  """Weights that take part in a token's matmuls: all but an untied input embedding (a gather)."""
+  return cfg.param_count() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
 
 
 class _BurstRunner:
@@ -235,7 +246,7 @@ def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_byte
     return out
   burst_k = rc.num_decode_steps if runner.burst_buckets else 1
   kv_per_token = cfg.kv_bytes_per_token(2)
-  matmul_params = cfg.param_count() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
+  matmul_params = matmul_params_of(cfg)
   bandwidth, flop_rate = ceiling["best_GBps"] * 1e9, ceiling["matmul_TFLOPs"] * 1e12
   out.update(num_decode_steps=burst_k, kv_pool_tokens=(rc.num_pages - 1) * rc.page_size,
              kv_pool_GiB=(rc.num_pages - 1) * rc.page_size * kv_per_token / 2**30, weight_bytes=weight_bytes,
@@ -253,7 +264,7 @@ def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_byte
     for batch in batches:
       row = {"batch": batch, "context": context}
       out["rows"].append(row)
-      pages = -(-context // PAGE_SIZE)
+      pages = -(-(context + burst_k - 1) // PAGE_SIZE)  # the burst's later steps get slots of their own
       if batch > rc.max_num_seqs:
         row["skipped"] = f"batch {batch} > max_num_seqs {rc.max_num_seqs}"
         continue
@@ -270,15 +281,14 @@ def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_byte
         row.update(batch=run, capped_from=batch,
                    cap_reason=f"{batch} x {context} tokens of KV = {batch * context * kv_per_token / 2**30:.3g} GiB "
                    f"> the pool's {out['kv_pool_GiB']:.3g} GiB")
-      inputs = _decode_batch(runner, run, context, rng, first_page=1)
+      inputs = _decode_batch(runner, run, context, rng, first_page=1, spare=burst_k - 1)
       single = _time_steps(runner, inputs, iters)
       memory_ms, flop_ms = bounds(run, context)
       row.update(bucket=runner.bucket_for(run), single_step_ms=single["device_ms"],
                  single_step_ms_spread=single["device_ms_spread"], single_waited_ms=single["waited_ms"])
       step_ms = single["device_ms"]
       if burst_k > 1:
-        # The burst's steps read contexts context .. context + K - 1 (positions past the batch's
-        # pages write to and read the reserved page 0: the same bytes).
+        # The burst's steps read contexts context .. context + K - 1, each writing its own slots.
         burst = _time_steps(_BurstRunner(runner), inputs, max(2, iters // burst_k))
         step_ms = row["burst_step_ms"] = burst["device_ms"] / burst_k
         row["burst_step_ms_spread"] = [x / burst_k for x in burst["device_ms_spread"]]
@@ -387,6 +397,7 @@ def main(argv):
     weight_bytes -= params["embed"].nbytes
   results["weight_bytes_read_per_step"] = weight_bytes
   kv_per_token = cfg.kv_bytes_per_token(2)
+  matmul_params = matmul_params_of(cfg)
   if batches:
     # Before the workloads: it fills the KV pool with random values, which no cached prefix may see.
     results["step_sweep"] = step_sweep(llm, cfg, batches, contexts, weight_bytes=weight_bytes, ceiling=bw,
@@ -418,7 +429,8 @@ def main(argv):
     # device allows.
     bound_s = workload_roofline(in_lens, out_lens, max_num_seqs=FLAGS.max_num_seqs,
                                 max_num_batched_tokens=FLAGS.max_num_batched_tokens, weight_bytes=weight_bytes,
-                                kv_per_token=kv_per_token, bandwidth=bw["best_GBps"] * 1e9)
+                                kv_per_token=kv_per_token, bandwidth=bw["best_GBps"] * 1e9,
+                                matmul_params=matmul_params, flop_rate=bw["matmul_TFLOPs"] * 1e12)
     row.update(roofline_output_tok_s=sum(out_lens) / bound_s, roofline_fraction_workload=bound_s / elapsed,
                roofline_decode_steps=decode_steps(out_lens, FLAGS.max_num_seqs))
     full = min(FLAGS.max_num_seqs, count)

@@ -77,10 +77,26 @@ def checks(quick):
       err = rel_err(out[:live], ref[:live])
       ok = err <= 1e-2 and not np.isnan(out[:live]).any() and np.isnan(out[live:]).all()
       rows.append(dict(case=label, err=err, ok=bool(ok)))
+      if not ok:  # which rows are wrong, as (first, last, sequence) runs: says where to look
+        rows[-1]["bad_rows"] = bad_row_runs(out[:live], np.asarray(ref[:live], np.float32), c.cu_q_lens_E)
     except Exception:  # noqa: BLE001 - one failing shape must not stop the run
       rows.append(dict(case=label, err=None, ok=False, error=traceback.format_exc(limit=-4)))
-    log(f"  check {label}: err={rows[-1].get('err')} ok={rows[-1]['ok']}")
+    log(f"  check {label}: err={rows[-1].get('err')} ok={rows[-1]['ok']} bad rows={rows[-1].get('bad_rows')}")
   return rows
+
+
+def bad_row_runs(out_TNH, ref_TNH, cu_q_lens_E):
+  """Runs of query rows whose relative error is over 1e-2: [(first row, last row, sequence), ...]."""
+  diff = np.linalg.norm((out_TNH - ref_TNH).reshape(len(out_TNH), -1), axis=1)
+  bad = ~(diff <= 1e-2 * np.maximum(np.linalg.norm(ref_TNH.reshape(len(ref_TNH), -1), axis=1), 1e-6))
+  seq_of = np.searchsorted(np.asarray(cu_q_lens_E), np.arange(len(out_TNH)), side="right") - 1
+  runs = []
+  for t in np.flatnonzero(bad):
+    if runs and runs[-1][1] == t - 1 and runs[-1][2] == seq_of[t]:
+      runs[-1][1] = int(t)
+    else:
+      runs.append([int(t), int(t), int(seq_of[t])])
+  return runs
 
 
 def cases(quick):

@@ -113,11 +113,16 @@ def fill_pool(runner):
   sync(runner.kv_caches)
 
 
-def _decode_batch(runner, batch: int, context: int, rng, first_page: int):
-  """The runner's own batch for `batch` sequences each decoding at position `context - 1`."""
+def _decode_batch(runner, batch: int, context: int, rng, first_page: int, spare: int = 0):
+  """The runner's own batch for `batch` sequences each decoding at position `context - 1`.
+
+  `spare`: positions past the context that each sequence's pages also hold, for a burst of
+  1 + spare steps (without them, every sequence's later steps would write the same slots of the
+  reserved page 0, and those colliding writes would be timed too).
+  """
   from jserve.engine.request import Request, SamplingParams
   greedy = SamplingParams(temperature=0.0, max_tokens=1)
-  pages = -(-context // PAGE_SIZE)
+  pages = -(-(context + spare) // PAGE_SIZE)
   requests, tables = [], {}
   for b in range(batch):
     req = Request(f"d{b}", rng.integers(3, 4000, size=context).tolist(), greedy)

@@ -285,8 +285,14 @@ def _launch(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   return outs[0] if len(outs) == 1 else tuple(outs)
 
 
-def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q):
-  """Work items of both launches: (sequence or -1, first query row), each [W] int32."""
+def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q, align=1):
+  """Work items of both launches: (sequence or -1, first query row), each [W] int32.
+
+  `align`: a prefill item's first row is a multiple of it, so a sequence's
+  first item may begin up to `align - 1` rows before the sequence does
+  (rows of the sequence before it, which the kernel computes and does not
+  store). The Hopper kernel needs 8: its query copies move whole 8-row tiles.
+  """
   max_seqs = kv_lens_B.shape[0]
   b_B = jnp.arange(max_seqs, dtype=jnp.int32)
   live_B = b_B < num_seqs
@@ -298,8 +304,9 @@ def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q)
   # longest causal context, so the launch ends with short items (a crude
   # longest-first order for load balance).
   num_prefill_seqs = min(max_seqs, num_tokens // (decode_q + 1))
-  num_items = -(-num_tokens // prefill_q) + num_prefill_seqs
-  blocks_B = jnp.where(live_B & ~decode_B, (q_len_B + prefill_q - 1) // prefill_q, 0)
+  num_items = -(-(num_tokens + (align - 1) * num_prefill_seqs) // prefill_q) + num_prefill_seqs
+  start_B = cu_q_lens_E[:-1] // align * align
+  blocks_B = jnp.where(live_B & ~decode_B, (cu_q_lens_E[1:] - start_B + prefill_q - 1) // prefill_q, 0)
   ends_B = jnp.cumsum(blocks_B).astype(jnp.int32)
   idx_W = ends_B[-1] - 1 - jnp.arange(num_items, dtype=jnp.int32)
   # searchsorted(ends_B, idx_W, side="right") as one comparison: jnp.searchsorted
@@ -307,7 +314,7 @@ def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q)
   seq_W = jnp.sum(ends_B[None, :] <= idx_W[:, None], axis=1, dtype=jnp.int32)
   seq_W = jnp.minimum(seq_W, max_seqs - 1)
   block_W = idx_W - (ends_B[seq_W] - blocks_B[seq_W])
-  prefill = (jnp.where(idx_W >= 0, seq_W, -1), cu_q_lens_E[seq_W] + block_W * prefill_q)
+  prefill = (jnp.where(idx_W >= 0, seq_W, -1), start_B[seq_W] + block_W * prefill_q)
   return decode, prefill
 
 
@@ -408,7 +415,8 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   use_hopper = config.prefill_kernel == "hopper" and not fused and _hopper_supports(q_TNH, kv_pages_PSCH, config)
   prefill_q = hopper.BLOCK_Q if use_hopper else config.prefill.block_m // group
   decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
-                           num_tokens=num_tokens, decode_q=decode_q, prefill_q=prefill_q)
+                           num_tokens=num_tokens, decode_q=decode_q, prefill_q=prefill_q,
+                           align=hopper.ROW_ALIGN if use_hopper else 1)
   common = dict(sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, interpret=interpret,
                 new_kv=new_kv)
   meta = (kv_lens_B, page_indices_BP, cu_q_lens_E)

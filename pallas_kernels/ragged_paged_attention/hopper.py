@@ -22,7 +22,8 @@ head, in three warpgroups:
 
 Programs are laid out (query head, item), heads fastest, so the G heads that
 share a KV head run side by side and read its blocks once from HBM and then
-from L2. Work items are gpu.py's prefill items at 128 tokens.
+from L2. Work items are gpu.py's prefill items at 128 tokens, each starting on a
+multiple of 8 rows (`ROW_ALIGN`).
 
 What the kernel leaves alone: output rows of other items and padding rows
 (each consumer stores its live rows only, by TMA in power-of-two chunks), so
@@ -56,6 +57,10 @@ _LOG2E = math.log2(math.e)
 WG_ROWS = 64  # query rows of one consumer warpgroup: one wgmma M tile
 NUM_CONSUMERS = 2
 BLOCK_Q = WG_ROWS * NUM_CONSUMERS  # query tokens of one program
+# An item's first query row is a multiple of this (gpu.py aligns the items):
+# a TMA copy into a tiled buffer moves whole 8-row tiles of the source, so a
+# copy that starts inside a tile would not start at its row.
+ROW_ALIGN = 8
 
 
 SMEM_LIMIT = 227 * 1024  # an H100/H200 block's shared memory
@@ -102,14 +107,15 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
 
   @pl.when(seq >= 0)
   def _():
-    q0 = item_q0_ref[item]
+    q0 = item_q0_ref[item]  # a multiple of ROW_ALIGN, so up to 7 rows before q_start
+    q_start = cu_q_lens_ref[seq]
     q_end = cu_q_lens_ref[seq + 1]
     kv_len = kv_lens_ref[seq]
     offset = kv_len - q_end  # token t of the step sits at position offset + t
     # A block past the context's last page re-reads that page (masked): the
     # page table's entries past it may be anything.
     last_page = (kv_len - 1) // page_size
-    pos_first = offset + q0
+    pos_first = offset + jnp.maximum(q0, q_start)  # the item's first row of this sequence
     pos_last = offset + jnp.minimum(q0 + BLOCK_Q, q_end) - 1
     blk_lo = 0 if sliding_window is None else jnp.maximum(pos_first - sliding_window + 1, 0) // block_kv
     num_blocks = pos_last // block_kv + 1 - blk_lo
@@ -235,9 +241,12 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
       o_wg = o_smem.at[wg]
       o_wg[...] = (acc / lax.broadcast_in_dim(l, acc.shape, [0])).astype(o_wg.dtype)
       plgpu.commit_smem()
-      # Store the live rows only: all of them, or their count's binary digits
-      # as chunks of 32, 16, ..., 1 rows (TMA boxes have static sizes).
-      live = jnp.clip(q_end - t0, 0, WG_ROWS)
+      # Store this sequence's rows [lo, hi) only: all 64, or from lo on, the
+      # binary digits of their count as chunks of 32, 16, ..., 1 rows (TMA
+      # boxes have static sizes).
+      lo = jnp.clip(q_start - t0, 0, WG_ROWS)
+      hi = jnp.clip(q_end - t0, lo, WG_ROWS)
+      live = hi - lo
 
       @pl.when(live == WG_ROWS)
       def _():
@@ -247,7 +256,7 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
       def _():
         for bit in range(int(math.log2(WG_ROWS)) - 1, -1, -1):
           size = 1 << bit
-          start = (live >> (bit + 1)) << (bit + 1)
+          start = lo + ((live >> (bit + 1)) << (bit + 1))
 
           @pl.when((live >> bit) & 1 == 1)
           def _():
@@ -285,6 +294,8 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   if why_not:
     raise ValueError(why_not)
   item_seq_W, item_q0_W = items
+  if q_TNH.shape[0] % 8:  # a TMA source's tiled dimension must be whole 8-row tiles (engine buckets already are)
+    q_TNH = jnp.pad(q_TNH, ((0, -q_TNH.shape[0] % 8), (0, 0), (0, 0)))
   num_heads, head_dim = q_TNH.shape[1:]
   num_kv_heads = kv_pages_PSCH.shape[2] // 2
   dtype = q_TNH.dtype

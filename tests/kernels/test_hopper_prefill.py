@@ -82,3 +82,35 @@ def test_gpu_falls_back_to_triton_prefill_where_hopper_cannot_run():
   ref = reference.ragged_paged_attention(*case.reference_args(), sm_scale=0.125)
   assert relative_error(out[:case.live_rows], ref[:case.live_rows]) <= 1e-5
   assert np.isfinite(np.asarray(out[:case.live_rows])).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_aligned_prefill_items_start_on_tiles_and_cover_every_prefill_row(seed):
+  # The Hopper launch's items start on multiples of 8 rows (its query copies move
+  # whole tiles): each prefill row must still fall in exactly one item of its
+  # sequence, within the fixed item count, and the padding items must be -1.
+  rng = np.random.default_rng(seed)
+  q_lens = rng.choice([1, 2, 3, 5, 7, 9, 13, 63, 64, 65, 127, 128, 129, 200], size=12)
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  num_tokens = int(cu[-1]) + int(rng.integers(0, 9))
+  max_seqs = 16
+  cu_E = np.full(max_seqs + 1, cu[-1], np.int32)
+  cu_E[:len(cu)] = cu
+  kv_lens = np.full(max_seqs, 1 << 20, np.int32)
+  kv_lens[:len(q_lens)] = q_lens + rng.integers(0, 50, size=len(q_lens))
+  decode_q = 4
+  _, (seq_W, q0_W) = gpu._items(jnp.asarray(kv_lens), jnp.asarray(cu_E), jnp.int32(len(q_lens)),
+                                num_tokens=num_tokens, decode_q=decode_q, prefill_q=hopper.BLOCK_Q,
+                                align=hopper.ROW_ALIGN)
+  seq_W, q0_W = np.asarray(seq_W), np.asarray(q0_W)
+  assert (q0_W[seq_W >= 0] % hopper.ROW_ALIGN == 0).all()
+  covered = np.zeros(num_tokens, np.int32)
+  for s, q0 in zip(seq_W, q0_W):
+    if s < 0:
+      continue
+    lo, hi = max(q0, cu[s]), min(q0 + hopper.BLOCK_Q, cu[s + 1])
+    assert q0 > cu[s] - hopper.ROW_ALIGN and lo < hi, (s, q0)  # no item without rows of its sequence
+    covered[lo:hi] += 1
+  for s, q_len in enumerate(q_lens):
+    want = 1 if q_len > decode_q else 0
+    assert (covered[cu[s]:cu[s + 1]] == want).all(), (s, q_len, covered[cu[s]:cu[s + 1]])
