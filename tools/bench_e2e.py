@@ -214,6 +214,19 @@ def workload_roofline(in_lens: list[int], out_lens: list[int], *, max_num_seqs: 
   return max(memory_s, 2 * matmul_params * (sum(in_lens) + sum(out_lens)) / flop_rate)
 
 
+def breakdown_text(row: dict) -> str:
+  """One line: a workload's wall time by kind of step (StepTimer.breakdown)."""
+  b = row["breakdown"]
+  parts = []
+  for kind, name in (("prefill", "steps with prompt tokens"), ("decode_full", "full decode batches"),
+                     ("decode_partial", "partial decode batches")):
+    k = b[kind]
+    per = k["wall_s"] / max(k["decode_steps"], 1) * 1e3
+    parts.append(f"{name} {k['wall_s']:.1f} s ({k['steps']} calls, {k['decode_steps']} steps, {per:.1f} ms each)")
+  label = row.get("label") or f"{row['input_len']}/{row['output_len']}"
+  return f"{label}, time by step kind: " + "; ".join(parts)
+
+
 def matmul_params_of(cfg) -> int:
   """Weights that take part in a token's matmuls: all but an untied input embedding (a gather)."""
   return cfg.param_count() - (0 if cfg.tie_word_embeddings else cfg.vocab_size * cfg.hidden_size)
@@ -323,6 +336,7 @@ def markdown(results: dict) -> list[str]:
                    f"{r.get('roofline_step_ms', nan):.2f} | {r.get('roofline_fraction', nan):.2f} | "
                    f"{r.get('host_ms', nan):.3f} |")
     tails = [f"- {longtail_text(r['longtail'])}" for r in results["workloads"] if "longtail" in r]
+    tails += [f"- {breakdown_text(r)}" for r in results["workloads"] if r.get("breakdown")]
     if tails:
       lines += [""] + tails
   sweep = results.get("step_sweep")
@@ -434,6 +448,7 @@ def main(argv):
     row.update(roofline_output_tok_s=sum(out_lens) / bound_s, roofline_fraction_workload=bound_s / elapsed,
                roofline_decode_steps=decode_steps(out_lens, FLAGS.max_num_seqs))
     full = min(FLAGS.max_num_seqs, count)
+    row["breakdown"] = timer.breakdown(full)
     summary = timer.summary(full)
     if summary:
       # The mean context of a decode step over the run: each request's out_i steps at in_i + out_i / 2.

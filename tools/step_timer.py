@@ -11,6 +11,7 @@ class StepTimer:
   def __init__(self, engine, block: bool = True):
     import jax
     self.sched, self.build, self.device, self.seqs, self.starts, self.counts = [], [], [], [], [], []
+    self.tokens = []
     schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
 
     def timed_schedule():
@@ -20,6 +21,7 @@ class StepTimer:
       out = schedule()
       self.sched.append(time.perf_counter() - t)
       self.seqs.append(len(out.requests))
+      self.tokens.append(out.total_tokens)
       return out
 
     def timed_build(*a, **k):
@@ -50,4 +52,23 @@ class StepTimer:
            "wall_ms": pick(list(np.diff(self.starts) / np.maximum(np.diff(self.counts), 1)))}
     if self.device:
       out["device_ms"] = pick(self.device)
+    return out
+
+  def breakdown(self, full: int) -> dict:
+    """Where a run's wall time went, by kind of step: {kind: {"steps", "decode_steps", "wall_s"}}.
+
+    Kinds: "prefill" (the step computes prompt tokens, with or without decodes beside them),
+    "decode_full" (decodes only, `full` or more sequences), "decode_partial" (decodes only, fewer).
+    A step's wall time runs from its scheduling to the next one's; "decode_steps" counts the
+    decode steps of calls that ran several.
+    """
+    out = {k: {"steps": 0, "decode_steps": 0, "wall_s": 0.0} for k in ("prefill", "decode_full", "decode_partial")}
+    for i in range(len(self.starts) - 1):
+      if self.tokens[i] > self.seqs[i]:
+        kind = "prefill"
+      else:
+        kind = "decode_full" if self.seqs[i] >= full else "decode_partial"
+      out[kind]["steps"] += 1
+      out[kind]["decode_steps"] += max(self.counts[i + 1] - self.counts[i], 1)
+      out[kind]["wall_s"] += self.starts[i + 1] - self.starts[i]
     return out
