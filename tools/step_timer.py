@@ -12,6 +12,9 @@ class StepTimer:
     import jax
     self.sched, self.build, self.device, self.seqs, self.starts, self.counts = [], [], [], [], [], []
     self.tokens = []
+    # With overlapped steps the host schedules step i + 1 once step i - 1's tokens are back, so the
+    # time between two schedules is the device time of the step before: breakdown() shifts by one.
+    self.lag = 0 if block or not getattr(getattr(engine, "config", None), "overlap_steps", False) else 1
     schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
 
     def timed_schedule():
@@ -59,16 +62,16 @@ class StepTimer:
 
     Kinds: "prefill" (the step computes prompt tokens, with or without decodes beside them),
     "decode_full" (decodes only, `full` or more sequences), "decode_partial" (decodes only, fewer).
-    A step's wall time runs from its scheduling to the next one's; "decode_steps" counts the
-    decode steps of calls that ran several.
+    A step's wall time runs from its scheduling to the next one's, `lag` steps later (see
+    __init__); "decode_steps" counts the decode steps of calls that ran several.
     """
     out = {k: {"steps": 0, "decode_steps": 0, "wall_s": 0.0} for k in ("prefill", "decode_full", "decode_partial")}
-    for i in range(len(self.starts) - 1):
+    for i in range(len(self.starts) - 1 - self.lag):
       if self.tokens[i] > self.seqs[i]:
         kind = "prefill"
       else:
         kind = "decode_full" if self.seqs[i] >= full else "decode_partial"
       out[kind]["steps"] += 1
       out[kind]["decode_steps"] += max(self.counts[i + 1] - self.counts[i], 1)
-      out[kind]["wall_s"] += self.starts[i + 1] - self.starts[i]
+      out[kind]["wall_s"] += self.starts[i + 1 + self.lag] - self.starts[i + self.lag]
     return out
