@@ -34,8 +34,11 @@ pallas_kernels/decode_matmul/tuning.py); the short table is printed last.
 """
 
 import os
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+if "--smoke" in sys.argv[1:]:  # the Mosaic GPU interpreter wants several CPU devices (see bench_prefill)
+  os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import concurrent.futures  # noqa: E402
 import dataclasses  # noqa: E402
@@ -53,7 +56,7 @@ import numpy as np  # noqa: E402
 from tools.ceilings import copy_ceilings  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from pallas_kernels.decode_matmul import gpu, reference, tuning  # noqa: E402
+from pallas_kernels.decode_matmul import gpu, hopper, reference, tuning  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
@@ -116,6 +119,34 @@ def kernel_fn(shape, cfg, interpret):
   else:
     one = lambda x, w: gpu.gate_up_silu(x, *w, config=cfg, interpret=interpret)
   return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+
+
+# The Hopper (Mosaic GPU) kernel's candidates, timed beside the Triton sweep at every M.
+HOPPER_VARIANTS = {"hopper n128": hopper.HopperMatmulBlocks(), "hopper n256": hopper.HopperMatmulBlocks(block_n=256),
+                   "hopper n64": hopper.HopperMatmulBlocks(block_n=64)}
+
+
+def hopper_fn(shape, blocks, interpret):
+  """Jitted like kernel_fn, for hopper.py (w as [K, N] only: the tied LM head is not taken)."""
+  kw = dict(blocks=blocks, interpret=hopper.interpret_params() if interpret else False)
+  if shape.kind == "kn":
+    one = lambda x, w: hopper.matmul(x, w, **kw)
+  else:
+    one = lambda x, w: hopper.gate_up_silu(x, *w, **kw)
+  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+
+
+def hopper_jobs(shape, ms, xs, ws, interpret):
+  """{(label, m): (jitted, args)} for the variants hopper.supports takes at this shape."""
+  if shape.kind == "nk" or hopper.plgpu is None:
+    return {}
+  jobs = {}
+  w0 = ws[0][0] if shape.kind == "gate_up" else ws[0]
+  for m in ms:
+    for label, blocks in HOPPER_VARIANTS.items():
+      if hopper.supports(xs[m], w0, blocks, shape.num_weights) is None:
+        jobs[(label, m)] = (hopper_fn(shape, blocks, interpret), (xs[m], ws))
+  return jobs
 
 
 def xla_fn(shape):
@@ -363,6 +394,8 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
   jobs = {("xla", m): (xla_fn(shape), (xs[m], ws)) for m in ms}
   jobs.update({(m, label): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m in sweep_ms
                for label, c in cfgs[m].items()})
+  h_jobs = hopper_jobs(shape, ms, xs, ws, interpret)
+  jobs.update(h_jobs)
   t0 = time.perf_counter()
   compiled = compile_all(jobs, serial=[("xla", m) for m in ms])
   log(f"  compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s")
@@ -379,6 +412,21 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
       xla_rows[m] = dict(xla_error=repr(e)[:300])
   per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)
            for m in sweep_ms}
+  hopper_rows = {m: [] for m in ms}
+  for (label, m) in h_jobs:
+    row = dict(config=label)
+    fn = compiled[(label, m)]
+    try:
+      if isinstance(fn, Exception):
+        raise fn
+      row["err"] = float(rel_err(fn(xs[m], ws)[0], refs[m]))
+      if row["err"] <= 1e-2:  # a wrong answer is not timed
+        row["s"] = time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies
+    except Exception as e:  # noqa: BLE001
+      row["error"] = repr(e)[-300:]
+    hopper_rows[m].append(row)
+    log(f"  {shape.name} M={m} {label}: err={row.get('err')} us={row['s'] * 1e6 if 's' in row else None} "
+        f"{row.get('error', '')}")
 
   # Round 2: each swept M's best at half and twice its splits; M = 1 with the M = 16 winner.
   more = {}
@@ -410,16 +458,21 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
       row["torch_error"] = repr(e)[:300]
     sweep_rows = per_m.get(m, [])
     row["sweep"] = sweep_rows
+    row["hopper"] = sorted(hopper_rows[m], key=lambda r: r.get("s", float("inf")))
+    if row["hopper"] and "s" in row["hopper"][0]:
+      row.update(hopper_s=row["hopper"][0]["s"], hopper_config=row["hopper"][0]["config"])
     if sweep_rows and "s" in sweep_rows[0]:
       row.update(pallas_s=sweep_rows[0]["s"], pallas_config=sweep_rows[0]["config"],
                  pallas_cfg=sweep_rows[0]["cfg"], pallas_err=sweep_rows[0]["err"])
-    for k in ("xla", "torch", "pallas"):
+    for k in ("xla", "torch", "pallas", "hopper"):
       if f"{k}_s" in row:
         row[f"{k}_TBps"] = shape.weight_bytes / row[f"{k}_s"] / 1e12
     results.append(row)
     log(f"  {shape.name} M={m}: " + ", ".join(
         f"{k} {row[f'{k}_s'] * 1e6:.1f} us ({row[f'{k}_TBps']:.2f} TB/s)" for k in ("xla", "torch", "pallas")
-        if f"{k}_s" in row) + f" [{row.get('pallas_config', 'no kernel result')}]")
+        if f"{k}_s" in row) + f" [{row.get('pallas_config', 'no kernel result')}]"
+        + (f", hopper {row['hopper_s'] * 1e6:.1f} us ({row['hopper_TBps']:.2f} TB/s) [{row['hopper_config']}]"
+           if "hopper_s" in row else ""))
   del ws
   return results
 
@@ -449,6 +502,23 @@ def check_edges(interpret):
       fn, args, refs[label] = (functools.partial(gpu.gate_up_silu, config=cfg, interpret=interpret), (x, w, w2),
                                exact(x, (w, w2), kind))
     jobs[label] = (jax.jit(fn), args)
+  if hopper.plgpu is not None:  # the Hopper kernel: one and several row tiles, split-K, gate/up
+    h_kw = dict(interpret=hopper.interpret_params() if interpret else False)
+    B = hopper.HopperMatmulBlocks
+    for label, kind, m, n, blocks in [("hopper kn M=5 z1", "kn", 5, 256, B(num_splits=1)),
+                                      ("hopper kn M=200 z2", "kn", 200, 256, B(num_splits=2, num_stages=3)),
+                                      ("hopper gate_up M=9 n64", "gate_up", 9, 128, B(block_n=64))]:
+      keys = jax.random.split(jax.random.key(m + 1), 3)
+      x = jax.random.normal(keys[0], (m, 512), jnp.float32).astype(jnp.bfloat16)
+      w = (jax.random.normal(keys[1], (512, n), jnp.float32) * 512**-0.5).astype(jnp.bfloat16)
+      w2 = (jax.random.normal(keys[2], (512, n), jnp.float32) * 512**-0.5).astype(jnp.bfloat16)
+      if kind == "kn":
+        jobs[label] = (jax.jit(functools.partial(hopper.matmul, blocks=blocks, **h_kw)), (x, w))
+        refs[label] = exact(x, w, kind)
+      else:
+        jobs[label] = (jax.jit(functools.partial(hopper.gate_up_silu, blocks=blocks, **h_kw)), (x, w, w2))
+        refs[label] = exact(x, (w, w2), kind)
+      cases.append((label, kind, jnp.bfloat16))
   compiled = compile_all(jobs)
   rows = []
   for label, kind, dtype, *_ in cases:
@@ -470,12 +540,15 @@ def fmt_us(row, k):
 
 
 def table_lines(rows):
-  lines = ["| shape | M | K x N | XLA us (TB/s) | torch us (TB/s) | Pallas us (TB/s) | Pallas / torch | tiles |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| shape | M | K x N | XLA us (TB/s) | torch us (TB/s) | Pallas us (TB/s) | Pallas / torch | tiles | "
+           "Hopper us (TB/s) | Hopper / torch | Hopper blocks |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     ratio = f"{r['torch_s'] / r['pallas_s']:.2f}x" if "torch_s" in r and "pallas_s" in r else "-"
+    h_ratio = f"{r['torch_s'] / r['hopper_s']:.2f}x" if "torch_s" in r and "hopper_s" in r else "-"
     lines.append(f"| {r['shape']} | {r['m']} | {r['k']} x {r['n']} | {fmt_us(r, 'xla')} | {fmt_us(r, 'torch')} | "
-                 f"{fmt_us(r, 'pallas')} | {ratio} | {r.get('pallas_config', '')} |")
+                 f"{fmt_us(r, 'pallas')} | {ratio} | {r.get('pallas_config', '')} | {fmt_us(r, 'hopper')} | "
+                 f"{h_ratio} | {r.get('hopper_config', '')} |")
   return lines
 
 

@@ -31,6 +31,8 @@ flags.DEFINE_bool("precompile_staged_sampler", True,
                   "with host sampler paths, compile the staged sampler's programs at start-up (false: on first use)")
 flags.DEFINE_enum("load_format", "auto", ["auto", "dummy"],
                   "auto: read the checkpoint's weights; dummy: random weights made on the devices (benchmarks)")
+flags.DEFINE_enum("matmul_impl", "xla", ["xla", "auto", "gpu", "hopper"],
+                  "decode steps' projections: xla, auto or gpu (the Triton kernel), hopper (the Mosaic GPU kernel)")
 flags.DEFINE_string("coordinator_address", None, "host:port of process 0, to serve one model from several processes")
 flags.DEFINE_integer("num_processes", 1, "processes serving one model (one per host); process 0 serves requests")
 flags.DEFINE_integer("process_id", 0, "this process's index among --num_processes")
@@ -59,4 +61,4 @@ def engine_config() -> EngineConfig:
       tensor_parallel_size=FLAGS.tensor_parallel_size, pipeline_parallel_size=FLAGS.pipeline_parallel_size,
       num_decode_steps=FLAGS.num_decode_steps, overlap_steps=FLAGS.overlap_steps,
       sampler_paths=FLAGS.sampler_paths, precompile_staged_sampler=FLAGS.precompile_staged_sampler,
-      load_format=FLAGS.load_format)
+      load_format=FLAGS.load_format, matmul_impl=FLAGS.matmul_impl)

@@ -30,6 +30,7 @@ from jserve.engine.startup import StartupClock
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
 from jserve.tokenizer import Tokenizer
 from jserve.weights import resolve_dtype
+from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
 
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 CPU_DEFAULT_BATCHED_TOKENS = 512
@@ -54,6 +55,10 @@ class EngineConfig:
   seed: int = 0
   compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
   attn_impl: str = "auto"
+  # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
+  # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"
+  # (the Mosaic GPU kernel). Prefill-sized steps and sharded weights use XLA whatever this says.
+  matmul_impl: str = "xla"
   tensor_parallel_size: int = 1
   pipeline_parallel_size: int = 1
   overlap_steps: bool = True  # queue step N+1 on the device before reading step N's tokens
@@ -76,6 +81,8 @@ class EngineConfig:
     for name in ("tensor_parallel_size", "pipeline_parallel_size", "num_decode_steps"):
       if getattr(self, name) < 1:
         raise ConfigError(f"{name}={getattr(self, name)}: need at least 1")
+    if self.matmul_impl not in MATMUL_IMPLS:
+      raise ConfigError(f"matmul_impl={self.matmul_impl!r}: use one of {', '.join(MATMUL_IMPLS)}")
     if self.sampler_paths not in ("auto", "host", "device"):
       raise ConfigError(f"sampler_paths={self.sampler_paths!r}: use auto, host or device")
     if self.load_format not in LOAD_FORMATS:
@@ -133,6 +140,10 @@ class LLMEngine:
     meanwhile, and how many came from the persistent cache (see jserve/engine/startup.py)."""
     clock = StartupClock()
     self.config = config
+    backend = (devices[0].platform if devices else jax.default_backend())
+    if config.matmul_impl in ("gpu", "hopper") and backend != "gpu":
+      raise ConfigError(f"matmul_impl={config.matmul_impl!r} is a GPU kernel and this engine runs on {backend}: "
+                        "use 'auto' (the kernel where it runs, XLA elsewhere) or 'xla'")
     _enable_compilation_cache(config.compilation_cache_dir)
     model_dir = config.model_dir
     self.model_config: ModelConfig = load_model_config(model_dir)
@@ -185,7 +196,8 @@ class LLMEngine:
     self.runner = ModelRunner(cfg, self.params, RunnerConfig(
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
-        kv_dtype=kv_dtype, attn_impl=config.attn_impl, num_decode_steps=config.num_decode_steps,
+        kv_dtype=kv_dtype, attn_impl=config.attn_impl, matmul_impl=config.matmul_impl,
+        num_decode_steps=config.num_decode_steps,
         sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler),
         mesh=self.mesh)
     clock.lap("kv_pool")

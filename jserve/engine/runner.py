@@ -56,6 +56,7 @@ class RunnerConfig:
   max_model_len: int
   kv_dtype: str = "bfloat16"
   attn_impl: str = "auto"
+  matmul_impl: str = "xla"  # see EngineConfig.matmul_impl
   num_decode_steps: int = 1  # decode steps per device call for decode-only batches (see `_decode_burst`)
   # "host": the host picks the sampler's path and each bucket has a program per path (no conditional
   # in a plain batch's step: on a GPU a conditional waits for the device); "device": one program per
@@ -154,12 +155,14 @@ class ModelRunner:
     if self.num_stages > 1:
       self._step = self._pipeline
     else:
-      self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh),
+      self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh,
+                                             matmul_impl=rc.matmul_impl),
                            donate_argnums=(1, 2), static_argnames=("layout", "path"), **step_shardings)
     self._burst = None
     if rc.num_decode_steps > 1 and self.can_overlap and not self.multiprocess:
       self._burst = jax.jit(functools.partial(_decode_burst, num_steps=rc.num_decode_steps, cfg=cfg,
-                                              attn_impl=rc.attn_impl, page_size=rc.page_size, mesh=mesh),
+                                              attn_impl=rc.attn_impl, page_size=rc.page_size, mesh=mesh,
+                                              matmul_impl=rc.matmul_impl),
                             donate_argnums=(1, 2), static_argnames=("layout", "path"),
                             **({} if mesh is None else {"out_shardings": (
                                 replicated(mesh), kv_cache_shardings(cfg, mesh), replicated(mesh), replicated(mesh))}))

@@ -105,7 +105,7 @@ def unpack_inputs(buf_N, layout):
 
 
 def _step(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *, layout, cfg: ModelConfig, attn_impl: str,
-          mesh: jax.sharding.Mesh | None = None, path: str | None = None):
+          mesh: jax.sharding.Mesh | None = None, path: str | None = None, matmul_impl: str = "xla"):
   """One engine step. `buf_N`: the step's inputs packed by `pack_host_inputs`. `last_S`: the previous
   step's sampled tokens, padded to max_num_seqs; rows of this step whose token the host did not know
   yet (`tokens.prev_row_T`) read theirs from it. `path`: the sampler's path when the host chose it
@@ -115,18 +115,20 @@ def _step(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *, layout
   inputs = dataclasses.replace(inputs, token_ids_T=token_ids_T)
   x_TD = params["embed"][token_ids_T]
   out, prompt, kv_caches, slots = _last_stage(params, kv_caches, x_TD, slots, mask_SW, inputs, sampling, tokens,
-                                              cfg=cfg, attn_impl=attn_impl, mesh=mesh, path=path)
+                                              cfg=cfg, attn_impl=attn_impl, mesh=mesh, path=path,
+                                              matmul_impl=matmul_impl)
   last_S = jnp.zeros_like(last_S).at[:out.tokens_B.shape[0]].set(out.tokens_B)
   return out, prompt, kv_caches, slots, last_S
 
 
 def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
                 tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None,
-                path: str | None = None):
+                path: str | None = None, matmul_impl: str = "xla"):
   """The layers of `params` (all of them, or the last pipeline stage's), then logits and sampling."""
-  x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh)
+  x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh,
+                                   matmul_impl=matmul_impl)
   x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
-  logits_BV = compute_logits(params, x_BD, cfg)
+  logits_BV = compute_logits(params, x_BD, cfg, matmul_impl="xla" if mesh is not None else matmul_impl)
   slots = record_tokens(slots, tokens.prompt_slot_T, tokens.output_slot_T, inputs.token_ids_T)
   # Grammar bitmask rows of this step's sequences, uploaded before the step (see `execute`). A host
   # callback here would overlap computing the mask with the forward pass, but JAX keeps no program
@@ -140,7 +142,7 @@ def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: Step
 
 def _decode_burst(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *, layout, num_steps: int,
                   cfg: ModelConfig, attn_impl: str, page_size: int, mesh: jax.sharding.Mesh | None = None,
-                  path: str | None = None):
+                  path: str | None = None, matmul_impl: str = "xla"):
   """`num_steps` decode steps of one decode-only batch in one device call: each step's sampled tokens
   are the next step's inputs, positions and context lengths advance by one, and the KV slots of the
   new positions are looked up in the page table on the device (the host reserved the pages).
@@ -164,7 +166,8 @@ def _decode_burst(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *
     step_sampling = dataclasses.replace(sampling, position_B=sampling.position_B + k)
     x_TD = params["embed"][token_ids_T]
     out, _, kv_caches, slots = _last_stage(params, kv_caches, x_TD, slots, mask_SW, step_inputs, step_sampling,
-                                           tokens, cfg=cfg, attn_impl=attn_impl, mesh=mesh, path=path)
+                                           tokens, cfg=cfg, attn_impl=attn_impl, mesh=mesh, path=path,
+                                           matmul_impl=matmul_impl)
     token_ids_T = jnp.zeros_like(token_ids_T).at[:num_seqs].set(out.tokens_B)
     return kv_caches, slots, token_ids_T, out_KB.at[k].set(out.tokens_B)
 

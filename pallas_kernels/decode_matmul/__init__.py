@@ -2,7 +2,9 @@
 
 Each entry point dispatches on `impl`: "xla" is `jnp.dot` (cuBLAS on a GPU);
 "gpu" is the Pallas kernel (Triton lowering), with `interpret=True` runnable
-on any machine, which is how the tests run it; "auto" is the kernel on GPUs
+on any machine, which is how the tests run it; "hopper" is the Mosaic GPU
+kernel of hopper.py (TMA and wgmma; w as [K, N] only, so `decode_matmul_nt`
+stays on XLA), not yet measured on a GPU; "auto" is the Triton kernel on GPUs
 (except for shapes where `tuning`'s tables record XLA as faster) and XLA
 elsewhere. Shapes the kernel does not take (more than `MAX_M` rows,
 K not a multiple of 16, mixed dtypes) go to XLA: prefill steps take that path
@@ -16,7 +18,7 @@ from absl import logging
 from pallas_kernels.decode_matmul import reference, tuning
 from pallas_kernels.decode_matmul.tuning import MAX_M
 
-IMPLS = ("auto", "gpu", "xla")
+IMPLS = ("auto", "gpu", "hopper", "xla")
 
 
 def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
@@ -40,8 +42,22 @@ def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
   return False
 
 
+def _use_hopper(x_MK, w_KN, num_weights=1) -> bool:
+  from pallas_kernels.decode_matmul import hopper
+  why_not = hopper.supports(x_MK, w_KN, num_weights=num_weights)
+  if why_not is not None and not (x_MK.ndim == 2 and x_MK.shape[0] > MAX_M):  # prefill rows: XLA, as expected
+    logging.log_first_n(logging.WARNING, "Hopper matmul kernel unavailable (%s); using XLA", 1, why_not)
+  return why_not is None
+
+
 def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
   """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None)."""
+  if impl == "hopper":
+    if _use_hopper(x_MK, w_KN):
+      from pallas_kernels.decode_matmul import hopper
+      return hopper.matmul(x_MK, w_KN, out_dtype=out_dtype,
+                           interpret=hopper.interpret_params() if interpret else False)
+    return reference.matmul(x_MK, w_KN, out_dtype=out_dtype)
   if _use_kernel(impl, x_MK, w_KN, False):
     from pallas_kernels.decode_matmul import gpu
     return gpu.matmul(x_MK, w_KN, out_dtype=out_dtype, interpret=interpret)
@@ -50,6 +66,8 @@ def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
 
 def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False):
   """x @ w.T with float32 accumulation, w stored [N, K] (the tied LM head: the [V, D] embedding)."""
+  if impl == "hopper":
+    impl = "xla"  # the Hopper kernel takes w as [K, N] only
   if _use_kernel(impl, x_MK, w_NK, True):
     from pallas_kernels.decode_matmul import gpu
     return gpu.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret)
@@ -63,6 +81,13 @@ def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", inter
   applies the activation before its only store; XLA computes the same thing
   from two dots.
   """
+  same = w_up_KN.shape == w_gate_KN.shape and w_up_KN.dtype == w_gate_KN.dtype
+  if impl == "hopper":
+    if same and _use_hopper(x_MK, w_gate_KN, num_weights=2):
+      from pallas_kernels.decode_matmul import hopper
+      return hopper.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype,
+                                 interpret=hopper.interpret_params() if interpret else False)
+    return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype)
   if (_use_kernel(impl, x_MK, w_gate_KN, False, gate_up=True) and w_up_KN.shape == w_gate_KN.shape
       and w_up_KN.dtype == w_gate_KN.dtype):
     from pallas_kernels.decode_matmul import gpu
