@@ -63,6 +63,24 @@ class HopperMatmulBlocks:
   num_splits: int | None = None
 
 
+PRODUCER_REGISTERS = 40
+
+
+def consumer_registers(consumers: int) -> int:
+  """Registers per consumer thread after the producer gives its share back: the SM's 64K over all
+  warpgroups, in steps of 8, at most 232 (`setmaxnreg`'s range)."""
+  return min(232, (65536 - 128 * PRODUCER_REGISTERS) // (128 * consumers) // 8 * 8)
+
+
+def default_blocks(m: int, num_weights: int = 1) -> HopperMatmulBlocks:
+  """128 columns per program, or 64 where the accumulators of 128 would not fit the consumers'
+  registers (gate/up at more than 128 rows)."""
+  consumers = -(-m // WG_ROWS)
+  if num_weights * 128 // 2 > consumer_registers(consumers) - 48:
+    return HopperMatmulBlocks(block_n=64)
+  return HopperMatmulBlocks()
+
+
 def smem_bytes(blocks: HopperMatmulBlocks, consumers: int, num_weights: int, out_itemsize: int) -> int:
   per_stage = (consumers * WG_ROWS + num_weights * blocks.block_n) * blocks.block_k * 2
   out = num_weights * consumers * WG_ROWS * blocks.block_n * out_itemsize
@@ -86,14 +104,16 @@ def plan(m: int, k: int, n: int, blocks: HopperMatmulBlocks, num_weights: int = 
   return consumers, splits, stages
 
 
-def supports(x_MK, w_KN, blocks: HopperMatmulBlocks = HopperMatmulBlocks(), num_weights: int = 1) -> str | None:
-  """None when this kernel takes these operands (w as [K, N]); otherwise why not."""
+def supports(x_MK, w_KN, blocks: HopperMatmulBlocks | None = None, num_weights: int = 1) -> str | None:
+  """None when this kernel takes these operands (w as [K, N]) with `blocks` (None: `default_blocks`);
+  otherwise why not."""
   if plgpu is None:
     return "this jaxlib has no Mosaic GPU"
   if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
     return f"x shape {x_MK.shape}, w shape {w_KN.shape}: need x[M, K] and w[K, N]"
   m, k = x_MK.shape
   n = w_KN.shape[1]
+  blocks = default_blocks(m, num_weights) if blocks is None else blocks
   if x_MK.dtype != w_KN.dtype or x_MK.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtypes x={x_MK.dtype}, w={w_KN.dtype}: wgmma needs bfloat16 or float16 for both"
   if not 0 < m <= MAX_CONSUMERS * WG_ROWS:
@@ -103,6 +123,11 @@ def supports(x_MK, w_KN, blocks: HopperMatmulBlocks = HopperMatmulBlocks(), num_
   if k % blocks.block_k or n % blocks.block_n:
     return f"K={k}, N={n}: need multiples of block_k={blocks.block_k} and block_n={blocks.block_n}"
   consumers, splits, stages = plan(m, k, n, blocks, num_weights)
+  # Each consumer thread holds num_weights accumulators of block_n / 2 floats, plus ~48 registers of
+  # addresses, loop state and the epilogue.
+  if num_weights * blocks.block_n // 2 > consumer_registers(consumers) - 48:
+    return (f"{blocks} at M={m}: {num_weights} accumulators of {blocks.block_n // 2} registers per thread do not "
+            f"fit the {consumer_registers(consumers)} each of {consumers} consumer warpgroups gets")
   if (k // blocks.block_k) % splits:
     return f"num_splits={splits} does not divide K's {k // blocks.block_k} steps"
   need = smem_bytes(dataclasses.replace(blocks, num_stages=stages), consumers, num_weights, OUT_ITEMSIZE)
@@ -123,7 +148,7 @@ def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_s
 
   @pl.when(wg == consumers)
   def _producer():
-    plgpu.set_max_registers(40, action="decrease")
+    plgpu.set_max_registers(PRODUCER_REGISTERS, action="decrease")
 
     @pl.loop(0, steps)
     def _(step):
@@ -144,7 +169,7 @@ def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_s
 
   @pl.when(wg < consumers)
   def _consumer():
-    plgpu.set_max_registers(232, action="increase")
+    plgpu.set_max_registers(consumer_registers(consumers), action="increase")
 
     def body(step, accs):
       slot = lax.rem(step, num_stages)
@@ -226,18 +251,20 @@ def _silu_times(g, u):
   return g / (1.0 + jnp.exp(-g)) * u
 
 
-def matmul(x_MK, w_KN, *, out_dtype=None, blocks: HopperMatmulBlocks = HopperMatmulBlocks(), interpret=False):
-  """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None). `interpret`: False, or
-  Mosaic GPU interpreter parameters (`interpret_params`)."""
+def matmul(x_MK, w_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = None, interpret=False):
+  """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None). `blocks`: None for
+  `default_blocks`. `interpret`: False, or Mosaic GPU interpreter parameters (`interpret_params`)."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
+  blocks = default_blocks(x_MK.shape[0]) if blocks is None else blocks
   return _launch(x_MK, (w_KN,), epilogue=lambda a: a, fused_epilogue=lambda a: (a,), out_dtype=out_dtype,
                  blocks=blocks, interpret=interpret)
 
 
-def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, blocks: HopperMatmulBlocks = HopperMatmulBlocks(),
+def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = None,
                  interpret=False):
   """silu(x @ w_gate) * (x @ w_up): both weights' tiles stream through the same stages."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
+  blocks = default_blocks(x_MK.shape[0], num_weights=2) if blocks is None else blocks
   if w_up_KN.shape != w_gate_KN.shape or w_up_KN.dtype != w_gate_KN.dtype:
     raise ValueError(f"w_gate {w_gate_KN.shape} {w_gate_KN.dtype} and w_up {w_up_KN.shape} {w_up_KN.dtype} differ")
   return _launch(x_MK, (w_gate_KN, w_up_KN), epilogue=_silu_times, fused_epilogue=lambda g, u: (_silu_times(g, u),),

@@ -69,5 +69,10 @@ def test_hopper_supports_names_what_it_cannot_take():
   assert "M=300" in hopper.supports(jnp.zeros((300, 256), jnp.bfloat16), w)
   assert "N=200" in hopper.supports(x, jnp.zeros((256, 200), jnp.bfloat16))
   assert "block_k" in hopper.supports(x, w, B(block_k=128))
+  # Four consumers get 112 registers each: 256-wide accumulators (128 per thread) do not fit.
+  assert "registers" in hopper.supports(jnp.zeros((256, 256), jnp.bfloat16), w, B(block_n=256))
+  # gate/up over 128 rows: the default narrows to 64 columns so both accumulators fit.
+  assert hopper.default_blocks(200, num_weights=2).block_n == 64
+  assert hopper.supports(jnp.zeros((200, 256), jnp.bfloat16), w, num_weights=2) is None
   with pytest.raises(ValueError, match="N=200"):
     hopper.matmul(x, jnp.zeros((256, 200), jnp.bfloat16))
