@@ -224,7 +224,10 @@ def breakdown_text(row: dict) -> str:
     per = k["wall_s"] / max(k["decode_steps"], 1) * 1e3
     parts.append(f"{name} {k['wall_s']:.1f} s ({k['steps']} calls, {k['decode_steps']} steps, {per:.1f} ms each)")
   label = row.get("label") or f"{row['input_len']}/{row['output_len']}"
-  return f"{label}, time by step kind: " + "; ".join(parts)
+  pool = ""
+  if "kv_pool_tokens" in row:
+    pool = f"; KV pool {row['kv_pool_tokens']} tokens, {row['preemptions']} preemptions"
+  return f"{label}, time by step kind: " + "; ".join(parts) + pool
 
 
 def matmul_params_of(cfg) -> int:
@@ -430,14 +433,17 @@ def main(argv):
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in out_lens]
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False)
     timer = StepTimer(llm.engine, block=False)  # not blocking: steps overlap as in production
+    preempted, rc = llm.engine.scheduler.num_preemptions, llm.engine.runner.rc
     t = time.perf_counter()
     outs = llm.generate(prompts, params, use_tqdm=False)
     elapsed = time.perf_counter() - t
+    preempted = llm.engine.scheduler.num_preemptions - preempted
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     in_mean, out_mean = sum(in_lens) / count, sum(out_lens) / count
     equal = len(set(in_lens)) == 1 and len(set(out_lens)) == 1
     row = {"label": w["label"], "input_len": in_lens[0] if equal else in_mean,
            "output_len": out_lens[0] if equal else out_mean, "requests": count, "elapsed_s": elapsed,
+           "preemptions": preempted, "kv_pool_tokens": (rc.num_pages - 1) * rc.page_size,
            "output_tok_s": out_tokens / elapsed, "total_tok_s": (out_tokens + sum(in_lens)) / elapsed,
            "steps": len(timer.seqs)}
     if "longtail" in w:
