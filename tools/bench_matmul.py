@@ -63,6 +63,8 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mod
 _MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
 _MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models")
 _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
+_SWEEP = flags.DEFINE_bool("sweep", True, "sweep the Triton kernel's tiles; --nosweep times its tuned config, XLA, "
+                           "cuBLAS and the Hopper kernel's variants on every shape")
 _MIN_BYTES = flags.DEFINE_integer("min_bytes", 1 << 30, "weight bytes per timed call (distinct copies)")
 _THREADS = flags.DEFINE_integer("compile_threads", 12, "parallel compiles")
 
@@ -625,8 +627,8 @@ def main(argv):
   shapes = SMOKE_SHAPES if _SMOKE.value else [s for model in _MODELS.value for s in SHAPES[model]]
   best_plain = {}  # per model prefix and M: the plain gate_up shape's fastest configs, tried on the fused one
   for shape in shapes:
-    sweep = elapsed() < _BUDGET_S.value
-    if elapsed() > _BUDGET_S.value + 30:
+    sweep = _SWEEP.value and elapsed() < _BUDGET_S.value
+    if _SWEEP.value and elapsed() > _BUDGET_S.value + 30:
       log(f"skipping {shape.name}: past the time budget")
       continue
     log(f"{shape.name}: K={shape.k} N={shape.n} {shape.kind} {'sweep' if sweep else 'current config only'}")
