@@ -112,7 +112,7 @@ def test_dispatcher_falls_back_to_xla_for_shapes_the_kernel_does_not_take():
 
 def test_dispatcher_rejects_an_unknown_impl():
   x_MK, (w_KN,) = _operands(4, 32, 32, jnp.float32)
-  with pytest.raises(ValueError, match=r"impl='cuda'; expected one of \('auto', 'gpu', 'xla'\)"):
+  with pytest.raises(ValueError, match=r"impl='cuda'; expected one of \('auto', 'gpu', 'hopper', 'xla'\)"):
     decode_matmul(x_MK, w_KN, impl="cuda")
 
 
