@@ -129,10 +129,12 @@ HOPPER_VARIANTS = {"hopper n128": hopper.HopperMatmulBlocks(), "hopper n256": ho
 
 
 def hopper_fn(shape, blocks, interpret):
-  """Jitted like kernel_fn, for hopper.py (w as [K, N] only: the tied LM head is not taken)."""
+  """Jitted like kernel_fn, for hopper.py."""
   kw = dict(blocks=blocks, interpret=hopper.interpret_params() if interpret else False)
   if shape.kind == "kn":
     one = lambda x, w: hopper.matmul(x, w, **kw)
+  elif shape.kind == "nk":
+    one = lambda x, w: hopper.matmul_nt(x, w, **kw)
   else:
     one = lambda x, w: hopper.gate_up_silu(x, *w, **kw)
   return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
@@ -140,13 +142,13 @@ def hopper_fn(shape, blocks, interpret):
 
 def hopper_jobs(shape, ms, xs, ws, interpret):
   """{(label, m): (jitted, args)} for the variants hopper.supports takes at this shape."""
-  if shape.kind == "nk" or hopper.plgpu is None:
+  if hopper.plgpu is None:
     return {}
   jobs = {}
   w0 = ws[0][0] if shape.kind == "gate_up" else ws[0]
   for m in ms:
     for label, blocks in HOPPER_VARIANTS.items():
-      if hopper.supports(xs[m], w0, blocks, shape.num_weights) is None:
+      if hopper.supports(xs[m], w0, blocks, shape.num_weights, transposed=shape.kind == "nk") is None:
         jobs[(label, m)] = (hopper_fn(shape, blocks, interpret), (xs[m], ws))
   return jobs
 
@@ -509,7 +511,8 @@ def check_edges(interpret):
     B = hopper.HopperMatmulBlocks
     for label, kind, m, n, blocks in [("hopper kn M=5 z1", "kn", 5, 256, B(num_splits=1)),
                                       ("hopper kn M=200 z2", "kn", 200, 256, B(num_splits=2, num_stages=3)),
-                                      ("hopper gate_up M=9 n64", "gate_up", 9, 128, B(block_n=64))]:
+                                      ("hopper gate_up M=9 n64", "gate_up", 9, 128, B(block_n=64)),
+                                      ("hopper nk M=7 z2", "nk", 7, 256, B(num_splits=2))]:
       keys = jax.random.split(jax.random.key(m + 1), 3)
       x = jax.random.normal(keys[0], (m, 512), jnp.float32).astype(jnp.bfloat16)
       w = (jax.random.normal(keys[1], (512, n), jnp.float32) * 512**-0.5).astype(jnp.bfloat16)
@@ -517,6 +520,9 @@ def check_edges(interpret):
       if kind == "kn":
         jobs[label] = (jax.jit(functools.partial(hopper.matmul, blocks=blocks, **h_kw)), (x, w))
         refs[label] = exact(x, w, kind)
+      elif kind == "nk":
+        jobs[label] = (jax.jit(functools.partial(hopper.matmul_nt, blocks=blocks, **h_kw)), (x, w.T))
+        refs[label] = exact(x, w.T, kind)
       else:
         jobs[label] = (jax.jit(functools.partial(hopper.gate_up_silu, blocks=blocks, **h_kw)), (x, w, w2))
         refs[label] = exact(x, (w, w2), kind)

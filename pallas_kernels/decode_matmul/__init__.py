@@ -3,8 +3,8 @@
 Each entry point dispatches on `impl`: "xla" is `jnp.dot` (cuBLAS on a GPU);
 "gpu" is the Pallas kernel (Triton lowering), with `interpret=True` runnable
 on any machine, which is how the tests run it; "hopper" is the Mosaic GPU
-kernel of hopper.py (TMA and wgmma; w as [K, N] only, so `decode_matmul_nt`
-stays on XLA), not yet measured on a GPU; "auto" is the Triton kernel on GPUs
+kernel of hopper.py (TMA and wgmma), not yet measured on a GPU; "auto" is the
+Triton kernel on GPUs
 (except for shapes where `tuning`'s tables record XLA as faster) and XLA
 elsewhere. Shapes the kernel does not take (more than `MAX_M` rows,
 K not a multiple of 16, mixed dtypes) go to XLA: prefill steps take that path
@@ -42,9 +42,9 @@ def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
   return False
 
 
-def _use_hopper(x_MK, w_KN, num_weights=1) -> bool:
+def _use_hopper(x_MK, w, num_weights=1, transposed=False) -> bool:
   from pallas_kernels.decode_matmul import hopper
-  why_not = hopper.supports(x_MK, w_KN, num_weights=num_weights)
+  why_not = hopper.supports(x_MK, w, num_weights=num_weights, transposed=transposed)
   if why_not is not None and not (x_MK.ndim == 2 and x_MK.shape[0] > MAX_M):  # prefill rows: XLA, as expected
     logging.log_first_n(logging.WARNING, "Hopper matmul kernel unavailable (%s); using XLA", 1, why_not)
   return why_not is None
@@ -67,7 +67,11 @@ def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
 def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False):
   """x @ w.T with float32 accumulation, w stored [N, K] (the tied LM head: the [V, D] embedding)."""
   if impl == "hopper":
-    impl = "xla"  # the Hopper kernel takes w as [K, N] only
+    if _use_hopper(x_MK, w_NK, transposed=True):
+      from pallas_kernels.decode_matmul import hopper
+      return hopper.matmul_nt(x_MK, w_NK, out_dtype=out_dtype,
+                              interpret=hopper.interpret_params() if interpret else False)
+    return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype)
   if _use_kernel(impl, x_MK, w_NK, True):
     from pallas_kernels.decode_matmul import gpu
     return gpu.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret)

@@ -20,6 +20,8 @@ into a ring of shared-memory stages, and multiplies with warpgroup MMAs:
 
 With `num_splits` > 1 the programs write float32 partial sums and XLA adds
 them (and applies silu for gate/up, which must see the whole sum).
+`matmul_nt` takes w stored [N, K] (the tied LM head): its tiles are
+[block_n, block_k], handed to the wgmma transposed.
 
 Every copy starts on whole tiles: K and N offsets are multiples of the
 blocks, and x is padded to whole 64-row tiles (Mosaic GPU copies through a
@@ -104,13 +106,16 @@ def plan(m: int, k: int, n: int, blocks: HopperMatmulBlocks, num_weights: int = 
   return consumers, splits, stages
 
 
-def supports(x_MK, w_KN, blocks: HopperMatmulBlocks | None = None, num_weights: int = 1) -> str | None:
-  """None when this kernel takes these operands (w as [K, N]) with `blocks` (None: `default_blocks`);
-  otherwise why not."""
+def supports(x_MK, w, blocks: HopperMatmulBlocks | None = None, num_weights: int = 1,
+             transposed: bool = False) -> str | None:
+  """None when this kernel takes these operands (w as [K, N], or [N, K] when `transposed`) with
+  `blocks` (None: `default_blocks`); otherwise why not."""
   if plgpu is None:
     return "this jaxlib has no Mosaic GPU"
+  w_KN = w.T if transposed and w.ndim == 2 else w
   if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
-    return f"x shape {x_MK.shape}, w shape {w_KN.shape}: need x[M, K] and w[K, N]"
+    return (f"x shape {x_MK.shape}, w shape {w.shape}: need x[M, K] and "
+            f"{'w[N, K]' if transposed else 'w[K, N]'}")
   m, k = x_MK.shape
   n = w_KN.shape[1]
   blocks = default_blocks(m, num_weights) if blocks is None else blocks
@@ -136,7 +141,8 @@ def supports(x_MK, w_KN, blocks: HopperMatmulBlocks | None = None, num_weights: 
   return None
 
 
-def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_stages, epilogue, interpreted):
+def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_stages, epilogue, transposed,
+            interpreted):
   """One program: `block_n` columns of the output, K steps [split * steps, (split + 1) * steps)."""
   w_refs, o_ref, scratch = refs[:num_weights], refs[num_weights], refs[num_weights + 1]
   (x_smem, w_smems, o_smem), (full, empty) = scratch
@@ -159,8 +165,10 @@ def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_s
         plgpu.barrier_wait(empty.at[slot])
       ks = pl.ds((k_first + step) * block_k, block_k)
       plgpu.copy_gmem_to_smem(x_ref.at[:, :, ks], x_smem.at[slot], full.at[slot])
-      for w_ref, w_smem in zip(w_refs, w_smems):
-        plgpu.copy_gmem_to_smem(w_ref.at[ks, pl.ds(col * block_n, block_n)], w_smem.at[slot], full.at[slot])
+      cols = pl.ds(col * block_n, block_n)
+      for w_ref, w_smem in zip(w_refs, w_smems):  # a [block_k, block_n] tile, or [block_n, block_k] transposed
+        plgpu.copy_gmem_to_smem(w_ref.at[cols, ks] if transposed else w_ref.at[ks, cols], w_smem.at[slot],
+                                full.at[slot])
 
     # Observe the consumers' last releases too, so every barrier phase is waited on.
     @pl.loop(max(steps - num_stages, 0), steps)
@@ -177,11 +185,13 @@ def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_s
       x_tile = x_smem.at[slot, wg]
       out = []
       for acc, w_smem in zip(accs, w_smems):
-        if interpreted:  # the interpreter's wgmma takes no register accumulator carried in a loop
-          out.append(acc + lax.dot(x_tile[...], w_smem[slot], preferred_element_type=jnp.float32))
+        if interpreted:  # the interpreter's wgmma takes no transposed operand nor a carried accumulator
+          dims = (((1,), (1,)), ((), ())) if transposed else (((1,), (0,)), ((), ()))
+          out.append(acc + lax.dot_general(x_tile[...], w_smem[slot], dims, preferred_element_type=jnp.float32))
         else:
           def mma(acc_ref, w_smem=w_smem):
-            plgpu.wgmma(acc_ref, x_tile, w_smem.at[slot])
+            w_tile = plgpu.transpose_ref(w_smem.at[slot], (1, 0)) if transposed else w_smem.at[slot]
+            plgpu.wgmma(acc_ref, x_tile, w_tile)
           out.append(pl.run_state(mma)(plgpu.ACC.init(acc)))
       plgpu.barrier_arrive(empty.at[slot])
       return tuple(out)
@@ -197,13 +207,14 @@ def _kernel(x_ref, *refs, num_weights, consumers, steps, block_k, block_n, num_s
     plgpu.wait_smem_to_gmem(0)
 
 
-def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret):
-  """The kernel over ws (each [K, N]); returns [M, N] in out_dtype after the split sum and epilogue."""
-  why_not = supports(x_MK, ws[0], blocks, len(ws))
+def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret, transposed=False):
+  """The kernel over ws (each [K, N], or [N, K] when `transposed`); returns [M, N] in out_dtype after
+  the split sum and epilogue."""
+  why_not = supports(x_MK, ws[0], blocks, len(ws), transposed=transposed)
   if why_not:
     raise ValueError(why_not)
   m, k = x_MK.shape
-  n = ws[0].shape[1]
+  n = ws[0].shape[0] if transposed else ws[0].shape[1]
   consumers, splits, stages = plan(m, k, n, blocks, len(ws))
   steps = k // blocks.block_k // splits
   rows = consumers * WG_ROWS
@@ -216,12 +227,13 @@ def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret)
   o_dtype = out_dtype if fused and len(ws) == 1 else jnp.float32
   dtype = x_MK.dtype
   tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+  w_tile = (blocks.block_n, blocks.block_k) if transposed else (blocks.block_k, blocks.block_n)
   mesh = plgpu.Mesh(grid=(n // blocks.block_n, splits), grid_names=("n", "split"), num_threads=consumers + 1,
                     thread_name="wg")
   kernel = functools.partial(_kernel, num_weights=len(ws), consumers=consumers, steps=steps,
                              block_k=blocks.block_k, block_n=blocks.block_n, num_stages=stages,
                              epilogue=fused_epilogue if fused else (lambda *accs: accs),
-                             interpreted=bool(interpret))
+                             transposed=transposed, interpreted=bool(interpret))
   out_shape = (splits, num_out, consumers, WG_ROWS, n)
 
   def stateful(refs):
@@ -234,7 +246,7 @@ def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret)
       pl.run_scoped(
           lambda *scratch: kernel(*in_refs, o_ref, scratch),
           (plgpu.SMEM((stages, consumers, WG_ROWS, blocks.block_k), dtype, transforms=tiled),
-           tuple(plgpu.SMEM((stages, blocks.block_k, blocks.block_n), dtype, transforms=tiled) for _ in ws),
+           tuple(plgpu.SMEM((stages, *w_tile), dtype, transforms=tiled) for _ in ws),
            plgpu.SMEM((num_out, consumers, WG_ROWS, blocks.block_n), o_dtype)),
           (plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=stages),
            plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)),
@@ -258,6 +270,14 @@ def matmul(x_MK, w_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = No
   blocks = default_blocks(x_MK.shape[0]) if blocks is None else blocks
   return _launch(x_MK, (w_KN,), epilogue=lambda a: a, fused_epilogue=lambda a: (a,), out_dtype=out_dtype,
                  blocks=blocks, interpret=interpret)
+
+
+def matmul_nt(x_MK, w_NK, *, out_dtype=None, blocks: HopperMatmulBlocks | None = None, interpret=False):
+  """x @ w.T, w stored [N, K] (the tied LM head: the [V, D] embedding); otherwise as `matmul`."""
+  out_dtype = x_MK.dtype if out_dtype is None else out_dtype
+  blocks = default_blocks(x_MK.shape[0]) if blocks is None else blocks
+  return _launch(x_MK, (w_NK,), epilogue=lambda a: a, fused_epilogue=lambda a: (a,), out_dtype=out_dtype,
+                 blocks=blocks, interpret=interpret, transposed=True)
 
 
 def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = None,

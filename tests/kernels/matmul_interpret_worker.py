@@ -25,6 +25,9 @@ def check(name: str) -> dict:
   if kind == "gate_up":
     out = hopper.gate_up_silu(x, w, w2, blocks=blocks, interpret=params)
     ref = reference.gate_up_silu(x, w, w2)
+  elif kind == "nk":
+    out = hopper.matmul_nt(x, w.T, blocks=blocks, interpret=params)
+    ref = reference.matmul_nt(x, w.T)
   else:
     out = hopper.matmul(x, w, blocks=blocks, interpret=params)
     ref = reference.matmul(x, w)

@@ -23,6 +23,7 @@ CASES = {
     "four_row_tiles_n64": ("kn", 256, 256, 128, B(block_n=64, num_splits=1, num_stages=3)),
     "gate_up": ("gate_up", 5, 256, 128, B(block_n=64, num_splits=1)),
     "gate_up_split_k": ("gate_up", 70, 256, 128, B(num_splits=2)),
+    "transposed_split_k": ("nk", 20, 256, 256, B(num_splits=2, num_stages=3)),  # w stored [N, K]
 }
 
 
@@ -34,16 +35,19 @@ def test_hopper_matmul_matches_reference_in_the_interpreter():
     assert r["relative_error"] <= 1e-2, r
 
 
-@pytest.mark.parametrize("m,k,n,blocks,gate_up", [
-    (16, 4096, 6144, B(), False),  # split-K, 6 stages
-    (256, 14336, 4096, B(), False),  # four row tiles: stages cut to fit shared memory
-    (64, 4096, 14336, B(block_n=64), True),
+@pytest.mark.parametrize("m,k,n,blocks,kind", [
+    (16, 4096, 6144, B(), "kn"),  # split-K, 6 stages
+    (256, 14336, 4096, B(), "kn"),  # four row tiles: stages cut to fit shared memory
+    (64, 4096, 14336, B(block_n=64), "gate_up"),
+    (32, 2048, 128256, B(), "nk"),  # the 1B shape's tied LM head
 ])
-def test_hopper_matmul_lowers_to_mosaic_gpu_for_cuda(m, k, n, blocks, gate_up):
+def test_hopper_matmul_lowers_to_mosaic_gpu_for_cuda(m, k, n, blocks, kind):
   x = jax.ShapeDtypeStruct((m, k), jnp.bfloat16)
   w = jax.ShapeDtypeStruct((k, n), jnp.bfloat16)
-  if gate_up:
+  if kind == "gate_up":
     f, args = (lambda x, w, u: hopper.gate_up_silu(x, w, u, blocks=blocks)), (x, w, w)
+  elif kind == "nk":
+    f, args = (lambda x, w: hopper.matmul_nt(x, w, blocks=blocks)), (x, jax.ShapeDtypeStruct((n, k), jnp.bfloat16))
   else:
     f, args = (lambda x, w: hopper.matmul(x, w, blocks=blocks)), (x, w)
   text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
@@ -76,3 +80,5 @@ def test_hopper_supports_names_what_it_cannot_take():
   assert hopper.supports(jnp.zeros((200, 256), jnp.bfloat16), w, num_weights=2) is None
   with pytest.raises(ValueError, match="N=200"):
     hopper.matmul(x, jnp.zeros((256, 200), jnp.bfloat16))
+  assert hopper.supports(x, jnp.zeros((512, 256), jnp.bfloat16), transposed=True) is None  # w[N, K]
+  assert "w[N, K]" in hopper.supports(x, jnp.zeros((256, 512), jnp.bfloat16), transposed=True)
