@@ -155,15 +155,19 @@ def apply_rope(x_TNH, positions_T, cfg: ModelConfig):
 
 
 # How the projections multiply: "xla" (einsum), or through the decode matmul
-# kernel with "auto" (the Pallas kernel on GPUs, XLA elsewhere), "gpu", or
-# "interpret" (the GPU kernel in Pallas' interpreter, for tests). Rows past
-# the kernel's limit (prefill) go to XLA either way. "xla" until
-# tools/bench_matmul.py shows the kernel ahead of cuBLAS on the H200.
+# kernel with "auto" (the Pallas kernel on GPUs, XLA elsewhere), "gpu", "hopper" (the
+# Mosaic GPU kernel), or, for tests, "interpret" / "interpret_hopper" (those kernels in
+# Pallas' interpreters). Rows past the kernel's limit (prefill) go to XLA
+# either way. "xla" until tools/bench_matmul.py shows a kernel ahead of cuBLAS.
 MATMUL_IMPL = "xla"
 
 
 def _matmul_kw(impl):
-  return dict(impl="gpu", interpret=True) if impl == "interpret" else dict(impl=impl)
+  if impl == "interpret":
+    return dict(impl="gpu", interpret=True)
+  if impl == "interpret_hopper":
+    return dict(impl="hopper", interpret=True)
+  return dict(impl=impl)
 
 
 def _dot(eq, a, b, impl="xla"):

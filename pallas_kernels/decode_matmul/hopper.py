@@ -74,11 +74,11 @@ def consumer_registers(consumers: int) -> int:
   return min(232, (65536 - 128 * PRODUCER_REGISTERS) // (128 * consumers) // 8 * 8)
 
 
-def default_blocks(m: int, num_weights: int = 1) -> HopperMatmulBlocks:
-  """128 columns per program, or 64 where the accumulators of 128 would not fit the consumers'
-  registers (gate/up at more than 128 rows)."""
+def default_blocks(m: int, num_weights: int = 1, n: int = 128) -> HopperMatmulBlocks:
+  """128 columns per program, or 64 where N is not a multiple of 128 or where the accumulators of
+  128 would not fit the consumers' registers (gate/up at more than 128 rows)."""
   consumers = -(-m // WG_ROWS)
-  if num_weights * 128 // 2 > consumer_registers(consumers) - 48:
+  if n % 128 or num_weights * 128 // 2 > consumer_registers(consumers) - 48:
     return HopperMatmulBlocks(block_n=64)
   return HopperMatmulBlocks()
 
@@ -118,7 +118,7 @@ def supports(x_MK, w, blocks: HopperMatmulBlocks | None = None, num_weights: int
             f"{'w[N, K]' if transposed else 'w[K, N]'}")
   m, k = x_MK.shape
   n = w_KN.shape[1]
-  blocks = default_blocks(m, num_weights) if blocks is None else blocks
+  blocks = default_blocks(m, num_weights, n) if blocks is None else blocks
   if x_MK.dtype != w_KN.dtype or x_MK.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtypes x={x_MK.dtype}, w={w_KN.dtype}: wgmma needs bfloat16 or float16 for both"
   if not 0 < m <= MAX_CONSUMERS * WG_ROWS:
@@ -267,7 +267,7 @@ def matmul(x_MK, w_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = No
   """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None). `blocks`: None for
   `default_blocks`. `interpret`: False, or Mosaic GPU interpreter parameters (`interpret_params`)."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
-  blocks = default_blocks(x_MK.shape[0]) if blocks is None else blocks
+  blocks = default_blocks(x_MK.shape[0], 1, w_KN.shape[-1]) if blocks is None else blocks
   return _launch(x_MK, (w_KN,), epilogue=lambda a: a, fused_epilogue=lambda a: (a,), out_dtype=out_dtype,
                  blocks=blocks, interpret=interpret)
 
@@ -275,7 +275,7 @@ def matmul(x_MK, w_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = No
 def matmul_nt(x_MK, w_NK, *, out_dtype=None, blocks: HopperMatmulBlocks | None = None, interpret=False):
   """x @ w.T, w stored [N, K] (the tied LM head: the [V, D] embedding); otherwise as `matmul`."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
-  blocks = default_blocks(x_MK.shape[0]) if blocks is None else blocks
+  blocks = default_blocks(x_MK.shape[0], 1, w_NK.shape[0]) if blocks is None else blocks
   return _launch(x_MK, (w_NK,), epilogue=lambda a: a, fused_epilogue=lambda a: (a,), out_dtype=out_dtype,
                  blocks=blocks, interpret=interpret, transposed=True)
 
@@ -284,7 +284,7 @@ def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, blocks: HopperMatm
                  interpret=False):
   """silu(x @ w_gate) * (x @ w_up): both weights' tiles stream through the same stages."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
-  blocks = default_blocks(x_MK.shape[0], num_weights=2) if blocks is None else blocks
+  blocks = default_blocks(x_MK.shape[0], 2, w_gate_KN.shape[-1]) if blocks is None else blocks
   if w_up_KN.shape != w_gate_KN.shape or w_up_KN.dtype != w_gate_KN.dtype:
     raise ValueError(f"w_gate {w_gate_KN.shape} {w_gate_KN.dtype} and w_up {w_up_KN.shape} {w_up_KN.dtype} differ")
   return _launch(x_MK, (w_gate_KN, w_up_KN), epilogue=_silu_times, fused_epilogue=lambda g, u: (_silu_times(g, u),),
