@@ -228,31 +228,25 @@ def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret,
   dtype = x_MK.dtype
   tiled = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
   w_tile = (blocks.block_n, blocks.block_k) if transposed else (blocks.block_k, blocks.block_n)
-  mesh = plgpu.Mesh(grid=(n // blocks.block_n, splits), grid_names=("n", "split"), num_threads=consumers + 1,
-                    thread_name="wg")
   kernel = functools.partial(_kernel, num_weights=len(ws), consumers=consumers, steps=steps,
                              block_k=blocks.block_k, block_n=blocks.block_n, num_stages=stages,
                              epilogue=fused_epilogue if fused else (lambda *accs: accs),
                              transposed=transposed, interpreted=bool(interpret))
   out_shape = (splits, num_out, consumers, WG_ROWS, n)
 
-  def stateful(refs):
-    *in_refs, o_ref = refs
-
-    @pl.core_map(mesh, compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
-                 interpret=interpret or False,
-                 name=f"decode_matmul_hopper_n{blocks.block_n}_s{stages}_z{splits}_w{len(ws)}")
-    def _():
-      pl.run_scoped(
-          lambda *scratch: kernel(*in_refs, o_ref, scratch),
-          (plgpu.SMEM((stages, consumers, WG_ROWS, blocks.block_k), dtype, transforms=tiled),
-           tuple(plgpu.SMEM((stages, *w_tile), dtype, transforms=tiled) for _ in ws),
-           plgpu.SMEM((num_out, consumers, WG_ROWS, blocks.block_n), o_dtype)),
-          (plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=stages),
-           plgpu.Barrier(num_arrivals=consumers, num_barriers=stages)),
-          collective_axes="wg")
-
-  out = pl.run_state(stateful)((x_CRK, *ws, jnp.zeros(out_shape, o_dtype)))[-1]
+  # plgpu.kernel allocates the output without initializing it: every element is stored once.
+  call = plgpu.kernel(
+      lambda *refs: kernel(*refs[:1 + len(ws) + 1], refs[1 + len(ws) + 1:]),
+      out_type=jax.ShapeDtypeStruct(out_shape, o_dtype),
+      scratch_types=((plgpu.SMEM((stages, consumers, WG_ROWS, blocks.block_k), dtype, transforms=tiled),
+                      tuple(plgpu.SMEM((stages, *w_tile), dtype, transforms=tiled) for _ in ws),
+                      plgpu.SMEM((num_out, consumers, WG_ROWS, blocks.block_n), o_dtype)),
+                     (plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=stages),
+                      plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))),
+      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      grid=(n // blocks.block_n, splits), grid_names=("n", "split"), num_threads=consumers + 1, thread_name="wg",
+      interpret=interpret or False)
+  out = call(x_CRK, *ws)
   out_ZOMN = out.reshape(splits, num_out, rows, n)[:, :, :m]
   if fused:
     return out_ZOMN[0, 0].astype(out_dtype)
