@@ -31,10 +31,13 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
   `longtail/count` is `count` requests whose lengths follow chat-like long-tailed distributions
   (LONGTAIL below: lognormal, input median 250 tokens, output median 200; written into the JSON and
   the markdown with the drawn lengths' statistics). For each workload: output and total tokens/s
-  beside the workload's roofline (every step's weight bytes plus the KV bytes its batch reads, over
-  the copy bandwidth; from the per-request lengths, see `workload_roofline`), and, for the decode
-  steps that had the full batch, the median wall time per step against that step's roofline, and
-  the host time per step (scheduling plus batch building).
+  beside the workload's roofline (the larger of every step's weight bytes plus the KV bytes its batch
+  reads, over the copy bandwidth, and every token's matmul FLOPs over the matmul rate; from the
+  per-request lengths, see `workload_roofline`), and, for the decode steps that had the full batch,
+  the median wall time per step against that step's roofline, and the host time per step
+  (scheduling plus batch building). Also where the run's wall time went, by kind of step (steps
+  with prompt tokens, full and partial decode batches; `StepTimer.breakdown`), how many requests
+  were preempted and how many tokens the KV pool held.
 - with `--hf_batch=B`, Hugging Face transformers `generate` (PyTorch, same checkpoint, same device)
   on B prompts of 128/128 and jserve on the same prompts: the same-run anchor.
 
