@@ -42,9 +42,11 @@ def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
   return False
 
 
-def _use_hopper(x_MK, w, num_weights=1, transposed=False) -> bool:
+def _use_hopper(x_MK, w, num_weights=1, transposed=False, interpret=False) -> bool:
   from pallas_kernels.decode_matmul import hopper
-  why_not = hopper.supports(x_MK, w, num_weights=num_weights, transposed=transposed)
+  from pallas_kernels.ragged_paged_attention.hopper import device_supports
+  why_not = (hopper.supports(x_MK, w, num_weights=num_weights, transposed=transposed)
+             or (None if interpret else device_supports()))
   if why_not is not None and not (x_MK.ndim == 2 and x_MK.shape[0] > MAX_M):  # prefill rows: XLA, as expected
     logging.log_first_n(logging.WARNING, "Hopper matmul kernel unavailable (%s); using XLA", 1, why_not)
   return why_not is None
@@ -53,7 +55,7 @@ def _use_hopper(x_MK, w, num_weights=1, transposed=False) -> bool:
 def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
   """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None)."""
   if impl == "hopper":
-    if _use_hopper(x_MK, w_KN):
+    if _use_hopper(x_MK, w_KN, interpret=interpret):
       from pallas_kernels.decode_matmul import hopper
       return hopper.matmul(x_MK, w_KN, out_dtype=out_dtype,
                            interpret=hopper.interpret_params() if interpret else False)
@@ -67,7 +69,7 @@ def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
 def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False):
   """x @ w.T with float32 accumulation, w stored [N, K] (the tied LM head: the [V, D] embedding)."""
   if impl == "hopper":
-    if _use_hopper(x_MK, w_NK, transposed=True):
+    if _use_hopper(x_MK, w_NK, transposed=True, interpret=interpret):
       from pallas_kernels.decode_matmul import hopper
       return hopper.matmul_nt(x_MK, w_NK, out_dtype=out_dtype,
                               interpret=hopper.interpret_params() if interpret else False)
@@ -87,7 +89,7 @@ def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", inter
   """
   same = w_up_KN.shape == w_gate_KN.shape and w_up_KN.dtype == w_gate_KN.dtype
   if impl == "hopper":
-    if same and _use_hopper(x_MK, w_gate_KN, num_weights=2):
+    if same and _use_hopper(x_MK, w_gate_KN, num_weights=2, interpret=interpret):
       from pallas_kernels.decode_matmul import hopper
       return hopper.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype,
                                  interpret=hopper.interpret_params() if interpret else False)

@@ -318,8 +318,8 @@ def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q,
   return decode, prefill
 
 
-def _hopper_supports(q_TNH, kv_pages_PSCH, config) -> bool:
-  why_not = hopper.supports(q_TNH, kv_pages_PSCH, config.hopper)
+def _hopper_supports(q_TNH, kv_pages_PSCH, config, interpret) -> bool:
+  why_not = hopper.supports(q_TNH, kv_pages_PSCH, config.hopper) or (None if interpret else hopper.device_supports())
   if why_not:
     logging.log_first_n(logging.WARNING, "Hopper prefill kernel unavailable (%s); using the Triton one", 1, why_not)
   return why_not is None
@@ -412,7 +412,8 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   cu_q_lens_E = cu_q_lens_E.astype(jnp.int32)
   decode_q = config.decode.block_m // group
   fused = new_kv is not None
-  use_hopper = config.prefill_kernel == "hopper" and not fused and _hopper_supports(q_TNH, kv_pages_PSCH, config)
+  use_hopper = (config.prefill_kernel == "hopper" and not fused
+                and _hopper_supports(q_TNH, kv_pages_PSCH, config, interpret))
   prefill_q = hopper.BLOCK_Q if use_hopper else config.prefill.block_m // group
   decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
                            num_tokens=num_tokens, decode_q=decode_q, prefill_q=prefill_q,

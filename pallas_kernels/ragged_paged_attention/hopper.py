@@ -72,6 +72,16 @@ def smem_bytes(blocks: HopperBlocks, head_dim: int, itemsize: int) -> int:
   return q_and_out + 2 * blocks.num_stages * blocks.block_kv * head_dim * itemsize
 
 
+def device_supports() -> str | None:
+  """None when JAX's default device is a Hopper GPU (compute capability 9.x: wgmma, TMA, setmaxnreg);
+  otherwise why not. The interpreter needs no such device, so callers skip this when interpreting."""
+  device = jax.devices()[0]
+  capability = getattr(device, "compute_capability", None)
+  if device.platform != "gpu" or not str(capability or "").startswith("9"):
+    return f"{device.device_kind} ({device.platform}, compute capability {capability}) is not a Hopper GPU"
+  return None
+
+
 def supports(q_TNH, kv_pages_PSCH, blocks: HopperBlocks = HopperBlocks()) -> str | None:
   """None when this kernel handles these shapes on this JAX; otherwise why not."""
   if plgpu is None:

@@ -82,3 +82,14 @@ def test_hopper_supports_names_what_it_cannot_take():
     hopper.matmul(x, jnp.zeros((256, 200), jnp.bfloat16))
   assert hopper.supports(x, jnp.zeros((512, 256), jnp.bfloat16), transposed=True) is None  # w[N, K]
   assert "w[N, K]" in hopper.supports(x, jnp.zeros((256, 512), jnp.bfloat16), transposed=True)
+
+
+def test_impl_hopper_off_a_hopper_gpu_gives_xlas_product():
+  # Not interpreted and not on a Hopper GPU: every entry point falls back to XLA's product.
+  from pallas_kernels.decode_matmul import decode_matmul, decode_matmul_nt, gate_up_silu, reference
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (8, 256), jnp.bfloat16)
+  w, u = (jax.random.normal(k, (256, 128), jnp.bfloat16) for k in keys[1:])
+  assert (decode_matmul(x, w, impl="hopper") == reference.matmul(x, w)).all()
+  assert (decode_matmul_nt(x, w.T, impl="hopper") == reference.matmul_nt(x, w.T)).all()
+  assert (gate_up_silu(x, w, u, impl="hopper") == reference.gate_up_silu(x, w, u)).all()

@@ -114,3 +114,13 @@ def test_aligned_prefill_items_start_on_tiles_and_cover_every_prefill_row(seed):
   for s, q_len in enumerate(q_lens):
     want = 1 if q_len > decode_q else 0
     assert (covered[cu[s]:cu[s + 1]] == want).all(), (s, q_len, covered[cu[s]:cu[s + 1]])
+
+
+def test_a_cpu_is_not_a_hopper_gpu_and_the_dispatcher_falls_back():
+  # Compiled (not interpreted) on this CPU, the dispatcher must not pick the Hopper kernel:
+  # device_supports names the device. Interpreted, the device does not matter.
+  assert "is not a Hopper GPU" in hopper.device_supports()
+  assert gpu._hopper_supports(jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16),
+                              config(), interpret=False) is False
+  assert gpu._hopper_supports(jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16),
+                              config(), interpret=True) is True
