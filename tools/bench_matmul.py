@@ -19,7 +19,7 @@ count M in --ms, it times in one process:
   candidate of `tuning.GPU_SWEEP` for the M bucket, then the best at half and
   twice its split count (M = 1 takes the M = 16 winner); each candidate is
   first checked against an exact float32 product on the GPU;
-- torch.matmul (cuBLAS), replayed from a CUDA graph.
+- torch.matmul (cuBLAS), replayed from a CUDA graph (tools/torch_matmul.py).
 
 Every timed call multiplies by several distinct copies of the weights (at
 least --min_bytes in all, so nothing is served from the 50 MB L2), all in
@@ -54,6 +54,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.ceilings import copy_ceilings  # noqa: E402
+from tools.torch_matmul import torch_time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from pallas_kernels.decode_matmul import gpu, hopper, reference, tuning  # noqa: E402
@@ -112,15 +113,23 @@ SMOKE_SHAPES = [Shape("tiny qkv", 128, 192), Shape("tiny lm_head (tied)", 128, 2
 
 # ---------------------------------------------------------------- the functions timed
 
-def kernel_fn(shape, cfg, interpret):
+def entry(module, kind, **kw):
+  """`module`'s entry point for a shape kind (gpu, hopper or reference), as f(x, w); w is a
+  (gate, up) pair for gate_up."""
+  if kind == "kn":
+    return functools.partial(module.matmul, **kw)
+  if kind == "nk":
+    return functools.partial(module.matmul_nt, **kw)
+  return lambda x, w: module.gate_up_silu(x, *w, **kw)
+
+
+def over_copies(one):
   """Jitted: x and a tuple of weight copies (pairs for gate_up) -> a tuple of outputs."""
-  if shape.kind == "kn":
-    one = functools.partial(gpu.matmul, config=cfg, interpret=interpret)
-  elif shape.kind == "nk":
-    one = functools.partial(gpu.matmul_nt, config=cfg, interpret=interpret)
-  else:
-    one = lambda x, w: gpu.gate_up_silu(x, *w, config=cfg, interpret=interpret)
   return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+
+
+def kernel_fn(shape, cfg, interpret):
+  return over_copies(entry(gpu, shape.kind, config=cfg, interpret=interpret))
 
 
 # The Hopper (Mosaic GPU) kernel's candidates, timed beside the Triton sweep at every M.
@@ -129,15 +138,8 @@ HOPPER_VARIANTS = {"hopper n128": hopper.HopperMatmulBlocks(), "hopper n256": ho
 
 
 def hopper_fn(shape, blocks, interpret):
-  """Jitted like kernel_fn, for hopper.py."""
-  kw = dict(blocks=blocks, interpret=hopper.interpret_params() if interpret else False)
-  if shape.kind == "kn":
-    one = lambda x, w: hopper.matmul(x, w, **kw)
-  elif shape.kind == "nk":
-    one = lambda x, w: hopper.matmul_nt(x, w, **kw)
-  else:
-    one = lambda x, w: hopper.gate_up_silu(x, *w, **kw)
-  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+  return over_copies(entry(hopper, shape.kind, blocks=blocks,
+                           interpret=hopper.interpret_params() if interpret else False))
 
 
 def hopper_jobs(shape, ms, xs, ws, interpret):
@@ -154,13 +156,7 @@ def hopper_jobs(shape, ms, xs, ws, interpret):
 
 
 def xla_fn(shape):
-  if shape.kind == "kn":
-    one = reference.matmul
-  elif shape.kind == "nk":
-    one = reference.matmul_nt
-  else:
-    one = lambda x, w: reference.gate_up_silu(x, *w)
-  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+  return over_copies(entry(reference, shape.kind))
 
 
 @functools.partial(jax.jit, static_argnames="kind")
@@ -258,74 +254,6 @@ def make_x(m, k, seed):
   return jax.random.normal(jax.random.key(seed), (m, k), jnp.float32).astype(jnp.bfloat16)
 
 
-# ---------------------------------------------------------------- torch (cuBLAS)
-
-def torch_time(shape, x, ws, reps, rounds):
-  """torch.matmul over the same weight buffers (shared through DLPack), replayed from one CUDA graph."""
-  import torch
-  cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
-  try:  # the same buffers, so both libraries read the same bytes
-    to_torch = torch.from_dlpack
-    tx = to_torch(x)
-  except Exception:  # noqa: BLE001 - fresh random tensors of the same shapes time the same
-    device = "cuda" if cuda else "cpu"
-    to_torch = lambda a: torch.randn(a.shape, dtype=torch.bfloat16, device=device)
-    tx = to_torch(x)
-  if shape.kind == "gate_up":
-    tws = [(to_torch(g), to_torch(u)) for g, u in ws]
-  else:
-    tws = [to_torch(w) for w in ws]
-
-  def run():
-    outs = []
-    for w in tws:
-      if shape.kind == "kn":
-        outs.append(torch.matmul(tx, w))
-      elif shape.kind == "nk":
-        outs.append(torch.matmul(tx, w.t()))
-      else:
-        outs.append(torch.nn.functional.silu(torch.matmul(tx, w[0])) * torch.matmul(tx, w[1]))
-    return outs
-
-  if not cuda:
-    run()
-    times = []
-    for _ in range(rounds):
-      t0 = time.perf_counter()
-      for _ in range(reps):
-        run()
-      times.append((time.perf_counter() - t0) / reps)
-    return float(np.median(times)), "eager (cpu)"
-  torch.cuda.synchronize()
-  stream = torch.cuda.Stream()
-  stream.wait_stream(torch.cuda.current_stream())
-  with torch.cuda.stream(stream):
-    for _ in range(2):
-      run()
-  torch.cuda.current_stream().wait_stream(stream)
-  how = "cuda graph"
-  try:
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, capture_error_mode="thread_local"):
-      run()
-    replay = graph.replay
-  except Exception as e:  # noqa: BLE001 - eager launches still give a number
-    how = f"eager ({type(e).__name__})"
-    replay = run
-  replay()
-  torch.cuda.synchronize()
-  times = []
-  for _ in range(rounds):
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-      replay()
-    end.record()
-    end.synchronize()
-    times.append(start.elapsed_time(end) / 1e3 / reps)
-  return float(np.median(times)), how
-
-
 # ---------------------------------------------------------------- one shape
 
 def candidates(shape, m, best_plain=None):
@@ -416,21 +344,11 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
       xla_rows[m] = dict(xla_error=repr(e)[:300])
   per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)
            for m in sweep_ms}
-  hopper_rows = {m: [] for m in ms}
-  for (label, m) in h_jobs:
-    row = dict(config=label)
-    fn = compiled[(label, m)]
-    try:
-      if isinstance(fn, Exception):
-        raise fn
-      row["err"] = float(rel_err(fn(xs[m], ws)[0], refs[m]))
-      if row["err"] <= 1e-2:  # a wrong answer is not timed
-        row["s"] = time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies
-    except Exception as e:  # noqa: BLE001
-      row["error"] = repr(e)[-300:]
-    hopper_rows[m].append(row)
-    log(f"  {shape.name} M={m} {label}: err={row.get('err')} us={row['s'] * 1e6 if 's' in row else None} "
-        f"{row.get('error', '')}")
+  hopper_rows = {}
+  for m in ms:
+    variants = {lb: HOPPER_VARIANTS[lb] for lb, mm in h_jobs if mm == m}
+    hopper_rows[m] = time_kernels({lb: compiled[(lb, m)] for lb in variants}, variants, xs[m], ws, refs[m], reps,
+                                  rounds)
 
   # Round 2: each swept M's best at half and twice its splits; M = 1 with the M = 16 winner.
   more = {}
@@ -462,7 +380,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
       row["torch_error"] = repr(e)[:300]
     sweep_rows = per_m.get(m, [])
     row["sweep"] = sweep_rows
-    row["hopper"] = sorted(hopper_rows[m], key=lambda r: r.get("s", float("inf")))
+    row["hopper"] = hopper_rows[m]
     if row["hopper"] and "s" in row["hopper"][0]:
       row.update(hopper_s=row["hopper"][0]["s"], hopper_config=row["hopper"][0]["config"])
     if sweep_rows and "s" in sweep_rows[0]:
@@ -486,47 +404,31 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
 def check_edges(interpret):
   """Masked rows and columns, split-K, float32 and all three entry points, compiled for this device."""
   small = tuning.GpuConfig(block_m=16, block_n=32, block_k=32, num_splits=1, num_warps=4, num_stages=2)
-  cases = [("kn f32 M=5 N=200", "kn", jnp.float32, 5, 128, 200, small),
-           ("kn bf16 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, dataclasses.replace(small, num_splits=2)),
-           ("nk bf16 M=7 N=200", "nk", jnp.bfloat16, 7, 128, 200, small),
-           ("gate_up bf16 M=9 z2", "gate_up", jnp.bfloat16, 9, 128, 80, dataclasses.replace(small, num_splits=2)),
-           ("kn bf16 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, None)]
-  jobs, refs = {}, {}
-  for label, kind, dtype, m, k, n, cfg in cases:
-    keys = jax.random.split(jax.random.key(m), 3)
-    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
-    w = (jax.random.normal(keys[1], (k, n), jnp.float32) * k**-0.5).astype(dtype)
-    w2 = (jax.random.normal(keys[2], (k, n), jnp.float32) * k**-0.5).astype(dtype)
-    if kind == "kn":
-      fn, args, refs[label] = functools.partial(gpu.matmul, config=cfg, interpret=interpret), (x, w), exact(x, w, kind)
-    elif kind == "nk":
-      fn, args, refs[label] = (functools.partial(gpu.matmul_nt, config=cfg, interpret=interpret), (x, w.T),
-                               exact(x, w.T, kind))
-    else:
-      fn, args, refs[label] = (functools.partial(gpu.gate_up_silu, config=cfg, interpret=interpret), (x, w, w2),
-                               exact(x, (w, w2), kind))
-    jobs[label] = (jax.jit(fn), args)
-  if hopper.plgpu is not None:  # the Hopper kernel: one and several row tiles, split-K, gate/up
-    h_kw = dict(interpret=hopper.interpret_params() if interpret else False)
+  triton = lambda kind, cfg: entry(gpu, kind, config=cfg, interpret=interpret)
+  # (label, kind, dtype, M, K, N, seed, entry point)
+  cases = [("kn f32 M=5 N=200", "kn", jnp.float32, 5, 128, 200, 5, triton("kn", small)),
+           ("kn bf16 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, 1,
+            triton("kn", dataclasses.replace(small, num_splits=2))),
+           ("nk bf16 M=7 N=200", "nk", jnp.bfloat16, 7, 128, 200, 7, triton("nk", small)),
+           ("gate_up bf16 M=9 z2", "gate_up", jnp.bfloat16, 9, 128, 80, 9,
+            triton("gate_up", dataclasses.replace(small, num_splits=2))),
+           ("kn bf16 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 256, triton("kn", None))]
+  if hopper.plgpu is not None:  # the Hopper kernel: one and several row tiles, split-K, gate/up, w[N, K]
     B = hopper.HopperMatmulBlocks
-    for label, kind, m, n, blocks in [("hopper kn M=5 z1", "kn", 5, 256, B(num_splits=1)),
-                                      ("hopper kn M=200 z2", "kn", 200, 256, B(num_splits=2, num_stages=3)),
-                                      ("hopper gate_up M=9 n64", "gate_up", 9, 128, B(block_n=64)),
-                                      ("hopper nk M=7 z2", "nk", 7, 256, B(num_splits=2))]:
-      keys = jax.random.split(jax.random.key(m + 1), 3)
-      x = jax.random.normal(keys[0], (m, 512), jnp.float32).astype(jnp.bfloat16)
-      w = (jax.random.normal(keys[1], (512, n), jnp.float32) * 512**-0.5).astype(jnp.bfloat16)
-      w2 = (jax.random.normal(keys[2], (512, n), jnp.float32) * 512**-0.5).astype(jnp.bfloat16)
-      if kind == "kn":
-        jobs[label] = (jax.jit(functools.partial(hopper.matmul, blocks=blocks, **h_kw)), (x, w))
-        refs[label] = exact(x, w, kind)
-      elif kind == "nk":
-        jobs[label] = (jax.jit(functools.partial(hopper.matmul_nt, blocks=blocks, **h_kw)), (x, w.T))
-        refs[label] = exact(x, w.T, kind)
-      else:
-        jobs[label] = (jax.jit(functools.partial(hopper.gate_up_silu, blocks=blocks, **h_kw)), (x, w, w2))
-        refs[label] = exact(x, (w, w2), kind)
-      cases.append((label, kind, jnp.bfloat16))
+    h = lambda kind, blocks: entry(hopper, kind, blocks=blocks,
+                                   interpret=hopper.interpret_params() if interpret else False)
+    cases += [("hopper kn M=5 z1", "kn", jnp.bfloat16, 5, 512, 256, 6, h("kn", B(num_splits=1))),
+              ("hopper kn M=200 z2", "kn", jnp.bfloat16, 200, 512, 256, 201, h("kn", B(num_splits=2, num_stages=3))),
+              ("hopper gate_up M=9 n64", "gate_up", jnp.bfloat16, 9, 512, 128, 10, h("gate_up", B(block_n=64))),
+              ("hopper nk M=7 z2", "nk", jnp.bfloat16, 7, 512, 256, 8, h("nk", B(num_splits=2)))]
+  jobs, refs = {}, {}
+  for label, kind, dtype, m, k, n, seed, fn in cases:
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
+    w, w2 = ((jax.random.normal(kk, (k, n), jnp.float32) * k**-0.5).astype(dtype) for kk in keys[1:])
+    w = {"kn": w, "nk": w.T, "gate_up": (w, w2)}[kind]
+    jobs[label] = (jax.jit(fn), (x, w))
+    refs[label] = exact(x, w, kind)
   compiled = compile_all(jobs)
   rows = []
   for label, kind, dtype, *_ in cases:
