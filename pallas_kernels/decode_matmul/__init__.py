@@ -44,7 +44,7 @@ def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
 
 def _use_hopper(x_MK, w, num_weights=1, transposed=False, interpret=False) -> bool:
   from pallas_kernels.decode_matmul import hopper
-  from pallas_kernels.ragged_paged_attention.hopper import device_supports
+  from pallas_kernels.mosaic_gpu import device_supports
   why_not = (hopper.supports(x_MK, w, num_weights=num_weights, transposed=transposed)
              or (None if interpret else device_supports()))
   if why_not is not None and not (x_MK.ndim == 2 and x_MK.shape[0] > MAX_M):  # prefill rows: XLA, as expected

@@ -42,10 +42,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-try:
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # a jaxlib without Mosaic GPU
-  plgpu = None
+from pallas_kernels.mosaic_gpu import interpret_params, lane_params, plgpu
 
 WG_ROWS = 64  # rows of one wgmma M tile: one consumer warpgroup's share of x
 SMEM_LIMIT = 227 * 1024
@@ -243,7 +240,7 @@ def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret,
                       plgpu.SMEM((num_out, consumers, WG_ROWS, blocks.block_n), o_dtype)),
                      (plgpu.Barrier(num_arrivals=1 + len(ws), num_barriers=stages),
                       plgpu.Barrier(num_arrivals=consumers, num_barriers=stages))),
-      compiler_params=plgpu.CompilerParams(lowering_semantics=plgpu.LoweringSemantics.Lane),
+      compiler_params=lane_params(),
       grid=(n // blocks.block_n, splits), grid_names=("n", "split"), num_threads=consumers + 1, thread_name="wg",
       interpret=interpret or False)
   out = call(x_CRK, *ws)
@@ -285,7 +282,5 @@ def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, blocks: HopperMatm
                  out_dtype=out_dtype, blocks=blocks, interpret=interpret)
 
 
-def interpret_params():
-  """Mosaic GPU interpreter parameters, as the attention kernel's (simulated threads, TMA, barriers)."""
-  from pallas_kernels.ragged_paged_attention.hopper import interpret_params as attention_params
-  return attention_params()
+__all__ = ["HopperMatmulBlocks", "default_blocks", "gate_up_silu", "interpret_params", "matmul", "matmul_nt", "plan",
+           "supports"]

@@ -45,12 +45,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.mosaic_gpu import device_supports, interpret_params, lane_params, plgpu
 from pallas_kernels.ragged_paged_attention.tuning import HopperBlocks
-
-try:
-  from jax.experimental.pallas import mosaic_gpu as plgpu
-except ImportError:  # a jaxlib without Mosaic GPU
-  plgpu = None
 
 _MASKED = -1e30  # finite: a row with nothing visible in a block must not make NaNs
 _LOG2E = math.log2(math.e)
@@ -70,16 +66,6 @@ def smem_bytes(blocks: HopperBlocks, head_dim: int, itemsize: int) -> int:
   """Shared memory of one program: query and output tiles of both consumers, and the K/V ring."""
   q_and_out = 2 * NUM_CONSUMERS * WG_ROWS * head_dim * itemsize
   return q_and_out + 2 * blocks.num_stages * blocks.block_kv * head_dim * itemsize
-
-
-def device_supports() -> str | None:
-  """None when JAX's default device is a Hopper GPU (compute capability 9.x: wgmma, TMA, setmaxnreg);
-  otherwise why not. The interpreter needs no such device, so callers skip this when interpreting."""
-  device = jax.devices()[0]
-  capability = getattr(device, "compute_capability", None)
-  if device.platform != "gpu" or not str(capability or "").startswith("9"):
-    return f"{device.device_kind} ({device.platform}, compute capability {capability}) is not a Hopper GPU"
-  return None
 
 
 def supports(q_TNH, kv_pages_PSCH, blocks: HopperBlocks = HopperBlocks()) -> str | None:
@@ -274,17 +260,6 @@ def _kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_
       plgpu.wait_smem_to_gmem(0)
 
 
-def _compiler_params():
-  """Lane semantics, named: the kernel is written per thread, with explicit register layouts.
-
-  JAX 0.11 made warpgroup semantics the default. Its layout inference asks
-  every TMA copy into a tiled buffer to start on a whole tile in global
-  memory, which a ragged batch's query rows do not (on JAX 0.11.2 the check
-  fails with an AssertionError inside layout inference).
-  """
-  return plgpu.CompilerParams(approx_math=True, lowering_semantics=plgpu.LoweringSemantics.Lane)
-
-
 def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, out_TNH, *, sm_scale,
             sliding_window, soft_cap, blocks: HopperBlocks = HopperBlocks(), interpret=False):
   """gpu.py's prefill launch on this kernel: writes the live rows of `items` into `out_TNH` (in place).
@@ -321,7 +296,7 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   def stateful(refs):
     *in_refs, o_ref = refs
 
-    @pl.core_map(mesh, compiler_params=_compiler_params(), interpret=interpret or False,
+    @pl.core_map(mesh, compiler_params=lane_params(approx_math=True), interpret=interpret or False,
                  name=f"ragged_paged_attention_hopper_n{blocks.block_kv}_s{blocks.num_stages}"
                       f"_pp{int(blocks.ping_pong)}")
     def _():
@@ -342,17 +317,4 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   return pl.run_state(stateful)(args)[-1]
 
 
-def interpret_params():
-  """Mosaic GPU interpreter parameters (simulated threads, TMA and barriers on the CPU).
-
-  Reads past the end of a buffer return uninitialized memory (NaN) where TMA
-  would read zeros: only query rows past the end of `q_TNH` do that here,
-  and their outputs are never stored. The interpreter's race detector stays
-  off: with it on (JAX 0.10), runs of this kernel hung now and then inside
-  the interpreter's barrier waits, with or without ping-pong.
-  """
-  kw = dict(out_of_bounds_reads="uninitialized", uninitialized_memory="nan")
-  if hasattr(plgpu, "InterpretGPUParams"):  # where JAX exports it
-    return plgpu.InterpretGPUParams(**kw)
-  from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams  # JAX 0.10
-  return InterpretGPUParams(**kw)
+__all__ = ["BLOCK_Q", "ROW_ALIGN", "device_supports", "interpret_params", "prefill", "supports"]
