@@ -138,8 +138,7 @@ HOPPER_VARIANTS = {"hopper n128": hopper.HopperMatmulBlocks(), "hopper n256": ho
 
 
 def hopper_fn(shape, blocks, interpret):
-  return over_copies(entry(hopper, shape.kind, blocks=blocks,
-                           interpret=hopper.interpret_params() if interpret else False))
+  return over_copies(entry(hopper, shape.kind, blocks=blocks, interpret=interpret))
 
 
 def hopper_jobs(shape, ms, xs, ws, interpret):
@@ -415,8 +414,7 @@ def check_edges(interpret):
            ("kn bf16 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 256, triton("kn", None))]
   if hopper.plgpu is not None:  # the Hopper kernel: one and several row tiles, split-K, gate/up, w[N, K]
     B = hopper.HopperMatmulBlocks
-    h = lambda kind, blocks: entry(hopper, kind, blocks=blocks,
-                                   interpret=hopper.interpret_params() if interpret else False)
+    h = lambda kind, blocks: entry(hopper, kind, blocks=blocks, interpret=interpret)
     cases += [("hopper kn M=5 z1", "kn", jnp.bfloat16, 5, 512, 256, 6, h("kn", B(num_splits=1))),
               ("hopper kn M=200 z2", "kn", jnp.bfloat16, 200, 512, 256, 201, h("kn", B(num_splits=2, num_stages=3))),
               ("hopper gate_up M=9 n64", "gate_up", jnp.bfloat16, 9, 512, 128, 10, h("gate_up", B(block_n=64))),

@@ -57,8 +57,7 @@ def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
   if impl == "hopper":
     if _use_hopper(x_MK, w_KN, interpret=interpret):
       from pallas_kernels.decode_matmul import hopper
-      return hopper.matmul(x_MK, w_KN, out_dtype=out_dtype,
-                           interpret=hopper.interpret_params() if interpret else False)
+      return hopper.matmul(x_MK, w_KN, out_dtype=out_dtype, interpret=interpret)
     return reference.matmul(x_MK, w_KN, out_dtype=out_dtype)
   if _use_kernel(impl, x_MK, w_KN, False):
     from pallas_kernels.decode_matmul import gpu
@@ -71,8 +70,7 @@ def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False
   if impl == "hopper":
     if _use_hopper(x_MK, w_NK, transposed=True, interpret=interpret):
       from pallas_kernels.decode_matmul import hopper
-      return hopper.matmul_nt(x_MK, w_NK, out_dtype=out_dtype,
-                              interpret=hopper.interpret_params() if interpret else False)
+      return hopper.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret)
     return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype)
   if _use_kernel(impl, x_MK, w_NK, True):
     from pallas_kernels.decode_matmul import gpu
@@ -91,8 +89,7 @@ def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", inter
   if impl == "hopper":
     if same and _use_hopper(x_MK, w_gate_KN, num_weights=2, interpret=interpret):
       from pallas_kernels.decode_matmul import hopper
-      return hopper.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype,
-                                 interpret=hopper.interpret_params() if interpret else False)
+      return hopper.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret)
     return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype)
   if (_use_kernel(impl, x_MK, w_gate_KN, False, gate_up=True) and w_up_KN.shape == w_gate_KN.shape
       and w_up_KN.dtype == w_gate_KN.dtype):

@@ -210,6 +210,8 @@ def _launch(x_MK, ws, *, epilogue, fused_epilogue, out_dtype, blocks, interpret,
   why_not = supports(x_MK, ws[0], blocks, len(ws), transposed=transposed)
   if why_not:
     raise ValueError(why_not)
+  if interpret is True:
+    interpret = interpret_params()
   m, k = x_MK.shape
   n = ws[0].shape[0] if transposed else ws[0].shape[1]
   consumers, splits, stages = plan(m, k, n, blocks, len(ws))
@@ -256,7 +258,8 @@ def _silu_times(g, u):
 
 def matmul(x_MK, w_KN, *, out_dtype=None, blocks: HopperMatmulBlocks | None = None, interpret=False):
   """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None). `blocks`: None for
-  `default_blocks`. `interpret`: False, or Mosaic GPU interpreter parameters (`interpret_params`)."""
+  `default_blocks`. `interpret`: False, True (the Mosaic GPU interpreter with `interpret_params`) or
+  interpreter parameters."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
   blocks = default_blocks(x_MK.shape[0], 1, w_KN.shape[-1]) if blocks is None else blocks
   return _launch(x_MK, (w_KN,), epilogue=lambda a: a, fused_epilogue=lambda a: (a,), out_dtype=out_dtype,

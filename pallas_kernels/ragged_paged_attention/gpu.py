@@ -427,7 +427,7 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   if use_hopper:
     out_TNH = hopper.prefill(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, sm_scale=sm_scale,
                              sliding_window=sliding_window, soft_cap=soft_cap, blocks=config.hopper,
-                             interpret=hopper.interpret_params() if interpret else False)
+                             interpret=interpret)
   else:
     out = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
     out_TNH, kv_pages_PSCH = out if fused else (out, kv_pages_PSCH)

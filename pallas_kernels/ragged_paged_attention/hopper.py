@@ -265,8 +265,8 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   """gpu.py's prefill launch on this kernel: writes the live rows of `items` into `out_TNH` (in place).
 
   `items`: (sequence or -1, first query row), each [W] int32, at BLOCK_Q
-  tokens per item. `interpret`: False, or Mosaic GPU interpreter parameters
-  (see `interpret_params`), which is how the tests run it on a CPU. The
+  tokens per item. `interpret`: False, True (the Mosaic GPU interpreter with
+  `interpret_params`) or interpreter parameters, which is how the tests run it on a CPU. The
   interpreter (JAX 0.10) has no register layouts, no `run_state` inside a
   kernel, and no wgmma with a transposed or register operand, so there the
   layout casts are skipped and both matmuls are plain dots of the same
@@ -278,6 +278,8 @@ def prefill(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   why_not = supports(q_TNH, kv_pages_PSCH, blocks)
   if why_not:
     raise ValueError(why_not)
+  if interpret is True:
+    interpret = interpret_params()
   item_seq_W, item_q0_W = items
   if q_TNH.shape[0] % 8:  # a TMA source's tiled dimension must be whole 8-row tiles (engine buckets already are)
     q_TNH = jnp.pad(q_TNH, ((0, -q_TNH.shape[0] % 8), (0, 0), (0, 0)))
