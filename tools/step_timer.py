@@ -14,7 +14,7 @@ class StepTimer:
     self.tokens = []
     # With overlapped steps the host schedules step i + 1 once step i - 1's tokens are back, so the
     # time between two schedules is the device time of the step before: breakdown() shifts by one.
-    self.lag = 0 if block or not getattr(getattr(engine, "config", None), "overlap_steps", False) else 1
+    self.lag = 0 if block or not engine.config.overlap_steps else 1
     schedule, build, execute = engine.scheduler.schedule, engine.runner.build, engine.runner.execute
 
     def timed_schedule():
