@@ -327,7 +327,9 @@ def sweep_all(cases):
   rows += r
   if best:
     chosen[dec_h64.name] = (best[1], best[2])
-  r, best = sweep(pre, [(dataclasses.replace(base, prefill=p), 1) for p in tuning.GPU_SWEEP_PREFILL[:3]])
+  # The Triton prefill tiles (tools/bench_prefill.py sweeps the Hopper kernel's).
+  r, best = sweep(pre, [(dataclasses.replace(base, prefill=p, prefill_kernel="triton"), 1)
+                        for p in tuning.GPU_SWEEP_PREFILL[:3]])
   rows += r
   if best:
     dec_cfg = chosen.get(dec_h128.name, (base, None))[0]

@@ -118,7 +118,7 @@ def time_case(case, quick):
   exact = xla_attend(*args, groups=groups_of(case), sm_scale=case.head_dim**-0.5, exact=True)
   _, flops = bytes_and_flops(case)
   group = case.num_heads // case.num_kv_heads
-  base = tuning.gpu_config(case.head_dim, case.page_size, group)
+  base = dataclasses.replace(tuning.gpu_config(case.head_dim, case.page_size, group), prefill_kernel="triton")
   variants = [("triton " + _blocks_str(base.prefill), base)]
   for hb in tuning.HOPPER_SWEEP[:1] if quick else tuning.HOPPER_SWEEP:
     variants.append((f"hopper n{hb.block_kv} st{hb.num_stages}{'' if hb.ping_pong else ' no ping-pong'}",

@@ -10,8 +10,8 @@ launches over the same output:
   their log-sum-exp;
 - the prefill launch has one item per `prefill.block_m // G` query tokens of
   every longer sequence (query-block tiling), each over its causal context.
-  With `GpuConfig.prefill_kernel="hopper"` it runs on hopper.py's Mosaic GPU
-  kernel instead (TMA and wgmma; items of 128 tokens of one query head).
+  On a Hopper GPU it runs on hopper.py's Mosaic GPU kernel instead (TMA and
+  wgmma; items of 128 tokens of one query head): `GpuConfig.prefill_kernel`.
 
 A program takes all G query heads of one KV head as the rows of its tile
 (row m is token m // G, head m % G), so a KV page is read once per item, not
@@ -318,9 +318,12 @@ def _items(kv_lens_B, cu_q_lens_E, num_seqs, *, num_tokens, decode_q, prefill_q,
   return decode, prefill
 
 
-def _hopper_supports(q_TNH, kv_pages_PSCH, config, interpret) -> bool:
+def _use_hopper(q_TNH, kv_pages_PSCH, config, interpret, fused) -> bool:
+  """Whether the Hopper kernel runs the prefill launch (see `GpuConfig.prefill_kernel`)."""
+  if config.prefill_kernel == "triton" or fused or (config.prefill_kernel == "auto" and interpret):
+    return False
   why_not = hopper.supports(q_TNH, kv_pages_PSCH, config.hopper) or (None if interpret else hopper.device_supports())
-  if why_not:
+  if why_not and config.prefill_kernel == "hopper":  # asked for by name: say why it did not run
     logging.log_first_n(logging.WARNING, "Hopper prefill kernel unavailable (%s); using the Triton one", 1, why_not)
   return why_not is None
 
@@ -412,8 +415,7 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   cu_q_lens_E = cu_q_lens_E.astype(jnp.int32)
   decode_q = config.decode.block_m // group
   fused = new_kv is not None
-  use_hopper = (config.prefill_kernel == "hopper" and not fused
-                and _hopper_supports(q_TNH, kv_pages_PSCH, config, interpret))
+  use_hopper = _use_hopper(q_TNH, kv_pages_PSCH, config, interpret, fused)
   prefill_q = hopper.BLOCK_Q if use_hopper else config.prefill.block_m // group
   decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
                            num_tokens=num_tokens, decode_q=decode_q, prefill_q=prefill_q,

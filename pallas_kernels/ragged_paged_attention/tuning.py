@@ -58,16 +58,17 @@ class GpuConfig:
   # how many programs the decode launch has (see `gpu_num_splits`).
   max_splits: int = 8
   # Which kernel runs the prefill launch: "triton" (gpu.py, with `prefill`'s
-  # tiles) or "hopper" (hopper.py, Mosaic GPU, with `hopper`'s). Triton until
-  # the Hopper kernel passes the GPU correctness checks on ragged shapes: it
-  # was measured 1.7x faster on aligned ones, and wrong on ragged ones before
-  # its items were aligned to 8 rows (docs/benchmarks/kernels.md).
-  prefill_kernel: str = "triton"
+  # tiles), "hopper" (hopper.py, Mosaic GPU, with `hopper`'s; in interpret
+  # mode too), or "auto": the Hopper kernel on a Hopper GPU where it takes the
+  # shapes, the Triton one elsewhere and in interpret mode. Measured on an H100
+  # (docs/benchmarks/kernels.md, run 4): Hopper at 86% of cuDNN on 4 x 4096
+  # (H128) and 72% on 8 x 2048 (H64), Triton at 51% and 47%.
+  prefill_kernel: str = "auto"
   hopper: HopperBlocks = HopperBlocks()
 
   def __post_init__(self):
-    if self.prefill_kernel not in ("triton", "hopper"):
-      raise ValueError(f"prefill_kernel={self.prefill_kernel!r}: expected 'triton' or 'hopper'")
+    if self.prefill_kernel not in ("auto", "triton", "hopper"):
+      raise ValueError(f"prefill_kernel={self.prefill_kernel!r}: expected 'auto', 'triton' or 'hopper'")
 
 
 # Decode: 16 rows (Triton's smallest tensor-core tile) x 64 positions, two warps

@@ -10,6 +10,8 @@ H200. The kernel reads whole pages, so the slots past each context hold a
 large finite value here instead of rpa_cases' NaN (see hopper.py).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -120,7 +122,24 @@ def test_a_cpu_is_not_a_hopper_gpu_and_the_dispatcher_falls_back():
   # Compiled (not interpreted) on this CPU, the dispatcher must not pick the Hopper kernel:
   # device_supports names the device. Interpreted, the device does not matter.
   assert "is not a Hopper GPU" in hopper.device_supports()
-  assert gpu._hopper_supports(jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16),
-                              config(), interpret=False) is False
-  assert gpu._hopper_supports(jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16),
-                              config(), interpret=True) is True
+  q, kv = jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16)
+  assert gpu._use_hopper(q, kv, config(), interpret=False, fused=False) is False
+  assert gpu._use_hopper(q, kv, config(), interpret=True, fused=False) is True
+  assert gpu._use_hopper(q, kv, config(), interpret=True, fused=True) is False  # the fused write is Triton's
+
+
+def test_auto_prefill_kernel_is_hopper_only_on_a_hopper_gpu(monkeypatch):
+  # The default config takes the Hopper kernel where the device is a Hopper GPU and
+  # the shapes fit; interpreted, or asked for "triton", it keeps the Triton launch.
+  q, kv = jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16)
+  auto = tuning.gpu_config(128, 16, 4)
+  assert auto.prefill_kernel == "auto"
+  assert gpu._use_hopper(q, kv, auto, interpret=False, fused=False) is False  # this CPU
+  monkeypatch.setattr(hopper, "device_supports", lambda: None)  # as on an H100 / H200
+  assert gpu._use_hopper(q, kv, auto, interpret=False, fused=False) is True
+  assert gpu._use_hopper(q.astype(jnp.float32), kv.astype(jnp.float32), auto, interpret=False, fused=False) is False
+  assert gpu._use_hopper(q, kv, auto, interpret=True, fused=False) is False
+  triton = dataclasses.replace(auto, prefill_kernel="triton")
+  assert gpu._use_hopper(q, kv, triton, interpret=False, fused=False) is False
+  with pytest.raises(ValueError, match="prefill_kernel='cuda'"):
+    tuning.GpuConfig(decode=auto.decode, prefill=auto.prefill, prefill_kernel="cuda")
