@@ -61,17 +61,33 @@ def _prompt_logprobs(params, x_TD, target_T, cfg: ModelConfig):
   return tuple(a.reshape(num_tokens, *a.shape[2:]) for a in out)
 
 
+# Each array starts a multiple of 64 words (256 bytes) into the packed buffer. XLA
+# passes a slice of the buffer to a kernel as a view, and Mosaic GPU kernels (the
+# Hopper prefill) refuse an operand that is not 256-byte aligned.
+ALIGN_WORDS = 64
+
+
+def _padded(size: int) -> int:
+  return -(-size // ALIGN_WORDS) * ALIGN_WORDS
+
+
 def pack_host_inputs(tree):
   """A step's host arrays as one int32 buffer (one host-to-device copy instead of one per array; on a
   GPU each copy costs tens of microseconds of host time) and its static layout for `unpack_inputs`.
-  float32 and uint32 arrays travel as their bits, bools and uint8 as int32 values."""
+  float32 and uint32 arrays travel as their bits, bools and uint8 as int32 values; each array starts
+  on a multiple of `ALIGN_WORDS`."""
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   parts, layout = [], []
   for x in leaves:
     x = np.ascontiguousarray(x)
     parts.append((x.astype(np.int32) if x.dtype in (np.bool_, np.uint8) else x.view(np.int32)).ravel())
     layout.append((x.shape, x.dtype.name))
-  return np.concatenate(parts), (treedef, tuple(layout))
+  buf_N = np.zeros(sum(_padded(p.size) for p in parts), np.int32)
+  offset = 0
+  for p in parts:
+    buf_N[offset:offset + p.size] = p
+    offset += _padded(p.size)
+  return buf_N, (treedef, tuple(layout))
 
 
 def unpack_host(buf_N, layout):
@@ -81,7 +97,7 @@ def unpack_host(buf_N, layout):
   for shape, dtype in metas:
     size = math.prod(shape)
     bits = np.asarray(buf_N[offset:offset + size], np.int32).reshape(shape)
-    offset += size
+    offset += _padded(size)
     leaves.append(bits.astype(dtype) if dtype in ("bool", "uint8") else bits.view(dtype))
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -92,7 +108,7 @@ def unpack_inputs(buf_N, layout):
   for shape, dtype in metas:
     size = math.prod(shape)
     bits = buf_N[offset:offset + size].reshape(shape)
-    offset += size
+    offset += _padded(size)
     if dtype == "bool":
       leaves.append(bits != 0)
     elif dtype == "uint8":
