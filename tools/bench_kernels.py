@@ -432,7 +432,7 @@ def fused_cases(cases, quick):
 def cfg_str(cfg):
   d, p = cfg.decode, cfg.prefill
   return (f"decode m{d.block_m} n{d.block_n} w{d.num_warps} st{d.num_stages}, "
-          f"prefill m{p.block_m} n{p.block_n} w{p.num_warps} st{p.num_stages}")
+          f"prefill ({cfg.prefill_kernel}) m{p.block_m} n{p.block_n} w{p.num_warps} st{p.num_stages}")
 
 
 def fmt(v, spec=".1f"):
