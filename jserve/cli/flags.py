@@ -17,6 +17,9 @@ flags.DEFINE_bool("enable_prefix_caching", True, "reuse KV pages of shared promp
 flags.DEFINE_float("gpu_memory_utilization", 0.9, "fraction of device memory jserve may use")
 flags.DEFINE_float("kv_cache_gib", None, "KV pool size in GiB (default: from device memory; 0.5 on CPU)")
 flags.DEFINE_enum("scheduling_policy", "fcfs", ["fcfs", "priority"], "order of the waiting queue")
+flags.DEFINE_enum("kv_admission", "auto", ["auto", "full", "prompt"],
+                  "KV pages a waiting request must find free: its whole length (full; auto where the length is "
+                  "known) or its first chunk (prompt)")
 flags.DEFINE_integer("seed", 0, "engine seed (per-request seeds are drawn from it when not given)")
 flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "JAX persistent compilation cache ('' disables)")
@@ -56,7 +59,8 @@ def engine_config() -> EngineConfig:
       model=FLAGS.model, dtype=FLAGS.dtype, max_model_len=FLAGS.max_model_len, max_num_seqs=FLAGS.max_num_seqs,
       max_num_batched_tokens=FLAGS.max_num_batched_tokens, page_size=FLAGS.page_size,
       enable_prefix_caching=FLAGS.enable_prefix_caching, gpu_memory_utilization=FLAGS.gpu_memory_utilization,
-      kv_cache_gib=FLAGS.kv_cache_gib, scheduling_policy=FLAGS.scheduling_policy, seed=FLAGS.seed,
+      kv_cache_gib=FLAGS.kv_cache_gib, scheduling_policy=FLAGS.scheduling_policy,
+      kv_admission=FLAGS.kv_admission, seed=FLAGS.seed,
       compilation_cache_dir=FLAGS.compilation_cache_dir or None,
       tensor_parallel_size=FLAGS.tensor_parallel_size, pipeline_parallel_size=FLAGS.pipeline_parallel_size,
       num_decode_steps=FLAGS.num_decode_steps, overlap_steps=FLAGS.overlap_steps,

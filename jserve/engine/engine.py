@@ -52,6 +52,10 @@ class EngineConfig:
   kv_cache_gib: float | None = None  # per device
   num_pages: int | None = None
   scheduling_policy: str = "fcfs"
+  # How much of the KV pool a waiting request must find free to start: "auto" (its whole length when
+  # that is known, ignore_eos without stops; else its first chunk), "full" (always its whole length:
+  # nothing admitted is preempted) or "prompt" (its first chunk, as vLLM). See engine/scheduler.py.
+  kv_admission: str = "auto"
   seed: int = 0
   compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
   attn_impl: str = "auto"
@@ -192,7 +196,8 @@ class LLMEngine:
     self.kv = _KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
     self.scheduler = Scheduler(SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-        max_model_len=self.max_model_len, policy=config.scheduling_policy), self.kv)
+        max_model_len=self.max_model_len, policy=config.scheduling_policy,
+        kv_admission=config.kv_admission), self.kv)
     self.runner = ModelRunner(cfg, self.params, RunnerConfig(
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,

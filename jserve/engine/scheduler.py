@@ -8,6 +8,17 @@ of the token budget. When the page pool runs out, the running request that
 sorts last (lowest priority, latest arrival) is preempted: its pages are freed
 and it goes back to the front of the queue keeping its generated tokens, to be
 recomputed (cheaply, where its prefix pages are still cached).
+
+Admission (`kv_admission`) decides how much of the pool a waiting request must
+find free before it starts. "prompt" asks only for its first chunk's pages, as
+vLLM does: the batch is as large as the pool allows now, and preemption pays
+for it later. "full" asks for pages for its whole length, prompt plus
+`max_tokens`, on top of what every running request may still grow into: no
+request it admits is ever preempted, at the cost of pages held back for tokens
+not yet generated. "auto" (the default) reserves the whole length for requests
+whose length is known (`ignore_eos` and no stop strings or stop tokens: they
+run to `max_tokens`) and the first chunk for the rest. Preempting and
+recomputing a sequence whose end was known all along is pure waste.
 """
 
 import bisect
@@ -19,6 +30,15 @@ from jserve.engine.request import Request, RequestStatus
 from jserve.errors import ConfigError
 
 
+KV_ADMISSIONS = ("auto", "full", "prompt")
+
+
+def length_known(req: Request) -> bool:
+  """Whether the request runs to `max_tokens`: nothing but its length can end it."""
+  p = req.params
+  return p.ignore_eos and not p.stop and not p.stop_token_ids
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SchedulerConfig:
   max_num_seqs: int = 256
@@ -27,10 +47,13 @@ class SchedulerConfig:
   policy: str = "fcfs"  # "fcfs" or "priority"
   # A prompt chunk shorter than this waits for the next step rather than fill a sliver of budget.
   min_chunk_tokens: int = 1
+  kv_admission: str = "auto"  # "auto", "full" or "prompt" (see the module docstring)
 
   def __post_init__(self):
     if self.policy not in ("fcfs", "priority"):
       raise ConfigError(f"policy={self.policy!r}: expected 'fcfs' or 'priority'")
+    if self.kv_admission not in KV_ADMISSIONS:
+      raise ConfigError(f"kv_admission={self.kv_admission!r}: expected one of {', '.join(KV_ADMISSIONS)}")
     if self.max_num_seqs < 1 or self.max_num_batched_tokens < 1:
       raise ConfigError(f"max_num_seqs={self.max_num_seqs}, max_num_batched_tokens="
                         f"{self.max_num_batched_tokens}: both must be positive")
@@ -97,6 +120,29 @@ class Scheduler:
     self.num_preemptions += 1
     self.add(req)
 
+  def _reserves(self, req: Request) -> bool:
+    mode = self.config.kv_admission
+    return mode == "full" or (mode == "auto" and length_known(req))
+
+  def _final_tokens(self, req: Request) -> int:
+    """KV positions the request fills once it has all its tokens (its last sampled token takes none)."""
+    max_tokens = req.params.max_tokens or self.config.max_model_len
+    return min(req.num_prompt_tokens + max_tokens, self.config.max_model_len) - 1
+
+  def _reserved_pages(self) -> int:
+    """Pages running requests that reserve may still take: free pages a newcomer must leave them."""
+    held = self.kv.page_tables
+    return sum(max(self.kv.pages_for(self._final_tokens(r)) - len(held.get(r.request_id, ())), 0)
+               for r in self.running if self._reserves(r))
+
+  def _fits(self, num_tokens: int, cached: list[int], reserved: int) -> bool:
+    """Whether pages for `num_tokens` tokens fit the pool and leave running requests their reserve."""
+    if not self.running:
+      return True  # nothing to protect; the engine refused any request longer than the pool
+    reusable = sum(1 for p in cached if self.kv.ref_count[p] == 0)  # cached, unused: counted as free
+    need = self.kv.pages_for(num_tokens) - len(cached) + reusable
+    return need <= self.kv.num_free_pages - reserved
+
   def schedule(self) -> ScheduledBatch:
     budget = self.config.max_num_batched_tokens
     batch = ScheduledBatch([], [])
@@ -126,12 +172,17 @@ class Scheduler:
       # req itself was preempted; the running list shifted, do not advance i.
 
     preempted_now = self.num_preemptions > preempted_before
+    reserved = self._reserved_pages() if self.config.kv_admission != "prompt" else 0
     while (self.waiting and budget >= self.config.min_chunk_tokens and not preempted_now
            and len(self.running) < self.config.max_num_seqs):
       req = self.waiting[0]
       cached = self.kv.find_cached_prefix(req) if req.num_computed_tokens == 0 else []
       num_cached_tokens = len(cached) * self.kv.page_size
       num_new = min(req.num_tokens - num_cached_tokens, budget)
+      whole = self._reserves(req)
+      wanted = self._final_tokens(req) if whole else num_cached_tokens + num_new
+      if (reserved or whole) and not self._fits(wanted, cached, reserved):
+        break
       req.num_computed_tokens = num_cached_tokens
       if not self.kv.allocate(req, num_new, cached):
         req.num_computed_tokens = 0
@@ -146,5 +197,7 @@ class Scheduler:
       batch.requests.append(req)
       batch.num_new_tokens.append(num_new)
       budget -= num_new
+      if whole:
+        reserved += self.kv.pages_for(self._final_tokens(req)) - len(self.kv.page_tables[req.request_id])
     batch.num_preempted = self.num_preemptions - preempted_before
     return batch

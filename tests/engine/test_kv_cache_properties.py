@@ -5,13 +5,14 @@ from hypothesis import given, settings, strategies as st
 
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.request import Request, RequestStatus, SamplingParams
-from jserve.engine.scheduler import Scheduler, SchedulerConfig
+from jserve.engine.scheduler import KV_ADMISSIONS, Scheduler, SchedulerConfig
 
 PAGE = 4
 
 
-def _request(rid, prompt, max_tokens, priority=0, t=0.0):
-  return Request(str(rid), prompt, SamplingParams(max_tokens=max_tokens), priority=priority, arrival_time=t)
+def _request(rid, prompt, max_tokens, priority=0, t=0.0, ignore_eos=False):
+  return Request(str(rid), prompt, SamplingParams(max_tokens=max_tokens, ignore_eos=ignore_eos), priority=priority,
+                 arrival_time=t)
 
 
 events = st.lists(st.tuples(
@@ -25,10 +26,13 @@ events = st.lists(st.tuples(
 
 @settings(max_examples=60, deadline=None)
 @given(events=events, num_pages=st.integers(12, 40), budget=st.integers(4, 24), caching=st.booleans(),
-       policy=st.sampled_from(["fcfs", "priority"]))
-def test_random_traffic_keeps_invariants_and_frees_every_page(events, num_pages, budget, caching, policy):
+       policy=st.sampled_from(["fcfs", "priority"]), admission=st.sampled_from(KV_ADMISSIONS),
+       known_lengths=st.booleans())
+def test_random_traffic_keeps_invariants_and_frees_every_page(events, num_pages, budget, caching, policy, admission,
+                                                              known_lengths):
   kv = KVCacheManager(num_pages, PAGE, enable_prefix_caching=caching)
-  sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, policy=policy), kv)
+  sched = Scheduler(SchedulerConfig(max_num_seqs=4, max_num_batched_tokens=budget, policy=policy,
+                                    kv_admission=admission), kv)
   rng = np.random.default_rng(0)
   prefixes = {k: list(rng.integers(0, 50, size=12)) for k in range(1, 4)}
   live, finished, t = {}, set(), 0.0
@@ -38,7 +42,7 @@ def test_random_traffic_keeps_invariants_and_frees_every_page(events, num_pages,
       prompt = (prefixes[prefix] if prefix else []) + list(rng.integers(0, 50, size=plen))
       if kv.pages_for(len(prompt) + max_tokens) > kv.num_usable_pages:
         continue  # the engine refuses these at add_request
-      req = _request(i, prompt, max_tokens, priority, t)
+      req = _request(i, prompt, max_tokens, priority, t, ignore_eos=known_lengths)
       live[req.request_id] = req
       sched.add(req)
     elif kind == "abort" and live:
@@ -75,6 +79,8 @@ def test_random_traffic_keeps_invariants_and_frees_every_page(events, num_pages,
     kv.check_invariants()
   assert not live
   assert kv.num_used_pages == 0 and not kv.page_tables
+  if admission == "full" or (admission == "auto" and known_lengths):
+    assert sched.num_preemptions == 0, "a request admitted with its whole length reserved was preempted"
 
 
 def test_shared_prefix_pages_are_reused_and_evicted_last():
