@@ -111,6 +111,11 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def app_usage(msg: str):
+  from absl import app
+  return app.UsageError(msg)
+
+
 def _define_flags():
   from absl import flags
   flags.DEFINE_string("preset", "llama-3.1-8b", "model preset (random weights) from configs/models.py")
@@ -123,6 +128,10 @@ def _define_flags():
   flags.DEFINE_integer("prompt_len", 16, "tokens in the one request")
   flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
   flags.DEFINE_string("out_dir", "/tmp/bench_cold_start", "results directory")
+  flags.DEFINE_list("runs", ["empty", "warm"], "which starts, in order: empty (a new cache directory), warm "
+                    "(the cache the runs before left, or --cache_dir as it is)")
+  flags.DEFINE_string("cache_dir", None, "compilation cache directory to use (default: a new, empty one); with "
+                      "--runs=warm, one that an earlier process filled, e.g. a bench_e2e run with the same engine args")
   flags.DEFINE_float("timeout_s", 1800, "wall-clock limit per child process (and for writing the checkpoint)")
 
 
@@ -147,13 +156,18 @@ def main(argv):
     engine_args["max_model_len"] = FLAGS.max_model_len
   if FLAGS.dummy:
     engine_args["load_format"] = "dummy"
-  engine_args["compilation_cache_dir"] = os.path.join(work, "jax_cache")  # new and empty
+  if set(FLAGS.runs) - {"empty", "warm"} or not FLAGS.runs:
+    raise app_usage(f"--runs={','.join(FLAGS.runs)}: expected a list of empty and warm")
+  if "empty" in FLAGS.runs and FLAGS.cache_dir:
+    raise app_usage("--cache_dir with an 'empty' run: the directory would not be empty")
+  engine_args["compilation_cache_dir"] = os.path.expanduser(FLAGS.cache_dir or os.path.join(work, "jax_cache"))
   spec = {"model": model, "engine_args": engine_args, "prompt_len": FLAGS.prompt_len}
   results = {}
-  for label in ("empty cache", "warm cache"):
+  for run in FLAGS.runs:
+    label = f"{run} cache"
     print(f"cold start, {label} ...", file=sys.stderr, flush=True)
-    results[label] = _run_child(label.split()[0], spec, FLAGS.out_dir, FLAGS.timeout_s)
-  first = results["empty cache"]
+    results[label] = _run_child(run, spec, FLAGS.out_dir, FLAGS.timeout_s)
+  first = next(iter(results.values()))
   report = {"date": time.strftime("%Y-%m-%d"), "preset": FLAGS.preset if FLAGS.model is None else None,
             "model": FLAGS.model, "dummy": FLAGS.dummy, "jax": first["jax"], "device": first["device"],
             "num_devices": first["num_devices"], "checkpoint_write_s": checkpoint_s, "spec": spec,
