@@ -416,7 +416,8 @@ def check_edges(interpret):
     B = hopper.HopperMatmulBlocks
     h = lambda kind, blocks: entry(hopper, kind, blocks=blocks, interpret=interpret)
     cases += [("hopper kn M=5 z1", "kn", jnp.bfloat16, 5, 512, 256, 6, h("kn", B(num_splits=1))),
-              ("hopper kn M=200 z2", "kn", jnp.bfloat16, 200, 512, 256, 201, h("kn", B(num_splits=2, num_stages=3))),
+              ("hopper kn M=200 z2", "kn", jnp.bfloat16, 200, 512, 256, 201,
+               h("kn", B(block_n=64, num_splits=2, num_stages=3))),
               ("hopper gate_up M=9 n64", "gate_up", jnp.bfloat16, 9, 512, 128, 10, h("gate_up", B(block_n=64))),
               ("hopper nk M=7 z2", "nk", jnp.bfloat16, 7, 512, 256, 8, h("nk", B(num_splits=2)))]
   jobs, refs = {}, {}

@@ -31,7 +31,9 @@ Axis letters as in gpu.py: M rows of x, K the contracted dim, N output
 columns, Z the K splits; C consumer warpgroups.
 
 Status: tested in the Mosaic GPU interpreter and by lowering for CUDA on the
-CPU; not yet run on a GPU. `impl="auto"` does not pick it.
+CPU. On an H200 (2026-12-06) one row tile passed its GPU check and four row
+tiles hung, which the register budget of `consumer_registers` now explains and
+avoids; not re-run on a GPU since. `impl="auto"` does not pick it.
 """
 
 import dataclasses
@@ -65,10 +67,18 @@ class HopperMatmulBlocks:
 PRODUCER_REGISTERS = 40
 
 
+def launch_registers(warpgroups: int) -> int:
+  """Registers per thread the kernel starts with: the SM's 64K over its threads, in steps of 8."""
+  return min(255, 65536 // (128 * warpgroups)) // 8 * 8
+
+
 def consumer_registers(consumers: int) -> int:
-  """Registers per consumer thread after the producer gives its share back: the SM's 64K over all
-  warpgroups, in steps of 8, at most 232 (`setmaxnreg`'s range)."""
-  return min(232, (65536 - 128 * PRODUCER_REGISTERS) // (128 * consumers) // 8 * 8)
+  """Registers per consumer thread after the producer gives its share back, at most 232 (`setmaxnreg`'s
+  range). `setmaxnreg` only moves registers between the warpgroups of the block: their sum stays
+  what the block started with, `launch_registers` times its threads, not the SM's whole 64K. Asking
+  for more waits forever (on an H200, 4 consumers asking 112 each hung the kernel)."""
+  pool = launch_registers(consumers + 1) * (consumers + 1) - PRODUCER_REGISTERS
+  return min(232, pool // consumers // 8 * 8)
 
 
 def default_blocks(m: int, num_weights: int = 1, n: int = 128) -> HopperMatmulBlocks:

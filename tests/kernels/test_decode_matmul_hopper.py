@@ -37,7 +37,7 @@ def test_hopper_matmul_matches_reference_in_the_interpreter():
 
 @pytest.mark.parametrize("m,k,n,blocks,kind", [
     (16, 4096, 6144, B(), "kn"),  # split-K, 6 stages
-    (256, 14336, 4096, B(), "kn"),  # four row tiles: stages cut to fit shared memory
+    (256, 14336, 4096, B(block_n=64), "kn"),  # four row tiles (64 columns: their registers), stages cut
     (64, 4096, 14336, B(block_n=64), "gate_up"),
     (32, 2048, 128256, B(), "nk"),  # the 1B shape's tied LM head
 ])
@@ -65,6 +65,18 @@ def test_plan_fills_the_gpu_and_fits_shared_memory():
       B(num_stages=stages + 1), consumers, 1, 4)
 
 
+@pytest.mark.parametrize("consumers", [1, 2, 3, 4])
+def test_register_shares_fit_what_the_block_starts_with(consumers):
+  """`setmaxnreg` moves registers between a block's warpgroups; asking for more than the block started
+  with waits forever. The starting share is the SM's 64K over the block's threads, in steps of 8."""
+  warpgroups = consumers + 1
+  start = min(255, 65536 // (128 * warpgroups)) // 8 * 8
+  regs = hopper.consumer_registers(consumers)
+  assert regs % 8 == 0 and regs <= 232
+  assert hopper.PRODUCER_REGISTERS + consumers * regs <= start * warpgroups
+  assert hopper.PRODUCER_REGISTERS + consumers * (regs + 8) > start * warpgroups or regs == 232
+
+
 def test_hopper_supports_names_what_it_cannot_take():
   x = jnp.zeros((8, 256), jnp.bfloat16)
   w = jnp.zeros((256, 256), jnp.bfloat16)
@@ -73,11 +85,15 @@ def test_hopper_supports_names_what_it_cannot_take():
   assert "M=300" in hopper.supports(jnp.zeros((300, 256), jnp.bfloat16), w)
   assert "N=200" in hopper.supports(x, jnp.zeros((256, 200), jnp.bfloat16))
   assert "block_k" in hopper.supports(x, w, B(block_k=128))
-  # Four consumers get 112 registers each: 256-wide accumulators (128 per thread) do not fit.
-  assert "registers" in hopper.supports(jnp.zeros((256, 256), jnp.bfloat16), w, B(block_n=256))
-  # gate/up over 128 rows: the default narrows to 64 columns so both accumulators fit.
-  assert hopper.default_blocks(200, num_weights=2).block_n == 64
-  assert hopper.supports(jnp.zeros((200, 256), jnp.bfloat16), w, num_weights=2) is None
+  # Four consumers get 104 registers each: 128-wide accumulators (64 per thread, plus 48) do not fit.
+  assert "registers" in hopper.supports(jnp.zeros((256, 256), jnp.bfloat16), w, B(block_n=128))
+  assert hopper.default_blocks(256).block_n == 64
+  assert hopper.supports(jnp.zeros((256, 256), jnp.bfloat16), w) is None
+  # gate/up over 128 rows: the default narrows to 64 columns so both accumulators fit three consumers'
+  # 152 registers; four consumers' 104 hold not even that (the dispatch then leaves it to XLA).
+  assert hopper.default_blocks(150, num_weights=2).block_n == 64
+  assert hopper.supports(jnp.zeros((150, 256), jnp.bfloat16), w, num_weights=2) is None
+  assert "registers" in hopper.supports(jnp.zeros((200, 256), jnp.bfloat16), w, num_weights=2)
   with pytest.raises(ValueError, match="N=200"):
     hopper.matmul(x, jnp.zeros((256, 200), jnp.bfloat16))
   assert hopper.supports(x, jnp.zeros((512, 256), jnp.bfloat16), transposed=True) is None  # w[N, K]
