@@ -33,7 +33,9 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
   the markdown with the drawn lengths' statistics). For each workload: output and total tokens/s
   beside the workload's roofline (the larger of every step's weight bytes plus the KV bytes its batch
   reads, over the copy bandwidth, and every token's matmul FLOPs over the matmul rate; from the
-  per-request lengths, see `workload_roofline`), and, for the decode steps that had the full batch,
+  per-request lengths, see `workload_bounds`), the serial bound (decode at its memory bound plus
+  prefill at its compute bound: what a one-kernel-at-a-time executor can reach), and, for the
+  decode steps that had the full batch,
   the median wall time per step against that step's roofline, and the host time per step
   (scheduling plus batch building). Also where the run's wall time went, by kind of step (steps
   with prompt tokens, full and partial decode batches; `StepTimer.breakdown`), how many requests
@@ -199,22 +201,37 @@ def decode_steps(out_lens: list[int], slots: int) -> int:
   return max(free, default=0)
 
 
-def workload_roofline(in_lens: list[int], out_lens: list[int], *, max_num_seqs: int, max_num_batched_tokens: int,
-                      weight_bytes: int, kv_per_token: int, bandwidth: float, matmul_params: int = 0,
-                      flop_rate: float = float("inf")) -> float:
-  """Seconds the device needs for a workload at the larger of its two bounds.
+def workload_bounds(in_lens: list[int], out_lens: list[int], *, max_num_seqs: int, max_num_batched_tokens: int,
+                    weight_bytes: int, kv_per_token: int, bandwidth: float, matmul_params: int = 0,
+                    flop_rate: float = float("inf")) -> dict:
+  """Seconds the device needs for a workload, by three bounds.
 
-  Memory: every decode step reads all weights (`decode_steps` of them), request i's out_i decode
+  memory_s: every decode step reads all weights (`decode_steps` of them), request i's out_i decode
   steps read its KV at a mean context of in_i + out_i / 2, and prefill reads the weights once per
-  step of max_num_batched_tokens. Compute: 2 x matmul_params FLOPs per token, prompt and output
+  step of max_num_batched_tokens. compute_s: 2 x matmul_params FLOPs per token, prompt and output
   (attention's own FLOPs left out: under 3% of the total at these lengths on an 8B model). Long
   prompts make the second one the bound (1000 x 1024 prompt tokens on an 8B model: 16 PFLOP).
+  roofline_s is the larger of the two: what the issue's targets are measured against.
+
+  serial_s: decode at its memory bound plus prefill at its compute bound (or its weight reads, where
+  larger). An executor that runs one kernel at a time cannot hide the compute of prompt tokens under
+  the memory traffic of decodes, so this is the bound for it, and for vLLM's, SGLang's and
+  TensorRT-LLM's single-stream steps alike.
   """
   steps = decode_steps(out_lens, max_num_seqs)
   kv_read = sum(o * (i + o / 2) for i, o in zip(in_lens, out_lens)) * kv_per_token
   prefill_steps = -(-sum(in_lens) // max_num_batched_tokens)
   memory_s = ((steps + prefill_steps) * weight_bytes + kv_read) / bandwidth
-  return max(memory_s, 2 * matmul_params * (sum(in_lens) + sum(out_lens)) / flop_rate)
+  compute_s = 2 * matmul_params * (sum(in_lens) + sum(out_lens)) / flop_rate
+  decode_s = (steps * weight_bytes + kv_read) / bandwidth
+  prefill_s = max(prefill_steps * weight_bytes / bandwidth, 2 * matmul_params * sum(in_lens) / flop_rate)
+  return {"memory_s": memory_s, "compute_s": compute_s, "roofline_s": max(memory_s, compute_s),
+          "serial_s": max(decode_s + prefill_s, compute_s)}
+
+
+def workload_roofline(in_lens: list[int], out_lens: list[int], **kw) -> float:
+  """Seconds at the larger of the memory and compute bounds (see `workload_bounds`)."""
+  return workload_bounds(in_lens, out_lens, **kw)["roofline_s"]
 
 
 def breakdown_text(row: dict) -> str:
@@ -331,13 +348,14 @@ def markdown(results: dict) -> list[str]:
            f"(bf16 {bw.get('matmul_n', '-')}^3); engine start {results.get('engine_start_s', nan):.0f} s; "
            f"max_model_len {results.get('max_model_len', '-')}; engine args {results.get('engine_args')}"]
   if results.get("workloads"):
-    lines += ["", "| in/out x requests | output tok/s | roofline output tok/s | fraction | total tok/s | "
-              "decode step wall ms (batch) | roofline step ms | fraction | host ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lines += ["", "| in/out x requests | output tok/s | roofline output tok/s | fraction | serial bound tok/s | "
+              "fraction | total tok/s | decode step wall ms (batch) | roofline step ms | fraction | host ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["workloads"]:
       label = r.get("label") or f"{r['input_len']}/{r['output_len']} x {r['requests']}"
       lines.append(f"| {label} | {r['output_tok_s']:.0f} | {r['roofline_output_tok_s']:.0f} | "
-                   f"{r['roofline_fraction_workload']:.2f} | {r['total_tok_s']:.0f} | "
+                   f"{r['roofline_fraction_workload']:.2f} | {r.get('serial_output_tok_s', nan):.0f} | "
+                   f"{r.get('serial_fraction', nan):.2f} | {r['total_tok_s']:.0f} | "
                    f"{r.get('decode_wall_ms', nan):.2f} ({r.get('decode_batch', '-')}) | "
                    f"{r.get('roofline_step_ms', nan):.2f} | {r.get('roofline_fraction', nan):.2f} | "
                    f"{r.get('host_ms', nan):.3f} |")
@@ -453,12 +471,14 @@ def main(argv):
       row["longtail"] = w["longtail"]
     # The roofline of the whole workload (see workload_roofline): tokens/s at that bound is what the
     # device allows.
-    bound_s = workload_roofline(in_lens, out_lens, max_num_seqs=FLAGS.max_num_seqs,
-                                max_num_batched_tokens=FLAGS.max_num_batched_tokens, weight_bytes=weight_bytes,
-                                kv_per_token=kv_per_token, bandwidth=bw["best_GBps"] * 1e9,
-                                matmul_params=matmul_params, flop_rate=bw["matmul_TFLOPs"] * 1e12)
+    bounds = workload_bounds(in_lens, out_lens, max_num_seqs=FLAGS.max_num_seqs,
+                             max_num_batched_tokens=FLAGS.max_num_batched_tokens, weight_bytes=weight_bytes,
+                             kv_per_token=kv_per_token, bandwidth=bw["best_GBps"] * 1e9,
+                             matmul_params=matmul_params, flop_rate=bw["matmul_TFLOPs"] * 1e12)
+    bound_s, serial_s = bounds["roofline_s"], bounds["serial_s"]
     row.update(roofline_output_tok_s=sum(out_lens) / bound_s, roofline_fraction_workload=bound_s / elapsed,
-               roofline_decode_steps=decode_steps(out_lens, FLAGS.max_num_seqs))
+               serial_output_tok_s=sum(out_lens) / serial_s, serial_fraction=serial_s / elapsed,
+               bounds_s=bounds, roofline_decode_steps=decode_steps(out_lens, FLAGS.max_num_seqs))
     full = min(FLAGS.max_num_seqs, count)
     row["breakdown"] = timer.breakdown(full)
     summary = timer.summary(full)
