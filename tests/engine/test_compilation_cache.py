@@ -1,4 +1,4 @@
-"""A second engine start loads every step bucket from JAX's persistent compilation cache."""
+"""A second engine start loads every program, step buckets and the small ones, from JAX's persistent cache."""
 
 import os
 import subprocess
@@ -14,7 +14,8 @@ hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 llm = LLM(sys.argv[1], dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
           kv_cache_gib=0.01, compilation_cache_dir=sys.argv[2])
-print("BUCKETS", len(llm.engine.runner.buckets), "HITS", len(hits))
+print("BUCKETS", len(llm.engine.runner.buckets), "HITS", len(hits), "COMPILED",
+      llm.engine.startup_programs["compiled"])
 """
 
 
@@ -24,12 +25,13 @@ def _start(model_dir, cache_dir):
                         env=env, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
   words = proc.stdout.split()
-  return int(words[words.index("BUCKETS") + 1]), int(words[words.index("HITS") + 1])
+  return [int(words[words.index(w) + 1]) for w in ("BUCKETS", "HITS", "COMPILED")]
 
 
 def test_second_start_takes_every_step_bucket_from_the_cache(tiny_model_dir, tmp_path):
   cache = str(tmp_path / "jax_cache")
-  buckets, first_hits = _start(tiny_model_dir, cache)
-  assert first_hits == 0 and os.listdir(cache)
-  _, second_hits = _start(tiny_model_dir, cache)
+  buckets, first_hits, first_compiled = _start(tiny_model_dir, cache)
+  assert first_hits == 0 and first_compiled > buckets and os.listdir(cache)
+  _, second_hits, second_compiled = _start(tiny_model_dir, cache)
   assert second_hits >= buckets
+  assert second_compiled == 0, "a warm start compiled programs the cache should hold"
