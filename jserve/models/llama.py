@@ -244,13 +244,18 @@ def forward_layers(layers: list, kv_caches: list, x_TD, inputs: StepInputs, cfg:
 
   if mesh is not None:
     paged_attention = head_parallel(paged_attention, mesh)
+  # Every layer is the same function of its weights, pool and activations: one jitted callee, traced
+  # and lowered once for the whole stack and called per layer (XLA inlines the calls when it
+  # compiles), instead of the stack traced and lowered layer by layer in every step program.
+  @jax.jit
+  def layer(layer_params, kv_pages_PSCH, x_TD, inputs):
+    def attend(q_TNH, k_TKH, v_TKH):
+      return paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs)
+    return _layer(layer_params, x_TD, inputs.positions_T, attend, cfg, matmul_impl)
+
   new_caches = []
   for layer_params, kv_pages_PSCH in zip(layers, kv_caches):
-
-    def attend(q_TNH, k_TKH, v_TKH, kv_pages_PSCH=kv_pages_PSCH):
-      return paged_attention(q_TNH, k_TKH, v_TKH, kv_pages_PSCH, inputs)
-
-    x_TD, kv_pages_PSCH = _layer(layer_params, x_TD, inputs.positions_T, attend, cfg, matmul_impl)
+    x_TD, kv_pages_PSCH = layer(layer_params, kv_pages_PSCH, x_TD, inputs)
     new_caches.append(kv_pages_PSCH)
   return x_TD, new_caches
 

@@ -60,5 +60,6 @@ def test_forward_on_the_hopper_kernel_matches_xla():
   report = run_worker("tests.models.hopper_matmul_worker", 8, timeout=400)
   assert report["logits_error"] <= 2e-2, report
   assert all(e <= 2e-2 for e in report["kv_errors"]), report
-  # q, o, gate/up and down of both layers, and the tied LM head (transposed), went through the kernel.
-  assert report["kernel_launches"] == 4 * 2 + 1 and report["transposed_launches"] == 1, report
+  # q, o, gate/up and down, and the tied LM head (transposed), went through the kernel. The layer is
+  # one jitted function traced once for both layers (forward_layers), so its launches count once.
+  assert report["kernel_launches"] == 4 + 1 and report["transposed_launches"] == 1, report
