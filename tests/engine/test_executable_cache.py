@@ -27,8 +27,10 @@ print("RESULT " + json.dumps({"programs": started["programs"], "trace_lower_s": 
 """
 
 
-def _start(model_dir, cache_dir, **engine_args):
+def _start(model_dir, cache_dir, devices=1, **engine_args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  if devices > 1:
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   proc = subprocess.run([sys.executable, "-c", _SCRIPT, model_dir, cache_dir, json.dumps(engine_args)],
                         capture_output=True, text=True, env=env, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -67,3 +69,13 @@ def test_another_configuration_does_not_take_these_programs(runs):
   cold, _, plain, other, _ = runs
   assert other["loaded"] == 0 and other["compiled"] > 0  # num_decode_steps differs: every key differs
   assert other["tokens"] == plain["tokens"]
+
+
+def test_a_tensor_parallel_engine_loads_its_sharded_programs(tiny_model_dir, tmp_path, runs):
+  _, _, plain, _, _ = runs
+  cache = str(tmp_path / "jax_cache")
+  args = dict(executable_cache=True, num_decode_steps=4, tensor_parallel_size=2)
+  cold = _start(tiny_model_dir, cache, devices=8, **args)
+  warm = _start(tiny_model_dir, cache, devices=8, **args)
+  assert cold["loaded"] == 0 and warm["compiled"] == 0 and warm["loaded"] == cold["compiled"] > 0
+  assert warm["tokens"] == cold["tokens"] == plain["tokens"]
