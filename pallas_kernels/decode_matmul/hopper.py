@@ -32,8 +32,8 @@ columns, Z the K splits; C consumer warpgroups.
 
 Status: tested in the Mosaic GPU interpreter and by lowering for CUDA on the
 CPU. On an H200 (2026-12-06) one row tile passed its GPU check and four row
-tiles hung, which the register budget of `consumer_registers` now explains and
-avoids; not re-run on a GPU since. `impl="auto"` does not pick it.
+tiles hung; the register budget of `consumer_registers` is the likely cause
+and is fixed; not re-run on a GPU since. `impl="auto"` does not pick it.
 """
 
 import dataclasses
@@ -76,7 +76,7 @@ def consumer_registers(consumers: int) -> int:
   """Registers per consumer thread after the producer gives its share back, at most 232 (`setmaxnreg`'s
   range). `setmaxnreg` only moves registers between the warpgroups of the block: their sum stays
   what the block started with, `launch_registers` times its threads, not the SM's whole 64K. Asking
-  for more waits forever (on an H200, 4 consumers asking 112 each hung the kernel)."""
+  for more waits forever (likely why the kernel hung on an H200 with 4 consumers asking 112 each)."""
   pool = launch_registers(consumers + 1) * (consumers + 1) - PRODUCER_REGISTERS
   return min(232, pool // consumers // 8 * 8)
 
