@@ -78,7 +78,7 @@ def plot_throughput(runs: list[tuple[str, dict]], path: str):
             for label, d in runs if d.get("preset", "?") == model]
     names = list(dict.fromkeys(n for _, rows in mine for n in rows))
     width = 0.8 / max(len(mine), 1)
-    drawn = set()
+    drawn, top = set(), 0.0
     for k, name in enumerate(names):
       here = [(label, rows[name]) for label, rows in mine if name in rows]
       for j, (label, r) in enumerate(here):
@@ -87,6 +87,7 @@ def plot_throughput(runs: list[tuple[str, dict]], path: str):
         drawn.add(label)
         ax.annotate(f"{y / 1e3:.1f}k", (x, y), ha="center", va="bottom", fontsize=7)
         roof = r.get("roofline_output_tok_s")
+        top = max(top, y, roof or 0)
         if roof:
           ax.hlines(roof, x - width * 0.45, x + width * 0.45, colors="black", linewidth=2)
           ax.annotate(f"{y / roof:.2f}", (x, roof), ha="center", va="bottom", fontsize=7)
@@ -95,6 +96,7 @@ def plot_throughput(runs: list[tuple[str, dict]], path: str):
     ax.set_ylabel("output tokens/s")
     ax.set_title(f"{model}: LLM.generate, ignore_eos", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
+    ax.set_ylim(0, top * 1.3 or 1)  # headroom: the legend sits above the bars and ticks
     ax.legend(fontsize=7, loc="upper left")
   fig.tight_layout()
   fig.savefig(path, dpi=FLAGS.dpi)
