@@ -58,10 +58,6 @@ class EngineConfig:
   kv_admission: str = "auto"
   seed: int = 0
   compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
-  # Keep the step programs as serialized executables under compilation_cache_dir/executables, keyed by
-  # code, software, devices and configuration: a warm start skips tracing and lowering them too
-  # (jserve/engine/executables.py). Off until measured on a GPU.
-  executable_cache: bool = False
   attn_impl: str = "auto"
   # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
   # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"
@@ -209,9 +205,7 @@ class LLMEngine:
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
         kv_dtype=kv_dtype, attn_impl=config.attn_impl, matmul_impl=config.matmul_impl,
         num_decode_steps=config.num_decode_steps,
-        sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler,
-        executable_cache_dir=(os.path.join(config.compilation_cache_dir, "executables")
-                              if config.executable_cache and config.compilation_cache_dir else None)),
+        sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler),
         mesh=self.mesh)
     clock.lap("kv_pool")
     self.runner.compile_all(progress)

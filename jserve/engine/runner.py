@@ -24,7 +24,6 @@ from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
 from jserve.engine.sampler import SamplingInputs, SlotState, host_path, write_slots
 from jserve.engine import multihost
-from jserve.engine.executables import ExecutableCache, fingerprint
 from jserve.engine.placement import default_device
 from jserve.engine.stages import PipelineStep
 from jserve.engine.step import (TokenInputs, _decode_burst, _last_stage, _prompt_logprobs, _step, pack_host_inputs,
@@ -64,8 +63,6 @@ class RunnerConfig:
   # bucket, the path picked on the device (`sampler.sample`).
   sampler_paths: str = "device"
   precompile_staged: bool = True  # with host paths: compile the staged programs at start-up (else on first use)
-  # Where serialized step programs are kept (jserve/engine/executables.py); None: not kept.
-  executable_cache_dir: str | None = None
 
   @property
   def pages_per_seq(self) -> int:
@@ -173,21 +170,6 @@ class ModelRunner:
     self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg))
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),
                                 **({} if mesh is None else {"out_shardings": self._home}))
-    self.executables = None
-    if rc.executable_cache_dir and self.can_overlap and not self.multiprocess:
-      self._use_executable_cache(rc.executable_cache_dir)
-
-  def _use_executable_cache(self, directory: str):
-    """Step, burst and slot-writer programs from serialized executables (see executables.py)."""
-    devices = list(self.mesh.devices.flat) if self.mesh is not None else [self._home]
-    leaves = jax.tree_util.tree_leaves((self.params, self.kv_caches, self.slots))
-    placement = [(x.shape, str(x.dtype), str(x.sharding)) for x in leaves]
-    self.executables = ExecutableCache(directory, fingerprint(devices, self.cfg, self.rc, self.mesh, placement),
-                                       devices)
-    self._step = self.executables.wrap(self._step, "step")
-    if self._burst is not None:
-      self._burst = self.executables.wrap(self._burst, "burst")
-    self._write_slots = self.executables.wrap(self._write_slots, "write_slots")
 
   def bucket_for(self, num_tokens: int) -> int:
     for b in self.buckets:
