@@ -111,11 +111,6 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
-def app_usage(msg: str):
-  from absl import app
-  return app.UsageError(msg)
-
-
 def _define_flags():
   from absl import flags
   flags.DEFINE_string("preset", "llama-3.1-8b", "model preset (random weights) from configs/models.py")
@@ -137,8 +132,12 @@ def _define_flags():
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import app, flags
   FLAGS = flags.FLAGS
+  if set(FLAGS.runs) - {"empty", "warm"} or not FLAGS.runs:
+    raise app.UsageError(f"--runs={','.join(FLAGS.runs)}: expected a list of empty and warm")
+  if "empty" in FLAGS.runs and FLAGS.cache_dir:
+    raise app.UsageError("--cache_dir with an 'empty' run: the directory would not be empty")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   work = tempfile.mkdtemp(prefix="cold_start_")
   model = FLAGS.model
@@ -156,10 +155,6 @@ def main(argv):
     engine_args["max_model_len"] = FLAGS.max_model_len
   if FLAGS.dummy:
     engine_args["load_format"] = "dummy"
-  if set(FLAGS.runs) - {"empty", "warm"} or not FLAGS.runs:
-    raise app_usage(f"--runs={','.join(FLAGS.runs)}: expected a list of empty and warm")
-  if "empty" in FLAGS.runs and FLAGS.cache_dir:
-    raise app_usage("--cache_dir with an 'empty' run: the directory would not be empty")
   engine_args["compilation_cache_dir"] = os.path.expanduser(FLAGS.cache_dir or os.path.join(work, "jax_cache"))
   spec = {"model": model, "engine_args": engine_args, "prompt_len": FLAGS.prompt_len}
   results = {}

@@ -229,11 +229,6 @@ def workload_bounds(in_lens: list[int], out_lens: list[int], *, max_num_seqs: in
           "serial_s": max(decode_s + prefill_s, compute_s)}
 
 
-def workload_roofline(in_lens: list[int], out_lens: list[int], **kw) -> float:
-  """Seconds at the larger of the memory and compute bounds (see `workload_bounds`)."""
-  return workload_bounds(in_lens, out_lens, **kw)["roofline_s"]
-
-
 def breakdown_text(row: dict) -> str:
   """One line: a workload's wall time by kind of step (StepTimer.breakdown)."""
   b = row["breakdown"]
@@ -469,7 +464,7 @@ def main(argv):
            "steps": len(timer.seqs)}
     if "longtail" in w:
       row["longtail"] = w["longtail"]
-    # The roofline of the whole workload (see workload_roofline): tokens/s at that bound is what the
+    # The roofline of the whole workload (see workload_bounds): tokens/s at that bound is what the
     # device allows.
     bounds = workload_bounds(in_lens, out_lens, max_num_seqs=FLAGS.max_num_seqs,
                              max_num_batched_tokens=FLAGS.max_num_batched_tokens, weight_bytes=weight_bytes,

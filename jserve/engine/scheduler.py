@@ -129,11 +129,14 @@ class Scheduler:
     max_tokens = req.params.max_tokens or self.config.max_model_len
     return min(req.num_prompt_tokens + max_tokens, self.config.max_model_len) - 1
 
+  def _pages_to_come(self, req: Request) -> int:
+    """Pages the request may still take before its end, beyond those it holds."""
+    held = len(self.kv.page_tables.get(req.request_id, ()))
+    return max(self.kv.pages_for(self._final_tokens(req)) - held, 0)
+
   def _reserved_pages(self) -> int:
     """Pages running requests that reserve may still take: free pages a newcomer must leave them."""
-    held = self.kv.page_tables
-    return sum(max(self.kv.pages_for(self._final_tokens(r)) - len(held.get(r.request_id, ())), 0)
-               for r in self.running if self._reserves(r))
+    return sum(self._pages_to_come(r) for r in self.running if self._reserves(r))
 
   def _fits(self, num_tokens: int, cached: list[int], reserved: int) -> bool:
     """Whether pages for `num_tokens` tokens fit the pool and leave running requests their reserve."""
@@ -198,6 +201,6 @@ class Scheduler:
       batch.num_new_tokens.append(num_new)
       budget -= num_new
       if whole:
-        reserved += self.kv.pages_for(self._final_tokens(req)) - len(self.kv.page_tables[req.request_id])
+        reserved += self._pages_to_come(req)
     batch.num_preempted = self.num_preemptions - preempted_before
     return batch
