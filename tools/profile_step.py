@@ -1,10 +1,15 @@
-"""Profiles steady-state decoding: where the device time of a step goes, and how busy the device is.
+"""Profiles engine steps: where the device time of a step goes, and how busy the device is.
 
     PYTHONPATH=. python -m tools.profile_step --preset=llama-3.2-1b --batch=256 --out_dir=$OUT
 
-Starts an `LLMEngine` on random weights of a preset, fills it with `--batch`
-requests, steps until every sequence decodes, then records `--steps` engine
-steps under `jax.profiler.trace`. From the trace (read back with
+Starts an `LLMEngine` on random weights of a preset and records `--steps`
+engine steps under `jax.profiler.trace`, of one `--phase`:
+- decode: `--batch` requests, stepped until every sequence decodes (steady-state decoding);
+- prefill: prompts only (requests of `--input_len` tokens that stop after their first token), every
+  step a full chunk of `--max_num_batched_tokens` prompt tokens;
+- mixed: `--batch` sequences decoding and prompts queued behind them, so that every step carries the
+  decode rows and fills the rest of its token budget with a prompt chunk (what continuous batching
+  runs while requests arrive). From the trace (read back with
 `jax.profiler.ProfileData`) it sums the device kernels by name and by kind
 (matmul, attention, KV write, sampler, other), and compares the union of
 kernel time with the wall time of those steps: the device's busy fraction.
@@ -20,11 +25,12 @@ import re
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "llama-3.2-1b", "model preset (random weights)")
-flags.DEFINE_integer("batch", 256, "sequences decoding together")
+flags.DEFINE_enum("phase", "decode", ["decode", "prefill", "mixed"], "which steps to record (see above)")
+flags.DEFINE_integer("batch", 256, "sequences decoding together (decode and mixed phases)")
 flags.DEFINE_integer("input_len", 128, "prompt tokens")
 flags.DEFINE_integer("steps", 12, "engine steps recorded")
 flags.DEFINE_integer("max_num_batched_tokens", 512, "engine token budget (fewer buckets compile sooner)")
@@ -139,16 +145,30 @@ def main(argv):
   # (Each call may run num_decode_steps steps; three rounds of --steps calls, plus warm-up.)
   out_len = ((3 * FLAGS.steps + 8) * extra.get("num_decode_steps", 1) + 64
              + -(-FLAGS.batch * FLAGS.input_len // FLAGS.max_num_batched_tokens))
+  rounds = 3 * FLAGS.steps + 4  # untraced, cProfile and traced rounds, and warm-up
+  # Prompt requests that keep every recorded step full of prompt tokens (prefill and mixed phases).
+  budget = FLAGS.max_num_batched_tokens - (FLAGS.batch if FLAGS.phase == "mixed" else 0)
+  num_prompts = 0 if FLAGS.phase == "decode" else -(-rounds * budget // FLAGS.input_len) + 1
+  num_decoding = 0 if FLAGS.phase == "prefill" else FLAGS.batch
+  if budget <= 0:
+    raise app.UsageError(f"--phase=mixed needs --max_num_batched_tokens above --batch={FLAGS.batch}")
   engine = LLMEngine(EngineConfig(model=model, max_model_len=FLAGS.input_len + out_len + 16,
-                                  max_num_seqs=FLAGS.batch, max_num_batched_tokens=FLAGS.max_num_batched_tokens,
-                                  **extra))
+                                  max_num_seqs=num_decoding + num_prompts,
+                                  max_num_batched_tokens=FLAGS.max_num_batched_tokens, **extra))
   rng = np.random.default_rng(0)
-  params = SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True)
-  for _ in range(FLAGS.batch):
-    engine.add_request(None, rng.integers(10, min(cfg.vocab_size, 4000), size=FLAGS.input_len).tolist(), params)
-  while engine.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens
-                                        for r in engine.requests.values()):
+
+  def add(n, max_tokens):
+    params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
+    for _ in range(n):
+      engine.add_request(None, rng.integers(10, min(cfg.vocab_size, 4000), size=FLAGS.input_len).tolist(), params)
+
+  def prompt_tokens_left():
+    return sum(max(r.num_prompt_tokens - r.num_computed_tokens, 0) for r in engine.requests.values())
+
+  add(num_decoding, out_len)
+  while engine.scheduler.waiting or prompt_tokens_left():
     engine.step()
+  add(num_prompts, 1)  # each stops after its first token: only prompt tokens join the decode rows
   for _ in range(3):
     engine.step()
   # With num_decode_steps=K one call runs up to K decode steps: times are per decode step.
@@ -174,10 +194,10 @@ def main(argv):
                                                                        key=lambda kv: -kv[1][3])[:30]:
       host_top.append({"function": f"{os.path.basename(file)}:{line}({func})", "calls_per_step": ncalls / py_steps,
                        "self_ms_per_step": tottime / py_steps * 1e3, "cum_ms_per_step": cumtime / py_steps * 1e3})
-  running = engine.scheduler.running
-  traced_batch, traced_context = len(running), float(np.mean([r.num_computed_tokens for r in running]))
+  running = [r for r in engine.scheduler.running if r.params.max_tokens > 1]  # the decoding sequences
+  traced_batch, traced_context = len(running), float(np.mean([r.num_computed_tokens for r in running] or [0]))
   trace_dir = tempfile.mkdtemp()
-  n0 = engine.num_steps
+  n0, prompt0 = engine.num_steps, prompt_tokens_left()
   with jax.profiler.trace(trace_dir):
     t = time.perf_counter()
     for _ in range(FLAGS.steps):
@@ -185,6 +205,9 @@ def main(argv):
     jax.effects_barrier()
     wall_ns = (time.perf_counter() - t) * 1e9
   steps = engine.num_steps - n0
+  prompt1 = prompt_tokens_left()
+  if FLAGS.phase != "decode" and prompt1 < budget:
+    logging.warning("the prompts ran out during the traced steps: the last steps were not full")
   plane, events = device_events(trace_dir)
   by_name = collections.defaultdict(lambda: [0, 0.0])
   by_kind = collections.defaultdict(float)
@@ -195,7 +218,8 @@ def main(argv):
   busy = busy_ns(events)
   result = {
       "date": datetime.date.today().isoformat(), "jax": jax.__version__, "device": jax.devices()[0].device_kind,
-      "preset": FLAGS.preset, "batch": traced_batch, "context": traced_context, "plane": plane,
+      "preset": FLAGS.preset, "phase": FLAGS.phase, "batch": traced_batch,
+      "prompt_tokens_per_step": (prompt0 - prompt1) / steps, "context": traced_context, "plane": plane,
       "wall_ms_per_step": wall_ns / steps / 1e6, "untraced_wall_ms_per_step": untraced_ms,
       "device_busy_ms_per_step": busy / steps / 1e6, "busy_fraction": busy / wall_ns,
       "kinds_ms_per_step": {k: v / steps / 1e6 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
@@ -205,7 +229,8 @@ def main(argv):
   }
   with open(os.path.join(FLAGS.out_dir, "profile.json"), "w") as f:
     json.dump(result, f, indent=1)
-  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, batch {traced_batch}, "
+  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, {FLAGS.phase} steps: "
+           f"{result['prompt_tokens_per_step']:.0f} prompt tokens and {traced_batch} decode rows per step, "
            f"mean context {traced_context:.0f}; plane {plane}; engine args {extra}; "
            f"{steps / FLAGS.steps:.1f} decode steps per call",
            f"wall {result['wall_ms_per_step']:.2f} ms/step (untraced {untraced_ms:.2f}); device busy "
