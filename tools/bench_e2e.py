@@ -40,10 +40,10 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
   (scheduling plus batch building). Also where the run's wall time went, by kind of step (steps
   with prompt tokens, full and partial decode batches; `StepTimer.breakdown`), how many requests
   were preempted and how many tokens the KV pool held.
-- with `--hf_batch=B`, Hugging Face transformers `generate` (PyTorch, same checkpoint, same device)
+- with `--hf_batch=B1,B2`, Hugging Face transformers `generate` (PyTorch, same checkpoint, same device)
   on B prompts of 128/128 and jserve on the same prompts: the same-run anchor.
 
-The engine's `max_model_len` covers the longest request and the sweep's longest context. Writes
+The engine's `max_model_len` covers the longest request, the sweep's longest context and the anchor's 256. Writes
 e2e.json and e2e.md to --out_dir after every stage (a run cut short keeps what it finished);
 prints a short table last.
 """
@@ -70,7 +70,8 @@ flags.DEFINE_integer("max_num_batched_tokens", 8192, "engine token budget")
 flags.DEFINE_string("out_dir", "/tmp/bench_e2e", "results directory")
 flags.DEFINE_float("copy_gib", 4.0, "size of the copy that measures the bandwidth ceiling")
 flags.DEFINE_integer("matmul_n", 8192, "size of the square bf16 matmul that measures the matmul rate (512 on CPU)")
-flags.DEFINE_integer("hf_batch", 0, "if > 0: transformers generate against jserve at this batch, 128/128")
+flags.DEFINE_list("hf_batch", [], "batches at which transformers generate runs against jserve, 128/128 "
+                  "(e.g. 1,32; empty: none)")
 flags.DEFINE_bool("dummy", False, "random weights made on the device (load_format=dummy): no checkpoint written "
                   "(saves 96 s for the 8B shape); the transformers anchor needs a checkpoint")
 flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
@@ -85,33 +86,41 @@ LONGTAIL = {"input": {"median": 250, "sigma": 1.0, "clip": [4, 4096]},
             "seed": 0}
 
 
-def hf_anchor(model_dir, llm, batch, vocab):
-  """Output tokens/s of transformers `generate` and of jserve on the same `batch` prompts of 128/128."""
+def hf_anchor(model_dir, llm, batches: list[int], vocab) -> list[dict]:
+  """Output tokens/s of transformers `generate` and of jserve on the same prompts of 128/128, one row
+  per batch: greedy, 128 new tokens forced for both (min_new_tokens / ignore_eos)."""
   import numpy as np
   import torch
   import transformers
 
   from jserve import SamplingParams
   rng = np.random.default_rng(1)
-  ids = rng.integers(10, min(vocab, 4000), size=(batch, 128))
-  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to("cuda")
-  x = torch.tensor(ids, device="cuda")
+  prompts = {b: rng.integers(10, min(vocab, 4000), size=(b, 128)) for b in batches}
+  device = "cuda" if torch.cuda.is_available() else "cpu"  # (CPU: smoke runs only)
+  sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+  model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
+  x = torch.tensor(prompts[batches[0]], device=device)
   model.generate(x[:, :8], max_new_tokens=4, do_sample=False)  # warm-up
-  torch.cuda.synchronize()
-  t = time.perf_counter()
-  out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=128, min_new_tokens=128,
-                       do_sample=False)
-  torch.cuda.synchronize()
-  hf_s = time.perf_counter() - t
-  hf_tokens = (out.shape[1] - 128) * batch
+  hf = {}
+  for b in batches:
+    x = torch.tensor(prompts[b], device=device)
+    sync()
+    t = time.perf_counter()
+    out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=128, min_new_tokens=128,
+                         do_sample=False)
+    sync()
+    hf[b] = (out.shape[1] - 128) * b / (time.perf_counter() - t)
+    print(f"transformers generate, batch {b}: {hf[b]:.0f} output tok/s", flush=True)
   del model, out
   torch.cuda.empty_cache()
-  t = time.perf_counter()
-  outs = llm.generate(ids.tolist(), SamplingParams(max_tokens=128, temperature=0, ignore_eos=True), use_tqdm=False)
-  js_s = time.perf_counter() - t
-  js_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-  return {"batch": batch, "hf_output_tok_s": hf_tokens / hf_s, "jserve_output_tok_s": js_tokens / js_s,
-          "speedup": (js_tokens / js_s) / (hf_tokens / hf_s)}
+  rows = []
+  for b in batches:
+    t = time.perf_counter()
+    outs = llm.generate(prompts[b].tolist(), SamplingParams(max_tokens=128, temperature=0, ignore_eos=True),
+                        use_tqdm=False)
+    js = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t)
+    rows.append({"batch": b, "hf_output_tok_s": hf[b], "jserve_output_tok_s": js, "speedup": js / hf[b]})
+  return rows
 
 
 def copy_bandwidth():
@@ -374,8 +383,15 @@ def markdown(results: dict) -> list[str]:
       lines.append(f"| {r['batch']} | {r['context']} | {' | '.join(cells)} | {note} |")
     if sweep.get("skipped"):
       lines.append(f"sweep skipped: {sweep['skipped']}")
-  if "hf_anchor" in results:
-    lines += ["", f"transformers generate anchor: {json.dumps(results['hf_anchor'])}"]
+  anchor = results.get("hf_anchor")
+  if isinstance(anchor, list):
+    lines += ["", "transformers `generate` against jserve, same prompts, 128/128, greedy:", "",
+              "| batch | transformers output tok/s | jserve output tok/s | jserve / transformers |",
+              "| --- | --- | --- | --- |"]
+    lines += [f"| {r['batch']} | {r['hf_output_tok_s']:,.0f} | {r['jserve_output_tok_s']:,.0f} | {r['speedup']:.1f}x |"
+              for r in anchor]
+  elif anchor:
+    lines += ["", f"transformers generate anchor: {json.dumps(anchor)}"]
   return lines
 
 
@@ -420,6 +436,8 @@ def main(argv):
   need = max(i + o for w in workloads for i, o in zip(w["in_lens"], w["out_lens"]))
   if contexts:
     need = max(need, max(contexts) + extra.get("num_decode_steps", 1))
+  if FLAGS.hf_batch:
+    need = max(need, 256)  # the anchor's 128/128
   results["max_model_len"] = max_len = min(need + 16, model_len)
   t = time.perf_counter()
   llm = LLM(model, max_model_len=max_len, max_num_seqs=FLAGS.max_num_seqs,
@@ -490,7 +508,7 @@ def main(argv):
     write(results)
   if FLAGS.hf_batch and not FLAGS.dummy:
     try:
-      results["hf_anchor"] = hf_anchor(model, llm, FLAGS.hf_batch, cfg.vocab_size)
+      results["hf_anchor"] = hf_anchor(model, llm, [int(b) for b in FLAGS.hf_batch], cfg.vocab_size)
     except Exception as e:  # noqa: BLE001 - the anchor is optional where torch has no GPU
       results["hf_anchor"] = {"error": repr(e)}
     print(json.dumps(results["hf_anchor"]), flush=True)
