@@ -285,7 +285,7 @@ def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_byte
     out["skipped"] = f"page_size {rc.page_size}: the sweep builds batches of {PAGE_SIZE}-token pages"
     return out
   burst_k = rc.num_decode_steps if runner.burst_buckets else 1
-  kv_per_token = cfg.kv_bytes_per_token(2)
+  kv_per_token = cfg.kv_bytes_per_token(runner.kv_caches[0].dtype.itemsize)
   matmul_params = matmul_params_of(cfg)
   bandwidth, flop_rate = ceiling["best_GBps"] * 1e9, ceiling["matmul_TFLOPs"] * 1e12
   out.update(num_decode_steps=burst_k, kv_pool_tokens=(rc.num_pages - 1) * rc.page_size,
@@ -450,7 +450,9 @@ def main(argv):
   if not cfg.tie_word_embeddings:
     weight_bytes -= params["embed"].nbytes
   results["weight_bytes_read_per_step"] = weight_bytes
-  kv_per_token = cfg.kv_bytes_per_token(2)
+  # The pool's own element size: an fp8 KV cache (kv_cache_dtype) reads half the bytes of bfloat16.
+  results["kv_dtype"] = str(llm.engine.runner.kv_caches[0].dtype)
+  kv_per_token = cfg.kv_bytes_per_token(llm.engine.runner.kv_caches[0].dtype.itemsize)
   matmul_params = matmul_params_of(cfg)
   if batches:
     # Before the workloads: it fills the KV pool with random values, which no cached prefix may see.

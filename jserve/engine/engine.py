@@ -32,6 +32,9 @@ from jserve.tokenizer import Tokenizer
 from jserve.weights import resolve_dtype
 from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
 
+# kv_cache_dtype's names (vLLM's, and the 16-bit ones by name) -> the pool's dtype; None: the model's.
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "fp8": "float8_e4m3fn",
+                   "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 CPU_DEFAULT_BATCHED_TOKENS = 512
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jserve", "jax")
@@ -43,6 +46,10 @@ class EngineConfig:
 
   model: str | None = None
   dtype: str = "bfloat16"
+  # The KV pool's element type: "auto" (the model's dtype) or "fp8" (e4m3, as vLLM's fp8 and fp8_e4m3;
+  # "fp8_e5m2" also): half the bytes of bfloat16, so twice the tokens in the pool and half the KV read
+  # per decode step. Keys and values are stored unscaled, clipped to the format's range.
+  kv_cache_dtype: str = "auto"
   max_model_len: int | None = None
   max_num_seqs: int = 256
   max_num_batched_tokens: int | None = None  # 8192 on accelerators, 512 on CPU
@@ -89,6 +96,8 @@ class EngineConfig:
       raise ConfigError(f"matmul_impl={self.matmul_impl!r}: use one of {', '.join(MATMUL_IMPLS)}")
     if self.sampler_paths not in ("auto", "host", "device"):
       raise ConfigError(f"sampler_paths={self.sampler_paths!r}: use auto, host or device")
+    if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+      raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
     if self.load_format not in LOAD_FORMATS:
       raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 
@@ -182,7 +191,7 @@ class LLMEngine:
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
     jax.block_until_ready(self.params)  # else the weights' last transfers are timed as compiling
     clock.lap("weights")
-    kv_dtype = resolve_dtype(config.dtype)
+    kv_dtype = resolve_dtype(KV_CACHE_DTYPES[config.kv_cache_dtype] or config.dtype, kv_pool=True)
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,

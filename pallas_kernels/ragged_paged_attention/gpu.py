@@ -48,6 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels.ragged_paged_attention import hopper, reference, tuning
 
 _MASKED = -1e30  # finite, as in the reference: a fully masked row must not make NaNs
+FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))  # pool dtypes read up to the queries' dtype
 _LOG2E = math.log2(math.e)
 
 
@@ -61,6 +62,13 @@ def supports(q_TNH, kv_pages_PSCH) -> str | None:
     return f"page_size={page_size}: need a power of two"
   if q_TNH.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
     return f"dtype={q_TNH.dtype}: need float32, bfloat16 or float16"
+  pool = jnp.dtype(kv_pages_PSCH.dtype)
+  if pool not in (jnp.float32, jnp.bfloat16, jnp.float16, *FP8):
+    return f"KV pool dtype {pool}: need a 16- or 32-bit float, float8_e4m3fn or float8_e5m2"
+  if pool in FP8 and jax.default_backend() == "gpu":
+    cc = getattr(jax.devices()[0], "compute_capability", "9.0")
+    if tuple(map(int, cc.split("."))) < (8, 9):
+      return f"an fp8 KV pool needs compute capability 8.9 or newer (Triton's fp8 loads); this GPU is {cc}"
   return None
 
 
@@ -129,7 +137,8 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
         off_M1 = jnp.where(write_M, slot_M % page_size, 0)[:, None]
         for new_ref, c in ((k_new_ref, 2 * kv_head), (v_new_ref, 2 * kv_head + 1)):
           row_MH = plgpu.load(new_ref.at[t_in_M[:, None], kv_head, h_1H], mask=write_M[:, None], other=0)
-          plgpu.store(kv_out_ref.at[page_M1, off_M1, c, h_1H], row_MH.astype(kv_out_ref.dtype),
+          plgpu.store(kv_out_ref.at[page_M1, off_M1, c, h_1H],
+                      reference.to_pool_dtype(row_MH, kv_out_ref.dtype),
                       mask=write_M[:, None])
 
       if num_splits > 1:
@@ -162,6 +171,13 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
     a = jnp.clip(safe_lo, b0, b1)
     b = jnp.clip(safe_hi, a, b1)
 
+    def load_pool(ref, mask):
+      """Masked rows read as zero. An fp8 pool's are zeroed after the cast up (Triton has no integer
+      to fp8 cast for the fill value), before a garbage value can reach the P x V product."""
+      if jnp.dtype(kv_ref.dtype) in FP8:
+        return jnp.where(mask, plgpu.load(ref, mask=mask).astype(q_ref.dtype), 0)
+      return plgpu.load(ref, mask=mask, other=0)
+
     def body(j, carry, masked, source):
       """One KV block; `source`: "pool" (all cached), "new" (all the step's rows) or "both" (masked loads)."""
       m_M, l_M, acc_MH = carry
@@ -173,22 +189,22 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
         v_XH = kv_ref[page_X1, off_X1, 2 * kv_head + 1, h_1H]
       elif source == "new":
         t_X1 = (new_row0 + x_X)[:, None]
-        k_XH = k_new_ref[t_X1, kv_head, h_1H].astype(kv_ref.dtype)
-        v_XH = v_new_ref[t_X1, kv_head, h_1H].astype(kv_ref.dtype)
+        k_XH = reference.to_pool_dtype(k_new_ref[t_X1, kv_head, h_1H], kv_ref.dtype)
+        v_XH = reference.to_pool_dtype(v_new_ref[t_X1, kv_head, h_1H], kv_ref.dtype)
       else:
         pool_X = x_X < ctx_end
         slot_X = jnp.minimum(x_X // page_size, pages_per_seq - 1)
         page_X = plgpu.load(page_indices_ref.at[seq, slot_X], mask=pool_X, other=0)
         page_X1, off_X1 = page_X[:, None], (x_X % page_size)[:, None]
-        k_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head, h_1H], mask=pool_X[:, None], other=0)
-        v_XH = plgpu.load(kv_ref.at[page_X1, off_X1, 2 * kv_head + 1, h_1H], mask=pool_X[:, None], other=0)
+        k_XH = load_pool(kv_ref.at[page_X1, off_X1, 2 * kv_head, h_1H], pool_X[:, None])
+        v_XH = load_pool(kv_ref.at[page_X1, off_X1, 2 * kv_head + 1, h_1H], pool_X[:, None])
         if fused:
           new_X1 = ((x_X >= ctx_end) & (x_X < kv_len))[:, None]
           t_X1 = jnp.clip(new_row0 + x_X, 0, num_tokens - 1)[:, None]
           kn_XH = plgpu.load(k_new_ref.at[t_X1, kv_head, h_1H], mask=new_X1, other=0)
           vn_XH = plgpu.load(v_new_ref.at[t_X1, kv_head, h_1H], mask=new_X1, other=0)
-          k_XH = jnp.where(new_X1, kn_XH.astype(k_XH.dtype), k_XH)
-          v_XH = jnp.where(new_X1, vn_XH.astype(v_XH.dtype), v_XH)
+          k_XH = jnp.where(new_X1, reference.to_pool_dtype(kn_XH, k_XH.dtype), k_XH)
+          v_XH = jnp.where(new_X1, reference.to_pool_dtype(vn_XH, v_XH.dtype), v_XH)
       s_MX = lax.dot_general(q_MH, k_XH.astype(q_MH.dtype), (((1,), (1,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
       if soft_cap is not None:
@@ -204,7 +220,7 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
       alpha_M = jnp.exp2(m_M - m_new_M)
       p_MX = jnp.exp2(s_MX - m_new_M[:, None])
       l_M = l_M * alpha_M + jnp.sum(p_MX, axis=1)
-      pv_MH = lax.dot_general(p_MX.astype(v_XH.dtype), v_XH, (((1,), (0,)), ((), ())),
+      pv_MH = lax.dot_general(p_MX.astype(q_MH.dtype), v_XH.astype(q_MH.dtype), (((1,), (0,)), ((), ())),
                               precision=precision, preferred_element_type=jnp.float32)
       return m_new_M, l_M, acc_MH * alpha_M[:, None] + pv_MH
 
@@ -390,6 +406,8 @@ def ragged_paged_attention_write(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_B
   if k_TKH.shape != want or v_TKH.shape != want or slots_T.shape != (num_tokens,):
     raise ValueError(f"k_TKH {k_TKH.shape}, v_TKH {v_TKH.shape}, slots_T {slots_T.shape}: expected {want}, "
                      f"{want} and ({num_tokens},)")
+  if jnp.dtype(kv_pages_PSCH.dtype) in FP8:
+    raise ValueError(f"the fused write takes a 16- or 32-bit pool, not {kv_pages_PSCH.dtype}")
   return _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
                     (k_TKH, v_TKH, slots_T.astype(jnp.int32)), sm_scale=sm_scale, sliding_window=sliding_window,
                     soft_cap=soft_cap, out_TNH=out_TNH, interpret=interpret, config=config, num_splits=num_splits)

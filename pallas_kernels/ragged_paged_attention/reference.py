@@ -2,7 +2,9 @@
 
 The KV pool of one layer is `kv_pages_PSCH`: [num_pages, page_size,
 2 * num_kv_heads, head_dim], the key of KV head k at slot 2k and its value at
-2k + 1. Sequence i of the step owns the query rows
+2k + 1. Its dtype may differ from the queries' (an fp8 pool under bfloat16
+queries): keys and values are read up to the queries' precision or higher.
+Sequence i of the step owns the query rows
 `q_TNH[cu_q_lens_E[i]:cu_q_lens_E[i + 1]]`; those queries are the last
 positions of its `kv_lens_B[i]`-token context, whose keys and values live in
 pages `page_indices_BP[i, :ceil(kv_lens_B[i] / page_size)]`. Each query attends
@@ -84,8 +86,17 @@ def write_kv_pages(kv_pages_PSCH, k_TKH, v_TKH, slots_T):
   num_tokens = k_TKH.shape[0]
   kv_TCH = jnp.stack([k_TKH, v_TKH], axis=2).reshape(num_tokens, num_combined, head_dim)
   flat_ZCH = kv_pages_PSCH.reshape(num_pages * page_size, num_combined, head_dim)
-  flat_ZCH = flat_ZCH.at[slots_T].set(kv_TCH.astype(kv_pages_PSCH.dtype), mode="drop")
+  flat_ZCH = flat_ZCH.at[slots_T].set(to_pool_dtype(kv_TCH, kv_pages_PSCH.dtype), mode="drop")
   return flat_ZCH.reshape(num_pages, page_size, num_combined, head_dim)
+
+
+def to_pool_dtype(x, dtype):
+  """`x` as the pool's dtype. An 8-bit float pool (an fp8 KV cache) stores values unscaled, clipped to
+  the format's finite range: a plain cast would turn a value past it into NaN (e4m3 has no infinity)."""
+  if jnp.dtype(dtype).itemsize == 1 and jnp.issubdtype(dtype, jnp.floating):
+    top = float(jnp.finfo(dtype).max)
+    x = jnp.clip(x, -top, top)
+  return x.astype(dtype)
 
 
 def query_group(q_TNH, kv_pages_PSCH, supports) -> int:

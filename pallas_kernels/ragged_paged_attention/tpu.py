@@ -48,6 +48,8 @@ def supports(q_TNH, kv_pages_PSCH) -> str | None:
     return f"page_size={page_size}: need a multiple of 8 (TPU sublanes)"
   if q_TNH.dtype not in (jnp.float32, jnp.bfloat16):
     return f"dtype={q_TNH.dtype}: need float32 or bfloat16"
+  if kv_pages_PSCH.dtype != q_TNH.dtype:
+    return f"KV pool dtype {kv_pages_PSCH.dtype}: need the queries' dtype {q_TNH.dtype}"
   return None
 
 

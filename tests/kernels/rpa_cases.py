@@ -35,8 +35,8 @@ class Case:
 
 
 def make_case(seed, seqs, *, num_heads, num_kv_heads, head_dim, page_size, dtype, extra_seqs=1, extra_tokens=3,
-              extra_pages=3, permute=True, shape=None):
-  """seqs: [(q_len, kv_len), ...] with q_len <= kv_len.
+              extra_pages=3, permute=True, shape=None, pool_dtype=None):
+  """seqs: [(q_len, kv_len), ...] with q_len <= kv_len; the pool in `pool_dtype` (default `dtype`).
 
   `shape` (num_tokens, max_seqs, pages_per_seq, num_pages) pads every array to
   fixed sizes, so that cases share one compiled kernel.
@@ -76,7 +76,7 @@ def make_case(seed, seqs, *, num_heads, num_kv_heads, head_dim, page_size, dtype
   cu_E[:num_seqs + 1] = np.concatenate([[0], np.cumsum(q_lens)])
   kv_lens_B = np.full(max_seqs, 1 << 20, np.int32)
   kv_lens_B[:num_seqs] = kv_lens
-  return Case(q_TNH=jnp.asarray(q_TNH, dtype), kv_pages_PSCH=jnp.asarray(kv_PSCH, dtype),
+  return Case(q_TNH=jnp.asarray(q_TNH, dtype), kv_pages_PSCH=jnp.asarray(kv_PSCH, pool_dtype or dtype),
               kv_lens_B=jnp.asarray(kv_lens_B), page_indices_BP=jnp.asarray(page_indices_BP),
               cu_q_lens_E=jnp.asarray(cu_E), num_seqs=jnp.asarray([num_seqs], jnp.int32), live_rows=live_rows)
 

@@ -116,6 +116,46 @@ def test_dispatcher_rejects_an_unknown_impl():
     ragged_paged_attention(*case.args(), sm_scale=0.125, impl="cuda")
 
 
+@pytest.mark.parametrize("pool_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("name", ["mixed", "decode_only"])
+def test_gpu_kernel_reads_an_fp8_pool_under_bf16_queries(name, pool_dtype):
+  # An fp8 KV cache: the reference reads the same 8-bit pool, so only the kernel's handling is compared.
+  case = make_case(8, SEQS[name], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.bfloat16,
+                   shape=SEQS_SHAPE, pool_dtype=pool_dtype)
+  assert case.kv_pages_PSCH.dtype == pool_dtype
+  check(KERNELS["gpu"], case, jnp.bfloat16, head_dim=64)
+
+
+def test_gpu_split_k_decode_reads_an_fp8_pool():
+  seqs = [(1, 70), (2, 45), (1, 3), (1, 128)]
+  case = make_case(9, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.bfloat16,
+                   pool_dtype=jnp.float8_e4m3fn)
+  check(KERNELS["gpu"], case, jnp.bfloat16, head_dim=64, num_splits=4)
+
+
+def test_fp8_pool_falls_back_to_the_reference_where_a_kernel_cannot_read_it():
+  case = make_case(10, SEQS["mixed"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.bfloat16,
+                   shape=SEQS_SHAPE, pool_dtype=jnp.float8_e4m3fn)
+  assert "KV pool dtype float8_e4m3fn" in tpu.supports(case.q_TNH, case.kv_pages_PSCH)
+  assert gpu.supports(case.q_TNH, case.kv_pages_PSCH) is None
+  clean = case.reference_args()
+  ref = reference.ragged_paged_attention(*clean, sm_scale=0.125)
+  out = ragged_paged_attention(*clean, sm_scale=0.125, impl="tpu", interpret=True)
+  np.testing.assert_array_equal(np.asarray(out, np.float32), np.asarray(ref, np.float32))
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+def test_write_to_an_fp8_pool_clips_to_the_format_instead_of_making_nan(pool_dtype):
+  pool_PSCH = jnp.zeros((2, 4, 2, 4), pool_dtype)
+  top = float(jnp.finfo(pool_dtype).max)
+  k_TKH = jnp.array([[[1.0, -2.5, 3 * top, -1e6]]], jnp.float32)  # one token, one KV head
+  v_TKH = jnp.array([[[0.5, 1e6, -3 * top, 7.0]]], jnp.float32)
+  out = np.asarray(reference.write_kv_pages(pool_PSCH, k_TKH, v_TKH, jnp.array([5])), np.float32)
+  np.testing.assert_array_equal(out[1, 1, 0], [1.0, -2.5, top, -top])
+  np.testing.assert_array_equal(out[1, 1, 1], [0.5, top, -top, 7.0])
+  assert not out[0].any() and not np.delete(out[1], 1, axis=0).any()
+
+
 def check_fused(case, dtype, *, head_dim, seed=0, config=GPU_TILES, **attn_kw):
   """The GPU kernel's fused write against write_kv_pages followed by the reference attention.
 
@@ -203,6 +243,14 @@ def test_gpu_fused_write_lowers_to_triton_for_cuda(attn_kw):
   new_kv = (new_TKH, new_TKH, jax.ShapeDtypeStruct((num_tokens,), jnp.int32))
   fn = functools.partial(gpu.ragged_paged_attention_write, sm_scale=0.1, **attn_kw)
   text = jax.jit(fn, donate_argnums=1).trace(*args, *new_kv).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_gpu_kernel_with_an_fp8_pool_lowers_to_triton_for_cuda():
+  q, kv, *meta = _abstract_args(jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct(kv.shape, jnp.float8_e4m3fn)
+  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, num_splits=2)
+  text = jax.jit(fn).trace(q, kv, *meta).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 2
 
 
