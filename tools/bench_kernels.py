@@ -15,7 +15,9 @@ It also times the step's KV write both ways on two decode cases and one
 prefill case: `write_kv_pages` then the attention kernel, jitted together,
 against `gpu.ragged_paged_attention_write` (the write inside the kernel),
 each with the pool donated, after checking that the two give the same
-output and the same pool. `--fused_only` runs only that comparison.
+output and the same pool. `--fused_only` runs only that comparison; `--nofused`
+skips it. `--fp8` runs every case a second time over an fp8 (e4m3) KV pool,
+whose bytes count one per element.
 """
 
 import os
@@ -44,6 +46,9 @@ _SWEEP = flags.DEFINE_bool("sweep", False, "also time the block-size candidates 
 _QUICK = flags.DEFINE_bool("quick", False, "tiny cases: a smoke run of this script")
 _INTERPRET = flags.DEFINE_bool("interpret", False, "run our kernel in interpret mode (with --quick, on a CPU)")
 _FUSED_ONLY = flags.DEFINE_bool("fused_only", False, "only the fused-KV-write against separate-scatter comparison")
+_FUSED = flags.DEFINE_bool("fused", True, "time the fused-KV-write comparison (first)")
+_FP8 = flags.DEFINE_bool("fp8", False, "also run every case with an fp8 (e4m3) KV pool: our kernel only, checked "
+                         "against the exact attention over the same 8-bit values, its bytes counted at 1 per element")
 
 _LOG = []
 
@@ -85,8 +90,9 @@ class BenchCase:
   kind: str = "decode"  # decode | prefill | mixed
 
 
-def build(case, dtype=jnp.bfloat16, seed=0):
-  """Device arrays of a case: random pool and queries, randomly permuted page tables."""
+def build(case, dtype=jnp.bfloat16, seed=0, pool_dtype=None):
+  """Device arrays of a case: random pool (in `pool_dtype`, default `dtype`) and queries, randomly
+  permuted page tables."""
   rng = np.random.default_rng(seed)
   q_lens = np.array([q for q, _ in case.seqs], np.int32)
   kv_lens = np.array([k for _, k in case.seqs], np.int32)
@@ -100,6 +106,8 @@ def build(case, dtype=jnp.bfloat16, seed=0):
     page_indices[b, :pages_B[b]] = order[ends[b] - pages_B[b]:ends[b]]
   k1, k2 = jax.random.split(jax.random.key(seed))
   kv = jax.random.normal(k1, (num_pages, case.page_size, 2 * case.num_kv_heads, case.head_dim), dtype)
+  if pool_dtype is not None:
+    kv = reference.to_pool_dtype(kv, pool_dtype)
   q = jax.random.normal(k2, (int(q_lens.sum()), case.num_heads, case.head_dim), dtype)
   cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
   return dict(q_TNH=q, kv_pages_PSCH=kv, kv_lens_B=jnp.asarray(kv_lens), page_indices_BP=jnp.asarray(page_indices),
@@ -110,8 +118,8 @@ def args_of(a):
   return (a["q_TNH"], a["kv_pages_PSCH"], a["kv_lens_B"], a["page_indices_BP"], a["cu_q_lens_E"], a["num_seqs"])
 
 
-def bytes_and_flops(case, itemsize=2):
-  kv = sum(k for _, k in case.seqs) * case.num_kv_heads * 2 * case.head_dim * itemsize
+def bytes_and_flops(case, itemsize=2, kv_itemsize=2):
+  kv = sum(k for _, k in case.seqs) * case.num_kv_heads * 2 * case.head_dim * kv_itemsize
   qo = 2 * sum(q for q, _ in case.seqs) * case.num_heads * case.head_dim * itemsize
   visible = sum(sum(k - q + 1 + r for r in range(q)) for q, k in case.seqs)
   return kv + qo, 4 * case.head_dim * case.num_heads * visible
@@ -226,14 +234,15 @@ def ours_fn(case, **kw):
   return jax.jit(functools.partial(gpu.ragged_paged_attention, sm_scale=sm_scale, interpret=_INTERPRET.value, **kw))
 
 
-def run_case(case, ceiling, config=None, num_splits=None):
+def run_case(case, ceiling, config=None, num_splits=None, fp8=False):
   from jax.experimental.pallas.ops.gpu import paged_attention as jax_paged
-  a = build(case)
+  a = build(case, pool_dtype=jnp.float8_e4m3fn if fp8 else None)
   args = args_of(a)
   sm_scale = case.head_dim**-0.5
-  nbytes, flops = bytes_and_flops(case)
-  row = dict(case=case.name, bytes=nbytes, flops=flops)
-  exact = xla_attend(*args, groups=groups_of(case), sm_scale=sm_scale, exact=True)
+  nbytes, flops = bytes_and_flops(case, kv_itemsize=1 if fp8 else 2)
+  row = dict(case=case.name + (" [fp8 KV]" if fp8 else ""), bytes=nbytes, flops=flops)
+  exact_args = (args[0], args[1].astype(jnp.float32)) + args[2:] if fp8 else args
+  exact = xla_attend(*exact_args, groups=groups_of(case), sm_scale=sm_scale, exact=True)
   ours = ours_fn(case, config=config, num_splits=num_splits)
   out = ours(*args)
   row["err"] = rel_err(out, exact)
@@ -241,6 +250,8 @@ def run_case(case, ceiling, config=None, num_splits=None):
   t = time_fn(ours, *args)
   row.update(ours_us=t * 1e6, ours_TBps=nbytes / t / 1e12, ours_frac=nbytes / t / 1e12 / ceiling,
              ours_TFLOPs=flops / t / 1e12)
+  if fp8:  # the baselines read 16-bit pools: see the bfloat16 row of the same case
+    return row
   try:
     if case.name.startswith(" "):
       raise ValueError("not run: part of the mixed case, only ours is timed")
@@ -509,7 +520,7 @@ def main(argv):
       f.write(markdown(**res))
 
   cases = bench_cases(_QUICK.value)
-  for case in fused_cases(cases, _QUICK.value):
+  for case in (fused_cases(cases, _QUICK.value) if _FUSED.value or _FUSED_ONLY.value else []):
     try:
       res["fused"].append(fused_write_case(case))
     except Exception:  # noqa: BLE001
@@ -530,12 +541,13 @@ def main(argv):
     save()
   for case in cases:
     cfg, splits = chosen.get(case.name, (None, None))
-    try:
-      res["rows"].append(run_case(case, res["ceilings"]["ceiling_TBps"], config=cfg, num_splits=splits))
-    except Exception:  # noqa: BLE001
-      res["rows"].append(dict(case=case.name, error=traceback.format_exc(limit=4)))
-    log(f"  case {res['rows'][-1]}")
-    save()
+    for fp8 in (False, True) if _FP8.value else (False,):
+      try:
+        res["rows"].append(run_case(case, res["ceilings"]["ceiling_TBps"], config=cfg, num_splits=splits, fp8=fp8))
+      except Exception:  # noqa: BLE001
+        res["rows"].append(dict(case=case.name + (" [fp8 KV]" if fp8 else ""), error=traceback.format_exc(limit=4)))
+      log(f"  case {res['rows'][-1]}")
+      save()
   for case in (cases[0], cases[4] if len(cases) > 4 else cases[1]):
     try:
       res["kv_write"][case.name] = f"{write_kv_cost(case):.1f} us"
