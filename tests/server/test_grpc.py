@@ -1,5 +1,7 @@
 """The gRPC service of a real `jserve serve` process, through the generated stub, health and reflection."""
 
+import time
+
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -161,8 +163,13 @@ def test_cancel_mid_stream_frees_the_request(stub, server):
 
 
 def test_deadline_exceeded_aborts_the_request(stub, server):
+  # The deadline is a quarter of what the same request takes here, so that it expires mid-generation
+  # on a fast machine as on a slow one (a fixed 0.3 s was longer than 240 tokens on a warm cache).
+  start = time.monotonic()
+  _generate(stub, text="count:", sampling_params=_greedy(240, ignore_eos=True))
+  full_s = time.monotonic() - start
   with pytest.raises(grpc.RpcError) as e:
-    _generate(stub, timeout=0.3, text="count:", sampling_params=_greedy(240, ignore_eos=True))
+    _generate(stub, timeout=full_s / 4, text="count:", sampling_params=_greedy(240, ignore_eos=True))
   assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
   m = wait_idle(server)
   assert m["jserve_kv_cache_used_pages"] == 0 and m["jserve_num_requests_running"] == 0
