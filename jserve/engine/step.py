@@ -139,10 +139,11 @@ def _step(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *, layout
 
 def _last_stage(params, kv_caches, x_TD, slots: SlotState, mask_SW, inputs: StepInputs, sampling: SamplingInputs,
                 tokens: TokenInputs, *, cfg: ModelConfig, attn_impl: str, mesh: jax.sharding.Mesh | None = None,
-                path: str | None = None, matmul_impl: str = "xla"):
-  """The layers of `params` (all of them, or the last pipeline stage's), then logits and sampling."""
+                path: str | None = None, matmul_impl: str = "xla", decode_only: bool = False):
+  """The layers of `params` (all of them, or the last pipeline stage's), then logits and sampling.
+  `decode_only`: one token per sequence (a decode burst's steps)."""
   x_TD, kv_caches = forward_layers(params["layers"], kv_caches, x_TD, inputs, cfg, attn_impl, mesh,
-                                   matmul_impl=matmul_impl)
+                                   matmul_impl=matmul_impl, decode_only=decode_only)
   x_BD = rms_norm(x_TD[inputs.logits_indices_B], params["final_norm"], cfg.rms_norm_eps)
   logits_BV = compute_logits(params, x_BD, cfg, matmul_impl="xla" if mesh is not None else matmul_impl)
   slots = record_tokens(slots, tokens.prompt_slot_T, tokens.output_slot_T, inputs.token_ids_T)
@@ -183,7 +184,7 @@ def _decode_burst(params, kv_caches, slots: SlotState, mask_SW, last_S, buf_N, *
     x_TD = params["embed"][token_ids_T]
     out, _, kv_caches, slots = _last_stage(params, kv_caches, x_TD, slots, mask_SW, step_inputs, step_sampling,
                                            tokens, cfg=cfg, attn_impl=attn_impl, mesh=mesh, path=path,
-                                           matmul_impl=matmul_impl)
+                                           matmul_impl=matmul_impl, decode_only=True)
     token_ids_T = jnp.zeros_like(token_ids_T).at[:num_seqs].set(out.tokens_B)
     return kv_caches, slots, token_ids_T, out_KB.at[k].set(out.tokens_B)
 

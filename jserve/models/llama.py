@@ -228,8 +228,9 @@ def forward(params: dict, kv_caches: list, inputs: StepInputs, cfg: ModelConfig,
 
 def forward_layers(layers: list, kv_caches: list, x_TD, inputs: StepInputs, cfg: ModelConfig,
                    attn_impl: str = "auto", mesh: jax.sharding.Mesh | None = None, *,
-                   matmul_impl: str = MATMUL_IMPL):
-  """Runs a run of decoder layers (all of them, or one pipeline stage's) and their KV pools over a step."""
+                   matmul_impl: str = MATMUL_IMPL, decode_only: bool = False):
+  """Runs a run of decoder layers (all of them, or one pipeline stage's) and their KV pools over a step.
+  `decode_only`: every sequence of the step has one token (the attention kernel skips its prefill launch)."""
   if mesh is not None:
     # The kernel is one custom call on whole weights: given sharded ones, XLA would gather them first.
     matmul_impl = "xla"
@@ -239,7 +240,7 @@ def forward_layers(layers: list, kv_caches: list, x_TD, inputs: StepInputs, cfg:
     o_TNH = ragged_paged_attention(
         q_TNH, kv_pages_PSCH, inputs.kv_lens_B, inputs.page_indices_BP, inputs.cu_q_lens_E,
         inputs.num_seqs, sm_scale=cfg.head_dim**-0.5, sliding_window=cfg.sliding_window,
-        impl=attn_impl)
+        impl=attn_impl, decode_only=decode_only)
     return o_TNH, kv_pages_PSCH
 
   if mesh is not None:

@@ -18,8 +18,13 @@ IMPLS = ("auto", "gpu", "tpu", "reference")
 
 
 def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs,
-                           *, sm_scale, sliding_window=None, soft_cap=None, impl="auto", interpret=False):
+                           *, sm_scale, sliding_window=None, soft_cap=None, impl="auto", interpret=False,
+                           decode_only=False):
   """See `reference.ragged_paged_attention` for the semantics; `impl` picks the backend.
+
+  `decode_only`: every sequence has one query row (a decode batch), so the GPU
+  kernel runs its decode launch only (see `gpu.ragged_paged_attention`); the
+  other backends compute the same either way.
 
   Rows past `cu_q_lens_E[num_seqs]` are zero, as in the reference; no kernel
   computes them (the GPU kernel does not even load them; the TPU kernel moves
@@ -35,7 +40,7 @@ def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_
     from pallas_kernels.ragged_paged_attention import gpu
     why_not = gpu.supports(q_TNH, kv_pages_PSCH)
     if why_not is None:
-      return gpu.ragged_paged_attention(*args, interpret=interpret, **kw)
+      return gpu.ragged_paged_attention(*args, interpret=interpret, decode_only=decode_only, **kw)
     logging.log_first_n(logging.WARNING, "GPU attention kernel unavailable (%s); using the reference", 1, why_not)
   elif impl == "tpu":
     from pallas_kernels.ragged_paged_attention import tpu

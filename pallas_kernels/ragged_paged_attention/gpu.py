@@ -366,19 +366,23 @@ def _combine(o_SWKMH, lse_SWKM, items, cu_q_lens_E, out_TNH, *, group, block_q):
 _STATIC = ("sm_scale", "sliding_window", "soft_cap", "interpret", "config", "num_splits")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
+@functools.partial(jax.jit, static_argnames=_STATIC + ("decode_only",))
 def ragged_paged_attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, *,
                            sm_scale, sliding_window=None, soft_cap=None, out_TNH=None, interpret=False,
-                           config=None, num_splits=None):
+                           config=None, num_splits=None, decode_only=False):
   """Same semantics as `reference.ragged_paged_attention`, with the KV pool layout documented there.
 
   Rows outside the live query rows keep the value they have in `out_TNH`
   (zeros when it is None): the kernels never write them.
   `config` (a `tuning.GpuConfig`) and `num_splits` override the tuned choice.
+  `decode_only`: the caller promises every sequence has at most
+  `config.decode.block_m // G` query rows (one, in the engine's decode
+  bursts), and only the decode launch runs: no prefill launch whose programs
+  all find no work. A longer sequence's rows would be left unwritten.
   """
   out_TNH, _ = _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, None,
                           sm_scale=sm_scale, sliding_window=sliding_window, soft_cap=soft_cap, out_TNH=out_TNH,
-                          interpret=interpret, config=config, num_splits=num_splits)
+                          interpret=interpret, config=config, num_splits=num_splits, decode_only=decode_only)
   return out_TNH
 
 
@@ -414,7 +418,7 @@ def ragged_paged_attention_write(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_B
 
 
 def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, num_seqs, new_kv, *,
-               sm_scale, sliding_window, soft_cap, out_TNH, interpret, config, num_splits):
+               sm_scale, sliding_window, soft_cap, out_TNH, interpret, config, num_splits, decode_only=False):
   """Both launches (and the split combine); returns (out_TNH, the pool after the fused write or None)."""
   num_tokens, num_heads, head_dim = q_TNH.shape
   _, page_size, num_combined, _ = kv_pages_PSCH.shape
@@ -433,7 +437,7 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   cu_q_lens_E = cu_q_lens_E.astype(jnp.int32)
   decode_q = config.decode.block_m // group
   fused = new_kv is not None
-  use_hopper = _use_hopper(q_TNH, kv_pages_PSCH, config, interpret, fused)
+  use_hopper = not decode_only and _use_hopper(q_TNH, kv_pages_PSCH, config, interpret, fused)
   prefill_q = hopper.BLOCK_Q if use_hopper else config.prefill.block_m // group
   decode, prefill = _items(kv_lens_B, cu_q_lens_E, jnp.reshape(num_seqs, ()).astype(jnp.int32),
                            num_tokens=num_tokens, decode_q=decode_q, prefill_q=prefill_q,
@@ -444,11 +448,12 @@ def _attention(q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E, nu
   # The prefill launch writes its sequences' new rows before the decode
   # launch runs; the decode launch reads only its own sequences' cached
   # slots, which are not among them.
+  # (`decode_only`: no prefill launch at all.)
   if use_hopper:
     out_TNH = hopper.prefill(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, sm_scale=sm_scale,
                              sliding_window=sliding_window, soft_cap=soft_cap, blocks=config.hopper,
                              interpret=interpret)
-  else:
+  elif not decode_only:
     out = _launch(prefill, q_TNH, kv_pages_PSCH, *meta, out_TNH, blocks=config.prefill, num_splits=1, **common)
     out_TNH, kv_pages_PSCH = out if fused else (out, kv_pages_PSCH)
   if num_splits == 1:

@@ -116,6 +116,19 @@ def test_dispatcher_rejects_an_unknown_impl():
     ragged_paged_attention(*case.args(), sm_scale=0.125, impl="cuda")
 
 
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_gpu_decode_only_call_runs_the_decode_launch_alone_and_matches_reference(num_splits):
+  case = make_case(11, SEQS["decode_only"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8,
+                   dtype=jnp.float32, shape=SEQS_SHAPE)
+  check(functools.partial(KERNELS["gpu"], decode_only=True), case, jnp.float32, head_dim=64, num_splits=num_splits)
+
+
+def test_gpu_decode_only_call_lowers_to_one_triton_launch():
+  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, decode_only=True)
+  text = jax.jit(fn).trace(*_abstract_args(jnp.bfloat16)).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1  # no prefill launch
+
+
 @pytest.mark.parametrize("pool_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
 @pytest.mark.parametrize("name", ["mixed", "decode_only"])
 def test_gpu_kernel_reads_an_fp8_pool_under_bf16_queries(name, pool_dtype):
