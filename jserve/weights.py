@@ -24,16 +24,13 @@ from jserve.errors import CheckpointError
 from jserve.models.llama import ParamSpec, is_spec, param_specs
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
-_KV_ONLY_DTYPES = {"float8_e4m3fn": jnp.float8_e4m3fn, "float8_e5m2": jnp.float8_e5m2}  # KV pool, not weights
 
 
-def resolve_dtype(dtype, kv_pool: bool = False) -> jnp.dtype:
-  """A dtype by name; `kv_pool` also allows the 8-bit floats of an fp8 KV pool."""
+def resolve_dtype(dtype) -> jnp.dtype:
   if isinstance(dtype, str):
-    names = {**_DTYPES, **_KV_ONLY_DTYPES} if kv_pool else _DTYPES
-    if dtype not in names:
-      raise CheckpointError(f"dtype={dtype!r} is not supported; use one of {', '.join(names)}")
-    return jnp.dtype(names[dtype])
+    if dtype not in _DTYPES:
+      raise CheckpointError(f"dtype={dtype!r} is not supported; use one of {', '.join(_DTYPES)}")
+    return jnp.dtype(_DTYPES[dtype])
   return jnp.dtype(dtype)
 
 

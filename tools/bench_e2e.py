@@ -451,8 +451,9 @@ def main(argv):
     weight_bytes -= params["embed"].nbytes
   results["weight_bytes_read_per_step"] = weight_bytes
   # The pool's own element size: an fp8 KV cache (kv_cache_dtype) reads half the bytes of bfloat16.
-  results["kv_dtype"] = str(llm.engine.runner.kv_caches[0].dtype)
-  kv_per_token = cfg.kv_bytes_per_token(llm.engine.runner.kv_caches[0].dtype.itemsize)
+  kv_dtype = llm.engine.runner.kv_caches[0].dtype
+  results["kv_dtype"] = str(kv_dtype)
+  kv_per_token = cfg.kv_bytes_per_token(kv_dtype.itemsize)
   matmul_params = matmul_params_of(cfg)
   if batches:
     # Before the workloads: it fills the KV pool with random values, which no cached prefix may see.

@@ -152,10 +152,10 @@ def main(argv):
   rounds = 3 * FLAGS.steps + 4  # untraced, cProfile and traced rounds, and warm-up
   # Prompt requests that keep every recorded step full of prompt tokens (prefill and mixed phases).
   budget = FLAGS.max_num_batched_tokens - (FLAGS.batch if FLAGS.phase == "mixed" else 0)
-  num_prompts = 0 if FLAGS.phase == "decode" else -(-rounds * budget // FLAGS.input_len) + 1
-  num_decoding = 0 if FLAGS.phase == "prefill" else FLAGS.batch
   if budget <= 0:
     raise app.UsageError(f"--phase=mixed needs --max_num_batched_tokens above --batch={FLAGS.batch}")
+  num_prompts = 0 if FLAGS.phase == "decode" else -(-rounds * budget // FLAGS.input_len) + 1
+  num_decoding = 0 if FLAGS.phase == "prefill" else FLAGS.batch
   engine = LLMEngine(EngineConfig(model=model, max_model_len=FLAGS.input_len + out_len + 16,
                                   max_num_seqs=num_decoding + num_prompts,
                                   max_num_batched_tokens=FLAGS.max_num_batched_tokens, **extra))

@@ -12,6 +12,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
@@ -33,8 +34,8 @@ from jserve.weights import resolve_dtype
 from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
 
 # kv_cache_dtype's names (vLLM's, and the 16-bit ones by name) -> the pool's dtype; None: the model's.
-KV_CACHE_DTYPES = {"auto": None, "bfloat16": "bfloat16", "float16": "float16", "fp8": "float8_e4m3fn",
-                   "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+KV_CACHE_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "fp8": jnp.float8_e4m3fn,
+                   "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 CPU_DEFAULT_BATCHED_TOKENS = 512
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jserve", "jax")
@@ -191,7 +192,7 @@ class LLMEngine:
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
     jax.block_until_ready(self.params)  # else the weights' last transfers are timed as compiling
     clock.lap("weights")
-    kv_dtype = resolve_dtype(KV_CACHE_DTYPES[config.kv_cache_dtype] or config.dtype, kv_pool=True)
+    kv_dtype = jnp.dtype(KV_CACHE_DTYPES[config.kv_cache_dtype] or resolve_dtype(config.dtype))
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,

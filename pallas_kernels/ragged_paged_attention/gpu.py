@@ -137,8 +137,7 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
         off_M1 = jnp.where(write_M, slot_M % page_size, 0)[:, None]
         for new_ref, c in ((k_new_ref, 2 * kv_head), (v_new_ref, 2 * kv_head + 1)):
           row_MH = plgpu.load(new_ref.at[t_in_M[:, None], kv_head, h_1H], mask=write_M[:, None], other=0)
-          plgpu.store(kv_out_ref.at[page_M1, off_M1, c, h_1H],
-                      reference.to_pool_dtype(row_MH, kv_out_ref.dtype),
+          plgpu.store(kv_out_ref.at[page_M1, off_M1, c, h_1H], row_MH.astype(kv_out_ref.dtype),
                       mask=write_M[:, None])
 
       if num_splits > 1:
@@ -189,8 +188,8 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
         v_XH = kv_ref[page_X1, off_X1, 2 * kv_head + 1, h_1H]
       elif source == "new":
         t_X1 = (new_row0 + x_X)[:, None]
-        k_XH = reference.to_pool_dtype(k_new_ref[t_X1, kv_head, h_1H], kv_ref.dtype)
-        v_XH = reference.to_pool_dtype(v_new_ref[t_X1, kv_head, h_1H], kv_ref.dtype)
+        k_XH = k_new_ref[t_X1, kv_head, h_1H].astype(kv_ref.dtype)
+        v_XH = v_new_ref[t_X1, kv_head, h_1H].astype(kv_ref.dtype)
       else:
         pool_X = x_X < ctx_end
         slot_X = jnp.minimum(x_X // page_size, pages_per_seq - 1)
@@ -203,8 +202,8 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
           t_X1 = jnp.clip(new_row0 + x_X, 0, num_tokens - 1)[:, None]
           kn_XH = plgpu.load(k_new_ref.at[t_X1, kv_head, h_1H], mask=new_X1, other=0)
           vn_XH = plgpu.load(v_new_ref.at[t_X1, kv_head, h_1H], mask=new_X1, other=0)
-          k_XH = jnp.where(new_X1, reference.to_pool_dtype(kn_XH, k_XH.dtype), k_XH)
-          v_XH = jnp.where(new_X1, reference.to_pool_dtype(vn_XH, v_XH.dtype), v_XH)
+          k_XH = jnp.where(new_X1, kn_XH.astype(k_XH.dtype), k_XH)
+          v_XH = jnp.where(new_X1, vn_XH.astype(v_XH.dtype), v_XH)
       s_MX = lax.dot_general(q_MH, k_XH.astype(q_MH.dtype), (((1,), (1,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)
       if soft_cap is not None:
