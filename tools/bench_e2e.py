@@ -270,8 +270,8 @@ class _BurstRunner:
     return self.runner.execute_burst(inputs, sampling, tokens), None
 
 
-def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_bytes: int, ceiling: dict,
-               iters: int, save) -> dict:
+def step_sweep(llm, batches: list[int], contexts: list[int], *, weight_bytes: int, kv_per_token: int,
+               matmul_params: int, ceiling: dict, iters: int, save) -> dict:
   """Times the engine's decode step at each (batch, context) against its memory roofline and FLOP
   bound (see the module docstring); calls `save(partial)` after each pair."""
   import numpy as np
@@ -285,8 +285,6 @@ def step_sweep(llm, cfg, batches: list[int], contexts: list[int], *, weight_byte
     out["skipped"] = f"page_size {rc.page_size}: the sweep builds batches of {PAGE_SIZE}-token pages"
     return out
   burst_k = rc.num_decode_steps if runner.burst_buckets else 1
-  kv_per_token = cfg.kv_bytes_per_token(runner.kv_caches[0].dtype.itemsize)
-  matmul_params = matmul_params_of(cfg)
   bandwidth, flop_rate = ceiling["best_GBps"] * 1e9, ceiling["matmul_TFLOPs"] * 1e12
   out.update(num_decode_steps=burst_k, kv_pool_tokens=(rc.num_pages - 1) * rc.page_size,
              kv_pool_GiB=(rc.num_pages - 1) * rc.page_size * kv_per_token / 2**30, weight_bytes=weight_bytes,
@@ -457,7 +455,8 @@ def main(argv):
   matmul_params = matmul_params_of(cfg)
   if batches:
     # Before the workloads: it fills the KV pool with random values, which no cached prefix may see.
-    results["step_sweep"] = step_sweep(llm, cfg, batches, contexts, weight_bytes=weight_bytes, ceiling=bw,
+    results["step_sweep"] = step_sweep(llm, batches, contexts, weight_bytes=weight_bytes, kv_per_token=kv_per_token,
+                                       matmul_params=matmul_params, ceiling=bw,
                                        iters=FLAGS.step_iters,
                                        save=lambda s: write(dict(results, step_sweep=s)))
     write(results)
