@@ -33,10 +33,10 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
   the markdown with the drawn lengths' statistics). For each workload: output and total tokens/s
   beside the workload's roofline (the larger of every step's weight bytes plus the KV bytes its batch
   reads, over the copy bandwidth, and every token's matmul FLOPs over the matmul rate; from the
-  per-request lengths, see `workload_bounds`), the serial bound (decode at its memory bound plus
-  prefill at its compute bound: what a one-kernel-at-a-time executor can reach), and, for the
-  decode steps that had the full batch,
-  the median wall time per step against that step's roofline, and the host time per step
+  per-request lengths, see `workload_bounds`), the serial bound (decode attention at its memory bound, each
+  decode step's matmuls at the larger of their weight reads and FLOPs, prefill at its compute bound:
+  what a one-kernel-at-a-time executor can reach), and, for the decode steps that had the full batch,
+  the median wall time per step against that step's roofline and serial bound, and the host time per step
   (scheduling plus batch building). Also where the run's wall time went, by kind of step (steps
   with prompt tokens, full and partial decode batches; `StepTimer.breakdown`), how many requests
   were preempted and how many tokens the KV pool held.
@@ -204,10 +204,30 @@ def decode_steps(out_lens: list[int], slots: int) -> int:
   slots, each request taking the first slot free in arrival order (continuous batching, prefill
   taking no steps). For equal lengths this is out_len * ceil(count / slots), the waves of the
   equal-length formula."""
+  return max(slot_ends(out_lens, slots), default=0)
+
+
+def slot_ends(out_lens: list[int], slots: int) -> list[int]:
+  """The decode step at which each sequence slot runs out of work, in `decode_steps`' model; the batch
+  of step t is the number of slots whose end is past t."""
   free = [0] * min(slots, len(out_lens))
   for n in out_lens:
     heapq.heappush(free, heapq.heappop(free) + n)
-  return max(free, default=0)
+  return sorted(free)
+
+
+def decode_matmul_s(out_lens: list[int], slots: int, *, weight_bytes: int, bandwidth: float, matmul_params: int,
+                    flop_rate: float) -> float:
+  """Seconds of the decode steps' matmuls, each step at the larger of its weight reads and its FLOPs
+  (2 x matmul_params per sequence of its batch). A large batch makes them compute-bound: on an H200
+  (4.2 TB/s, 750 TFLOP/s) a bfloat16 matmul is past the ridge above about 180 rows."""
+  ends = slot_ends(out_lens, slots)
+  total, start = 0.0, 0
+  for j, end in enumerate(ends):  # steps start..end-1 run len(ends) - j sequences
+    batch = len(ends) - j
+    total += (end - start) * max(weight_bytes / bandwidth, 2 * matmul_params * batch / flop_rate)
+    start = end
+  return total
 
 
 def workload_bounds(in_lens: list[int], out_lens: list[int], *, max_num_seqs: int, max_num_batched_tokens: int,
@@ -222,17 +242,20 @@ def workload_bounds(in_lens: list[int], out_lens: list[int], *, max_num_seqs: in
   prompts make the second one the bound (1000 x 1024 prompt tokens on an 8B model: 16 PFLOP).
   roofline_s is the larger of the two: what the issue's targets are measured against.
 
-  serial_s: decode at its memory bound plus prefill at its compute bound (or its weight reads, where
-  larger). An executor that runs one kernel at a time cannot hide the compute of prompt tokens under
-  the memory traffic of decodes, so this is the bound for it, and for vLLM's, SGLang's and
-  TensorRT-LLM's single-stream steps alike.
+  serial_s: decode's KV reads at the memory bound, decode's matmuls each step at the larger of its
+  weight reads and its FLOPs (`decode_matmul_s`), plus prefill at its compute bound (or its weight
+  reads, where larger). An executor that runs one kernel at a time cannot hide the compute of prompt
+  tokens, or of a large decode batch's matmuls, under the memory traffic of attention, so this is the
+  bound for it, and for vLLM's, SGLang's and TensorRT-LLM's single-stream steps alike.
   """
   steps = decode_steps(out_lens, max_num_seqs)
   kv_read = sum(o * (i + o / 2) for i, o in zip(in_lens, out_lens)) * kv_per_token
   prefill_steps = -(-sum(in_lens) // max_num_batched_tokens)
   memory_s = ((steps + prefill_steps) * weight_bytes + kv_read) / bandwidth
   compute_s = 2 * matmul_params * (sum(in_lens) + sum(out_lens)) / flop_rate
-  decode_s = (steps * weight_bytes + kv_read) / bandwidth
+  decode_s = kv_read / bandwidth + decode_matmul_s(out_lens, max_num_seqs, weight_bytes=weight_bytes,
+                                                  bandwidth=bandwidth, matmul_params=matmul_params,
+                                                  flop_rate=flop_rate)
   prefill_s = max(prefill_steps * weight_bytes / bandwidth, 2 * matmul_params * sum(in_lens) / flop_rate)
   return {"memory_s": memory_s, "compute_s": compute_s, "roofline_s": max(memory_s, compute_s),
           "serial_s": max(decode_s + prefill_s, compute_s)}
@@ -351,8 +374,9 @@ def markdown(results: dict) -> list[str]:
            f"max_model_len {results.get('max_model_len', '-')}; engine args {results.get('engine_args')}"]
   if results.get("workloads"):
     lines += ["", "| in/out x requests | output tok/s | roofline output tok/s | fraction | serial bound tok/s | "
-              "fraction | total tok/s | decode step wall ms (batch) | roofline step ms | fraction | host ms |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "fraction | total tok/s | decode step wall ms (batch) | roofline step ms | fraction | serial step ms | "
+              "fraction | host ms |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in results["workloads"]:
       label = r.get("label") or f"{r['input_len']}/{r['output_len']} x {r['requests']}"
       lines.append(f"| {label} | {r['output_tok_s']:.0f} | {r['roofline_output_tok_s']:.0f} | "
@@ -360,6 +384,7 @@ def markdown(results: dict) -> list[str]:
                    f"{r.get('serial_fraction', nan):.2f} | {r['total_tok_s']:.0f} | "
                    f"{r.get('decode_wall_ms', nan):.2f} ({r.get('decode_batch', '-')}) | "
                    f"{r.get('roofline_step_ms', nan):.2f} | {r.get('roofline_fraction', nan):.2f} | "
+                   f"{r.get('serial_step_ms', nan):.2f} | {r.get('serial_step_fraction', nan):.2f} | "
                    f"{r.get('host_ms', nan):.3f} |")
     tails = [f"- {longtail_text(r['longtail'])}" for r in results["workloads"] if "longtail" in r]
     tails += [f"- {breakdown_text(r)}" for r in results["workloads"] if r.get("breakdown")]
@@ -500,9 +525,15 @@ def main(argv):
     if summary:
       # The mean context of a decode step over the run: each request's out_i steps at in_i + out_i / 2.
       context = sum(o * (i + o / 2) for i, o in zip(in_lens, out_lens)) / sum(out_lens)
-      roofline = (weight_bytes + full * context * kv_per_token) / (bw["best_GBps"] * 1e9)
+      bandwidth, flop_rate = bw["best_GBps"] * 1e9, bw["matmul_TFLOPs"] * 1e12
+      roofline = (weight_bytes + full * context * kv_per_token) / bandwidth
+      # Attention's KV reads, then the matmuls at their own bound: a batch of 256 on an 8B model is
+      # compute-bound, and its FLOPs cannot hide under the attention that runs before them.
+      serial = full * context * kv_per_token / bandwidth + max(weight_bytes / bandwidth,
+                                                               2 * matmul_params * full / flop_rate)
       row.update(decode_batch=full, decode_wall_ms=summary["wall_ms"], host_ms=summary["host_ms"],
                  roofline_step_ms=roofline * 1e3, roofline_fraction=roofline * 1e3 / summary["wall_ms"],
+                 serial_step_ms=serial * 1e3, serial_step_fraction=serial * 1e3 / summary["wall_ms"],
                  decode_steps_timed=summary["steps"], wall_per_step_ms=elapsed / len(timer.seqs) * 1e3,
                  decode_mean_context=context)
     results["workloads"].append(row)
