@@ -66,6 +66,8 @@ _MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which mode
 _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
 _SWEEP = flags.DEFINE_bool("sweep", True, "sweep the Triton kernel's tiles; --nosweep times its tuned config, XLA, "
                            "cuBLAS and the Hopper kernel's variants on every shape")
+_CHECKS_ONLY = flags.DEFINE_bool("checks_only", False, "run the correctness checks only; exit 1 if one fails (a "
+                                  "hanging kernel then costs a short `timeout` before the timings, not the whole run)")
 _MIN_BYTES = flags.DEFINE_integer("min_bytes", 1 << 30, "weight bytes per timed call (distinct copies)")
 _THREADS = flags.DEFINE_integer("compile_threads", 12, "parallel compiles")
 
@@ -530,6 +532,11 @@ def main(argv):
     log(f"ceiling {res['ceiling']}")
   res["checks"] = check_edges(interpret)
   save()
+  if _CHECKS_ONLY.value:
+    failed = [c["case"] for c in res["checks"] if not c["ok"]]
+    log(f"checks: {len(res['checks']) - len(failed)} of {len(res['checks'])} passed" +
+        (f"; failed: {', '.join(failed)}" if failed else ""))
+    sys.exit(1 if failed else 0)
   ms = [int(m) for m in _MS.value]
   shapes = SMOKE_SHAPES if _SMOKE.value else [s for model in _MODELS.value for s in SHAPES[model]]
   best_plain = {}  # per model prefix and M: the plain gate_up shape's fastest configs, tried on the fused one
