@@ -197,7 +197,9 @@ def check_test_shapes():
     try:
       c = rpa_cases.make_case(1, rpa_cases.SEQS[name], num_heads=nh, num_kv_heads=nkv, head_dim=hd, page_size=8,
                               dtype=dtype, shape=rpa_cases.SEQS_SHAPE)  # one shape: fewer compiles
-      if gpu._use_hopper(c.q_TNH, c.kv_pages_PSCH, tuning.gpu_config(hd, 8, nh // nkv), _INTERPRET.value, False):
+      # The test shapes are small: check the Hopper prefill kernel on them too, as the large buckets run it.
+      cfg = dataclasses.replace(tuning.gpu_config(hd, 8, nh // nkv), hopper_min_tokens=0)
+      if gpu._use_hopper(c.q_TNH, c.kv_pages_PSCH, cfg, _INTERPRET.value, False):
         # The Hopper prefill kernel reads whole pages and assumes finite values past each context
         # (hopper.py; the engine's pool never holds NaN): a large finite poison instead of NaN.
         c = dataclasses.replace(c, kv_pages_PSCH=jnp.nan_to_num(c.kv_pages_PSCH, nan=1e4))
@@ -206,7 +208,7 @@ def check_test_shapes():
       ref = jax.jit(functools.partial(reference.ragged_paged_attention, sm_scale=hd**-0.5, **ref_kw))(
           *c.reference_args())
       poison = jnp.full(c.q_TNH.shape, jnp.nan, dtype)
-      out = np.asarray(gpu.ragged_paged_attention(*c.args(), sm_scale=hd**-0.5, out_TNH=poison,
+      out = np.asarray(gpu.ragged_paged_attention(*c.args(), sm_scale=hd**-0.5, out_TNH=poison, config=cfg,
                                                   interpret=_INTERPRET.value, **kw), np.float32)
       live = c.live_rows
       err = rel_err(out[:live], ref[:live])

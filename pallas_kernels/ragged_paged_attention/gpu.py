@@ -337,6 +337,8 @@ def _use_hopper(q_TNH, kv_pages_PSCH, config, interpret, fused) -> bool:
   """Whether the Hopper kernel runs the prefill launch (see `GpuConfig.prefill_kernel`)."""
   if config.prefill_kernel == "triton" or fused or (config.prefill_kernel == "auto" and interpret):
     return False
+  if config.prefill_kernel == "auto" and q_TNH.shape[0] < config.hopper_min_tokens:
+    return False
   why_not = hopper.supports(q_TNH, kv_pages_PSCH, config.hopper) or (None if interpret else hopper.device_supports())
   if why_not and config.prefill_kernel == "hopper":  # asked for by name: say why it did not run
     logging.log_first_n(logging.WARNING, "Hopper prefill kernel unavailable (%s); using the Triton one", 1, why_not)

@@ -65,6 +65,13 @@ class GpuConfig:
   # (H128) and 72% on 8 x 2048 (H64), Triton at 51% and 47%.
   prefill_kernel: str = "auto"
   hopper: HopperBlocks = HopperBlocks()
+  # "auto" takes the Hopper kernel only in calls of at least this many query tokens (static: the
+  # step's token bucket). Lowering a Mosaic GPU kernel on a Hopper GPU builds it there and then,
+  # outside the persistent compilation cache: 2.1 s per step program for the 8B shape on an H100
+  # (tools/time_lowering.py, 2026-12-07), against 0.25 s with the Triton launch, every start. Below
+  # 1,024 tokens a step's prefill attention is a small share of its time, so the small buckets keep
+  # the Triton launch and a warm start skips most of that lowering.
+  hopper_min_tokens: int = 1024
 
   def __post_init__(self):
     if self.prefill_kernel not in ("auto", "triton", "hopper"):

@@ -129,14 +129,21 @@ def test_a_cpu_is_not_a_hopper_gpu_and_the_dispatcher_falls_back():
 
 
 def test_auto_prefill_kernel_is_hopper_only_on_a_hopper_gpu(monkeypatch):
-  # The default config takes the Hopper kernel where the device is a Hopper GPU and
-  # the shapes fit; interpreted, or asked for "triton", it keeps the Triton launch.
-  q, kv = jnp.zeros((8, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16)
+  # The default config takes the Hopper kernel where the device is a Hopper GPU, the shapes fit and
+  # the call has hopper_min_tokens query tokens or more; interpreted, or asked for "triton", it keeps
+  # the Triton launch.
   auto = tuning.gpu_config(128, 16, 4)
+  q, kv = jnp.zeros((auto.hopper_min_tokens, 4, 128), jnp.bfloat16), jnp.zeros((4, 16, 2, 128), jnp.bfloat16)
   assert auto.prefill_kernel == "auto"
   assert gpu._use_hopper(q, kv, auto, interpret=False, fused=False) is False  # this CPU
   monkeypatch.setattr(hopper, "device_supports", lambda: None)  # as on an H100 / H200
   assert gpu._use_hopper(q, kv, auto, interpret=False, fused=False) is True
+  # A smaller bucket keeps the Triton launch (its Mosaic GPU lowering would cost every start), unless
+  # the Hopper kernel is asked for by name.
+  small = q[:auto.hopper_min_tokens - 1]
+  assert gpu._use_hopper(small, kv, auto, interpret=False, fused=False) is False
+  named = dataclasses.replace(auto, prefill_kernel="hopper")
+  assert gpu._use_hopper(small, kv, named, interpret=False, fused=False) is True
   assert gpu._use_hopper(q.astype(jnp.float32), kv.astype(jnp.float32), auto, interpret=False, fused=False) is False
   assert gpu._use_hopper(q, kv, auto, interpret=True, fused=False) is False
   triton = dataclasses.replace(auto, prefill_kernel="triton")
