@@ -53,6 +53,8 @@ _FP8 = flags.DEFINE_bool("fp8", False, "also run every case with an fp8 (e4m3) K
 
 _DECODE_SWEEP = flags.DEFINE_bool("decode_sweep", False, "only sweep the decode launch's tiles (decode-only calls, "
                                   "as the engine's bursts make) over pages of 16, 32 and 64 and bf16 and fp8 pools")
+_DECODE_SWEEP_SHAPES = flags.DEFINE_list("decode_sweep_shapes", ["64x2048", "256x1536"],
+                                         "--decode_sweep: which shapes (batch x context)")
 _BUDGET_S = flags.DEFINE_float("budget_s", 240.0, "--decode_sweep: seconds after which no new group starts")
 
 _LOG = []
@@ -352,7 +354,8 @@ def decode_sweep(ceiling):
   32 and 64 and bf16 and fp8 pools: every tile of DECODE_SWEEP_TILES (and the table's own) checked
   against the exact attention, then timed. Rows carry the group's best and the table's tiles."""
   rows = []
-  shapes = (("64x2048", [(1, 2048)] * 64, (1, 2)), ("256x1536", [(1, 1536)] * 256, (1,)))
+  shapes = tuple(s for s in (("64x2048", [(1, 2048)] * 64, (1, 2)), ("256x1536", [(1, 1536)] * 256, (1,)))
+                 if s[0] in _DECODE_SWEEP_SHAPES.value)
   sweep_tiles = DECODE_SWEEP_TILES
   if _QUICK.value:  # a smoke run on a CPU, in interpret mode
     shapes, sweep_tiles = (("4x128", [(1, 128)] * 4, (1, 2)),), DECODE_SWEEP_TILES[:1]
