@@ -66,6 +66,9 @@ class EngineConfig:
   kv_admission: str = "auto"
   seed: int = 0
   compilation_cache_dir: str | None = DEFAULT_COMPILATION_CACHE
+  # Keep the step programs as exported modules in compilation_cache_dir/programs, so a warm start reads
+  # them instead of tracing and lowering (jserve/engine/programs.py). One device, one process only.
+  program_cache: bool = True
   attn_impl: str = "auto"
   # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
   # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"
@@ -215,7 +218,9 @@ class LLMEngine:
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
         kv_dtype=kv_dtype, attn_impl=config.attn_impl, matmul_impl=config.matmul_impl,
         num_decode_steps=config.num_decode_steps,
-        sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler),
+        sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler,
+        program_cache_dir=(os.path.join(config.compilation_cache_dir, "programs")
+                           if config.program_cache and config.compilation_cache_dir else None)),
         mesh=self.mesh)
     clock.lap("kv_pool")
     self.runner.compile_all(progress)

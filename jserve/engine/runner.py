@@ -25,6 +25,7 @@ from jserve.engine.request import BIAS_TABLE_SIZE, Request
 from jserve.engine.sampler import SamplingInputs, SlotState, host_path, write_slots
 from jserve.engine import multihost
 from jserve.engine.placement import default_device
+from jserve.engine.programs import ProgramCache
 from jserve.engine.stages import PipelineStep
 from jserve.engine.step import (TokenInputs, _decode_burst, _last_stage, _prompt_logprobs, _step, pack_host_inputs,
                                 unpack_host)
@@ -63,6 +64,9 @@ class RunnerConfig:
   # bucket, the path picked on the device (`sampler.sample`).
   sampler_paths: str = "device"
   precompile_staged: bool = True  # with host paths: compile the staged programs at start-up (else on first use)
+  # Where the step and burst programs are kept as exported modules (jserve/engine/programs.py), so a
+  # warm start skips tracing and lowering; None: traced and lowered at every start. One device only.
+  program_cache_dir: str | None = None
 
   @property
   def pages_per_seq(self) -> int:
@@ -166,6 +170,14 @@ class ModelRunner:
                             donate_argnums=(1, 2), static_argnames=("layout", "path"),
                             **({} if mesh is None else {"out_shardings": (
                                 replicated(mesh), kv_cache_shardings(cfg, mesh), replicated(mesh), replicated(mesh))}))
+    if rc.program_cache_dir and mesh is None:
+      key = repr((cfg, dataclasses.replace(rc, program_cache_dir=None), jax.config.jax_enable_x64,
+                  jax.config.jax_default_matmul_precision))
+      self._step = ProgramCache(self._step, name="step", key=key, directory=rc.program_cache_dir,
+                                donate_argnums=(1, 2))
+      if self._burst is not None:
+        self._burst = ProgramCache(self._burst, name="burst", key=key, directory=rc.program_cache_dir,
+                                   donate_argnums=(1, 2))
     # Prompt logprobs, compiled per token bucket on first use (most deployments never ask for them).
     self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg))
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),

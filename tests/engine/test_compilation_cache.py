@@ -14,8 +14,10 @@ hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 llm = LLM(sys.argv[1], dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
           kv_cache_gib=0.01, compilation_cache_dir=sys.argv[2])
-print("BUCKETS", len(llm.engine.runner.buckets), "HITS", len(hits), "COMPILED",
-      llm.engine.startup_programs["compiled"])
+runner = llm.engine.runner
+out = llm.generate(["def add(a, b):"], __import__("jserve").SamplingParams(max_tokens=6, temperature=0))
+print("BUCKETS", len(runner.buckets), "HITS", len(hits), "COMPILED", llm.engine.startup_programs["compiled"],
+      "LOADED", getattr(runner._step, "loaded", -1), "TOKENS", "-".join(map(str, out[0].outputs[0].token_ids)))
 """
 
 
@@ -25,13 +27,20 @@ def _start(model_dir, cache_dir):
                         env=env, timeout=600, cwd=REPO)
   assert proc.returncode == 0, proc.stderr[-2000:]
   words = proc.stdout.split()
-  return [int(words[words.index(w) + 1]) for w in ("BUCKETS", "HITS", "COMPILED")]
+  return {w: words[words.index(w) + 1] if w == "TOKENS" else int(words[words.index(w) + 1])
+          for w in ("BUCKETS", "HITS", "COMPILED", "LOADED", "TOKENS")}
 
 
 def test_second_start_takes_every_step_bucket_from_the_cache(tiny_model_dir, tmp_path):
   cache = str(tmp_path / "jax_cache")
-  buckets, first_hits, first_compiled = _start(tiny_model_dir, cache)
-  assert first_hits == 0 and first_compiled > buckets and os.listdir(cache)
-  _, second_hits, second_compiled = _start(tiny_model_dir, cache)
-  assert second_hits >= buckets
-  assert second_compiled == 0, "a warm start compiled programs the cache should hold"
+  first = _start(tiny_model_dir, cache)
+  assert first["HITS"] == 0 and first["COMPILED"] > first["BUCKETS"] and os.listdir(cache)
+  # The step programs were exported beside the compilation cache (jserve/engine/programs.py) ...
+  assert first["LOADED"] == 0
+  assert len([f for f in os.listdir(os.path.join(cache, "programs")) if f.startswith("step-")]) == first["BUCKETS"]
+  second = _start(tiny_model_dir, cache)
+  assert second["HITS"] >= first["BUCKETS"]
+  assert second["COMPILED"] == 0, "a warm start compiled programs the cache should hold"
+  # ... and the second start read them back instead of tracing and lowering, with the same greedy tokens.
+  assert second["LOADED"] == first["BUCKETS"]
+  assert second["TOKENS"] == first["TOKENS"]

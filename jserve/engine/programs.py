@@ -1,0 +1,182 @@
+"""Step programs kept as serialized `jax.export` modules, so that a warm start skips tracing and lowering.
+
+JAX's persistent compilation cache stores compiled executables, keyed by the lowered module: a start
+with a warm cache still traces and lowers every program before it can look one up. For the 8B shape
+on an H100 that was 13.9 s of a 25.2 s warm start (docs/benchmarks/e2e.md); on a Hopper GPU the
+lowering also builds the Mosaic GPU prefill kernel. `ProgramCache` wraps a jitted step function:
+the first call with a given set of static arguments and input shapes exports the program
+(`jax.export`: the traced and lowered StableHLO), writes its serialized bytes (flatbuffers, not
+pickle) under the compilation cache directory, and runs it through `jax.jit(exported.call)`; a later
+process finds the file, deserializes it and only compiles, which the persistent cache answers.
+
+The file name is a hash of everything the program depends on: jserve's own source (every .py file
+under jserve/ and pallas_kernels/), the JAX and jaxlib versions, the backend and device kind, the
+caller's key (model and runner config) and the call's static arguments and input avals. Where a
+program cannot be exported or read back (a missing `flatbuffers` package, a custom call JAX will not
+export, a corrupt file), the cache logs one warning and calls the jitted function as before.
+
+Only single-device, single-process runners use it (see `ModelRunner`); a mesh's shardings are not
+part of the key.
+"""
+
+import dataclasses
+import functools
+import hashlib
+import importlib
+import os
+import pathlib
+import re
+import threading
+
+import jax
+import jaxlib
+from absl import logging
+from jax import export
+
+# Pallas kernels lower to these custom calls; export refuses custom calls it does not know unless told.
+_KERNEL_CALLS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2", "tpu_custom_call")
+_ROOTS = ("jserve", "pallas_kernels")
+_registered: set = set()
+_lock = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+  """sha256 of the source of jserve and its kernels: a changed line makes every stored program stale."""
+  h = hashlib.sha256()
+  top = pathlib.Path(__file__).resolve().parents[2]
+  for root in _ROOTS:
+    for path in sorted((top / root).rglob("*.py")):
+      h.update(str(path.relative_to(top)).encode())
+      h.update(path.read_bytes())
+  return h.hexdigest()
+
+
+def _register_tree_types(tree) -> None:
+  """Lets `Exported.serialize` write the jserve dataclasses found in `tree` (all without meta fields)."""
+  pending = [jax.tree.structure(tree)]
+  while pending:
+    node = pending.pop()
+    pending.extend(node.children())
+    data = node.node_data()
+    if data is None:
+      continue
+    cls, aux = data
+    if not (dataclasses.is_dataclass(cls) and cls.__module__.startswith("jserve.")):
+      continue
+    if aux != ():
+      raise ValueError(f"{cls.__qualname__} has meta fields; ProgramCache serializes dataclasses without")
+    _register_class(cls)
+
+
+def _register_class(cls) -> None:
+  with _lock:
+    if cls in _registered:
+      return
+    export.register_pytree_node_serialization(
+        cls, serialized_name=f"{cls.__module__}.{cls.__qualname__}", serialize_auxdata=lambda _: b"",
+        deserialize_auxdata=lambda _: ())
+    _registered.add(cls)
+
+
+def _deserialize(data: bytes):
+  """`export.deserialize`, registering the jserve dataclasses the module's trees name (by their
+  serialized names, `module.qualname`) as it meets them."""
+  for _ in range(32):
+    try:
+      return export.deserialize(bytearray(data))
+    except ValueError as e:
+      m = re.search(r"unregistered type `(jserve\.[\w.]+)`", str(e))
+      if not m:
+        raise
+      module, _, name = m.group(1).rpartition(".")
+      cls = getattr(importlib.import_module(module), name)
+      if not dataclasses.is_dataclass(cls) or cls in _registered:
+        raise
+      _register_class(cls)
+  raise ValueError("too many unregistered types")
+
+
+def _aval_key(x) -> str:
+  return f"{getattr(x, 'shape', ())}:{getattr(x, 'dtype', type(x).__name__)}"
+
+
+class ProgramCache:
+  """A jitted function's programs, one per (static arguments, input avals), stored as exported modules.
+
+  Called as the jitted function is: `cache(*args, **static)`. `donate_argnums` as for that function.
+  """
+
+  def __init__(self, fn, *, name: str, key: str, directory: str, donate_argnums: tuple[int, ...] = ()):
+    self._fn = fn
+    self._name = name
+    self._key = key
+    self._dir = directory
+    self._donate = donate_argnums
+    self._programs: dict = {}
+    self.loaded = 0  # programs read back from files (the rest were exported here)
+    self._failed = False
+
+  def _cache_size(self) -> int:
+    """Programs compiled so far (as a jitted function's `_cache_size`)."""
+    exported = sum(p._cache_size() for p in self._programs.values() if hasattr(p, "_cache_size"))
+    return exported + (self._fn._cache_size() if self._failed else 0)
+
+  def __call__(self, *args, **static):
+    key = tuple(sorted(static.items()))
+    program = self._programs.get(key)
+    if program is not None:
+      return program(*args)
+    program = self._build(args, static)
+    try:
+      out = program(*args)  # compiles: an exported module the backend will not compile falls back here
+    except Exception as e:  # noqa: BLE001
+      if isinstance(program, functools.partial):
+        raise
+      self._failed = True
+      logging.warning("program cache off for %s: its first call failed: %s: %s", self._name, type(e).__name__,
+                      str(e)[:300])
+      program = functools.partial(self._fn, **static)
+      out = program(*args)
+    self._programs[key] = program
+    return out
+
+  def _path(self, args, static) -> str:
+    h = hashlib.sha256()
+    avals = ",".join(_aval_key(x) for x in jax.tree.leaves(args))
+    device = jax.devices()[0]
+    for part in (source_hash(), jax.__version__, jaxlib.__version__, device.platform, device.device_kind,
+                 self._name, self._key, repr(sorted(static.items())), str(jax.tree.structure(args)), avals):
+      h.update(part.encode())
+      h.update(b"\0")
+    return os.path.join(self._dir, f"{self._name}-{h.hexdigest()[:32]}.jaxexport")
+
+  def _build(self, args, static):
+    fallback = functools.partial(self._fn, **static)
+    if self._failed:
+      return fallback
+    try:
+      path = self._path(args, static)
+      exported = None
+      if os.path.exists(path):
+        try:
+          with open(path, "rb") as f:
+            exported = _deserialize(f.read())
+          self.loaded += 1
+        except Exception as e:  # noqa: BLE001 - a stale or corrupt file: export again and replace it
+          logging.warning("program cache: could not read %s (%s); exporting again", path, e)
+      if exported is None:
+        _register_tree_types(args)
+        checks = [export.DisabledSafetyCheck.custom_call(name) for name in _KERNEL_CALLS]
+        exported = export.export(self._fn, disabled_checks=checks)(*args, **static)
+        _register_tree_types(jax.tree.unflatten(exported.out_tree, [0] * exported.out_tree.num_leaves))
+        os.makedirs(self._dir, exist_ok=True)
+        tmp = f"{path}.{os.getpid()}.tmp"
+        with open(tmp, "wb") as f:
+          f.write(exported.serialize())
+        os.replace(tmp, path)  # readers see a whole file or none
+      return jax.jit(exported.call, donate_argnums=self._donate)
+    except Exception as e:  # noqa: BLE001 - the plain jit still works; say once why the cache does not
+      self._failed = True
+      logging.warning("program cache off for %s: %s: %s", self._name, type(e).__name__, str(e)[:300])
+      return fallback
