@@ -12,6 +12,7 @@ setup(
     include_package_data=True,
     install_requires=[
         "jax>=0.10,<0.12",
+        "flatbuffers",  # jax.export's serialization: the program cache (jserve/engine/programs.py)
         "flax",
         "optax",
         "numpy",
