@@ -10,7 +10,7 @@ pickle) under the compilation cache directory, and runs it through `jax.jit(expo
 process finds the file, deserializes it and only compiles, which the persistent cache answers.
 
 The file name is a hash of everything the program depends on: jserve's own source (every .py file
-under jserve/ and pallas_kernels/), the JAX and jaxlib versions, the backend and device kind, the
+under jserve/, pallas_kernels/ and sharding/), the JAX and jaxlib versions, the backend and device kind, the
 caller's key (model and runner config) and the call's static arguments and input avals. Where a
 program cannot be exported or read back (a missing `flatbuffers` package, a custom call JAX will not
 export, a corrupt file), the cache logs one warning and calls the jitted function as before.
@@ -35,7 +35,7 @@ from jax import export
 
 # Pallas kernels lower to these custom calls; export refuses custom calls it does not know unless told.
 _KERNEL_CALLS = ("__gpu$xla.gpu.triton", "mosaic_gpu", "mosaic_gpu_v2", "tpu_custom_call")
-_ROOTS = ("jserve", "pallas_kernels")
+_ROOTS = ("jserve", "pallas_kernels", "sharding")
 _registered: set = set()
 _lock = threading.Lock()
 
