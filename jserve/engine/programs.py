@@ -10,10 +10,11 @@ pickle) under the compilation cache directory, and runs it through `jax.jit(expo
 process finds the file, deserializes it and only compiles, which the persistent cache answers.
 
 The file name is a hash of everything the program depends on: jserve's own source (every .py file
-under jserve/, pallas_kernels/ and sharding/), the JAX and jaxlib versions, the backend and device kind, the
-caller's key (model and runner config) and the call's static arguments and input avals. Where a
-program cannot be exported or read back (a missing `flatbuffers` package, a custom call JAX will not
-export, a corrupt file), the cache logs one warning and calls the jitted function as before.
+under jserve/, pallas_kernels/ and sharding/), the JAX and jaxlib versions, the backend and device
+kind, the caller's key (model and runner config) and the call's static arguments and input avals.
+Where a program cannot be exported, read back or compiled (a missing `flatbuffers` package, a custom
+call JAX will not export, a corrupt file), the cache logs one warning and calls the jitted function
+as before.
 
 Only single-device, single-process runners use it (see `ModelRunner`); a mesh's shardings are not
 part of the key.
