@@ -54,7 +54,9 @@ def test_a_fresh_cache_reads_back_what_the_first_one_exported(tmp_path):
   assert first.loaded == 0 and not first._failed
   assert len(os.listdir(tmp_path)) == 2  # one program per static argument
   second = _cache(tmp_path)
-  _check(second(*_args(), scale=5), 5)
+  tokens, acc = _args()
+  _check(second(tokens, acc, scale=5), 5)
+  assert acc.is_deleted()  # donated, as the jitted function donates it (else every step copies the KV pool)
   _check(second(*_args(), scale=3), 3)
   assert second.loaded == 2 and not second._failed
   assert second._cache_size() == 2
