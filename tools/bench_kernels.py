@@ -17,8 +17,8 @@ against `gpu.ragged_paged_attention_write` (the write inside the kernel),
 each with the pool donated, after checking that the two give the same
 output and the same pool. `--fused_only` runs only that comparison; `--nofused`
 skips it. `--fp8` runs every case a second time over an fp8 (e4m3) KV pool,
-whose bytes count one per element. `--decode_sweep` runs only a sweep of the
-decode launch's tiles over page sizes and pool dtypes (`decode_sweep`).
+whose bytes count one per element. tools/sweep_decode.py sweeps the decode
+launch's tiles over page sizes and pool dtypes with this file's cases.
 """
 
 import os
@@ -50,12 +50,6 @@ _FUSED_ONLY = flags.DEFINE_bool("fused_only", False, "only the fused-KV-write ag
 _FUSED = flags.DEFINE_bool("fused", True, "time the fused-KV-write comparison (first)")
 _FP8 = flags.DEFINE_bool("fp8", False, "also run every case with an fp8 (e4m3) KV pool: our kernel only, checked "
                          "against the exact attention over the same 8-bit values, its bytes counted at 1 per element")
-
-_DECODE_SWEEP = flags.DEFINE_bool("decode_sweep", False, "only sweep the decode launch's tiles (decode-only calls, "
-                                  "as the engine's bursts make) over pages of 16, 32 and 64 and bf16 and fp8 pools")
-_DECODE_SWEEP_SHAPES = flags.DEFINE_list("decode_sweep_shapes", ["64x2048", "256x1536"],
-                                         "--decode_sweep: which shapes (batch x context)")
-_BUDGET_S = flags.DEFINE_float("budget_s", 240.0, "--decode_sweep: seconds after which no new group starts")
 
 _LOG = []
 
@@ -338,81 +332,6 @@ def sweep(case, variants):
   return rows, best
 
 
-# Decode tiles the decode sweep tries beside the tuning table's own: GPU_SWEEP_DECODE, and wider KV
-# blocks, which an fp8 pool (128-byte rows at head dim 128) may want for wide loads.
-DECODE_SWEEP_TILES = tuning.GPU_SWEEP_DECODE + (
-    tuning.GpuBlocks(block_m=16, block_n=64, num_warps=4, num_stages=3),
-    tuning.GpuBlocks(block_m=16, block_n=128, num_warps=4, num_stages=3),
-    tuning.GpuBlocks(block_m=16, block_n=128, num_warps=8, num_stages=3),
-    tuning.GpuBlocks(block_m=16, block_n=256, num_warps=4, num_stages=2),
-)
-
-
-def decode_sweep(ceiling):
-  """Decode-only calls of the 8B attention shape (32 query heads, 8 KV heads, head dim 128) at batch 64
-  (context 2048) and batch 256 (context 1536, the 8B 1000/1000 workload's full batch), for pages of 16,
-  32 and 64 and bf16 and fp8 pools: every tile of DECODE_SWEEP_TILES (and the table's own) checked
-  against the exact attention, then timed. Rows carry the group's best and the table's tiles."""
-  rows = []
-  shapes = tuple(s for s in (("64x2048", [(1, 2048)] * 64, (1, 2)), ("256x1536", [(1, 1536)] * 256, (1,)))
-                 if s[0] in _DECODE_SWEEP_SHAPES.value)
-  sweep_tiles = DECODE_SWEEP_TILES
-  if _QUICK.value:  # a smoke run on a CPU, in interpret mode
-    shapes, sweep_tiles = (("4x128", [(1, 128)] * 4, (1, 2)),), DECODE_SWEEP_TILES[:1]
-  for name, seqs, split_list in shapes:
-    for page in (16, 32, 64):
-      for fp8 in (False, True):
-        if time.perf_counter() - _T0 > _BUDGET_S.value:
-          log(f"decode sweep: past the {_BUDGET_S.value:.0f} s budget, {name} p{page} fp8={fp8} not run")
-          continue
-        case = BenchCase(f"decode {name} H128 p{page}" + (" [fp8 KV]" if fp8 else ""), seqs, page_size=page)
-        a = build(case, pool_dtype=jnp.float8_e4m3fn if fp8 else None)
-        args = args_of(a)
-        exact_args = (args[0], args[1].astype(jnp.float32)) + args[2:]
-        exact = xla_attend(*exact_args, groups=groups_of(case), sm_scale=case.head_dim**-0.5, exact=True)
-        nbytes = bytes_and_flops(case, kv_itemsize=1 if fp8 else 2)[0]
-        table = tuning.gpu_config(case.head_dim, page, case.num_heads // case.num_kv_heads)
-        tiles = (table.decode,) + tuple(t for t in sweep_tiles if t != table.decode)
-        group = []
-        for tile in tiles:
-          for splits in split_list:
-            label = (f"m{tile.block_m} n{tile.block_n} w{tile.num_warps} st{tile.num_stages} splits{splits}"
-                     + (" (table)" if tile == table.decode else ""))
-            row = dict(case=case.name, variant=label)
-            try:
-              fn = ours_fn(case, config=dataclasses.replace(table, decode=tile), num_splits=splits, decode_only=True)
-              row["err"] = rel_err(fn(*args), exact)
-              t = time_fn(fn, *args)
-              row.update(us=t * 1e6, TBps=nbytes / t / 1e12, frac=nbytes / t / 1e12 / ceiling)
-            except Exception as e:  # noqa: BLE001
-              row["error"] = repr(e)[:300]
-            group.append(row)
-            log(f"  decode sweep {case.name} {label}: {fmt(row.get('us'))} us err={row.get('err')}")
-        ok = [r for r in group if "us" in r and r["err"] <= 1e-2]
-        best = min(ok, key=lambda r: r["us"], default=None)
-        for r in group:
-          r["best"] = r is best
-        rows += group
-        del a, args, exact_args, exact
-  return rows
-
-
-def decode_sweep_markdown(rows):
-  """Per case: the table's tiles, the best tiles, and their times."""
-  lines = ["| case | table tiles us (TB/s, % of copy) | best tiles | best us (TB/s, % of copy) | errors |",
-           "| --- | --- | --- | --- | --- |"]
-  cases = list(dict.fromkeys(r["case"] for r in rows))
-  for c in cases:
-    group = [r for r in rows if r["case"] == c]
-    table = next((r for r in group if "(table)" in r["variant"] and "us" in r), None)
-    best = next((r for r in group if r.get("best")), None)
-    cell = lambda r: f"{r['us']:.1f} ({r['TBps']:.2f}, {100 * r['frac']:.0f}%)" if r else "-"
-    failed = sum("us" not in r or r["err"] > 1e-2 for r in group)
-    lines.append(f"| {c} | {cell(table)} | {best['variant'] if best else '-'} | {cell(best)} | "
-                 f"{failed} of {len(group)} failed |")
-  return lines
-
-
 def sweep_all(cases):
   """The tuning sweep: decode tiles x splits on the two decode shapes, prefill tiles on the prefill case.
 
@@ -625,17 +544,6 @@ def main(argv):
     save()
   if _FUSED_ONLY.value:
     print(markdown(**res))
-    return
-  if _DECODE_SWEEP.value:
-    res["ceilings"] = copy_ceilings((256 << 20) if _QUICK.value else (4 << 30))
-    log(f"ceilings {res['ceilings']}")
-    res["decode_sweep"] = decode_sweep(res["ceilings"]["ceiling_TBps"])
-    dump(**res)
-    text = "\n".join([f"Device: {meta['device']}; JAX {meta['jax']}; {meta['date']}; copy ceiling "
-                      f"{res['ceilings']['ceiling_TBps']:.2f} TB/s.", ""] + decode_sweep_markdown(res["decode_sweep"]))
-    with open(os.path.join(_OUT_DIR.value, "kernels.md"), "w") as f:
-      f.write(text + "\n")
-    print(text)
     return
   res["ceilings"] = copy_ceilings((256 << 20) if _QUICK.value else (4 << 30))
   log(f"ceilings {res['ceilings']}")
