@@ -216,16 +216,19 @@ def slot_ends(out_lens: list[int], slots: int) -> list[int]:
   return sorted(free)
 
 
-def decode_matmul_s(out_lens: list[int], slots: int, *, weight_bytes: int, bandwidth: float, matmul_params: int,
-                    flop_rate: float) -> float:
-  """Seconds of the decode steps' matmuls, each step at the larger of its weight reads and its FLOPs
-  (2 x matmul_params per sequence of its batch). A large batch makes them compute-bound: on an H200
-  (4.2 TB/s, 750 TFLOP/s) a bfloat16 matmul is past the ridge above about 180 rows."""
+def matmul_step_s(batch: int, *, weight_bytes: int, bandwidth: float, matmul_params: int, flop_rate: float) -> float:
+  """Seconds of one decode step's matmuls: the larger of its weight reads and its FLOPs (2 x
+  matmul_params per sequence). A large batch makes them compute-bound: on an H200 (4.2 TB/s, 750
+  TFLOP/s) a bfloat16 matmul is past the ridge above about 180 rows."""
+  return max(weight_bytes / bandwidth, 2 * matmul_params * batch / flop_rate)
+
+
+def decode_matmul_s(out_lens: list[int], slots: int, **ceilings) -> float:
+  """Seconds of all decode steps' matmuls (`matmul_step_s` at each step's batch); `ceilings` as there."""
   ends = slot_ends(out_lens, slots)
   total, start = 0.0, 0
   for j, end in enumerate(ends):  # steps start..end-1 run len(ends) - j sequences
-    batch = len(ends) - j
-    total += (end - start) * max(weight_bytes / bandwidth, 2 * matmul_params * batch / flop_rate)
+    total += (end - start) * matmul_step_s(len(ends) - j, **ceilings)
     start = end
   return total
 
@@ -529,8 +532,8 @@ def main(argv):
       roofline = (weight_bytes + full * context * kv_per_token) / bandwidth
       # Attention's KV reads, then the matmuls at their own bound: a batch of 256 on an 8B model is
       # compute-bound, and its FLOPs cannot hide under the attention that runs before them.
-      serial = full * context * kv_per_token / bandwidth + max(weight_bytes / bandwidth,
-                                                               2 * matmul_params * full / flop_rate)
+      serial = full * context * kv_per_token / bandwidth + matmul_step_s(
+          full, weight_bytes=weight_bytes, bandwidth=bandwidth, matmul_params=matmul_params, flop_rate=flop_rate)
       row.update(decode_batch=full, decode_wall_ms=summary["wall_ms"], host_ms=summary["host_ms"],
                  roofline_step_ms=roofline * 1e3, roofline_fraction=roofline * 1e3 / summary["wall_ms"],
                  serial_step_ms=serial * 1e3, serial_step_fraction=serial * 1e3 / summary["wall_ms"],
