@@ -27,6 +27,8 @@ flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "JAX persistent compilation cache ('' disables)")
 flags.DEFINE_bool("program_cache", True, "keep the step programs as exported modules beside the compilation cache, "
                   "so a warm start skips tracing and lowering (one device)")
+flags.DEFINE_integer("compile_threads", 8, "threads that read and compile the stored step programs at a "
+                     "warm start")
 flags.DEFINE_integer("tensor_parallel_size", 1, "devices per tensor-parallel group")
 flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages, each of --tensor_parallel_size devices")
 flags.DEFINE_integer("num_decode_steps", 1, "decode steps per device call when a batch only decodes")
@@ -67,7 +69,8 @@ def engine_config() -> EngineConfig:
       kv_cache_gib=FLAGS.kv_cache_gib, scheduling_policy=FLAGS.scheduling_policy,
       kv_admission=FLAGS.kv_admission, seed=FLAGS.seed,
       compilation_cache_dir=FLAGS.compilation_cache_dir or None, program_cache=FLAGS.program_cache,
-      tensor_parallel_size=FLAGS.tensor_parallel_size, pipeline_parallel_size=FLAGS.pipeline_parallel_size,
+      compile_threads=FLAGS.compile_threads, tensor_parallel_size=FLAGS.tensor_parallel_size,
+      pipeline_parallel_size=FLAGS.pipeline_parallel_size,
       num_decode_steps=FLAGS.num_decode_steps, overlap_steps=FLAGS.overlap_steps,
       sampler_paths=FLAGS.sampler_paths, precompile_staged_sampler=FLAGS.precompile_staged_sampler,
       load_format=FLAGS.load_format, matmul_impl=FLAGS.matmul_impl)

@@ -69,6 +69,9 @@ class EngineConfig:
   # Keep the step programs as exported modules in compilation_cache_dir/programs, so a warm start reads
   # them instead of tracing and lowering (jserve/engine/programs.py). One device, one process only.
   program_cache: bool = True
+  # Threads that read and compile the stored programs at a warm start (jserve/engine/runner.py's
+  # compile_all); programs not yet stored compile one at a time whatever this says.
+  compile_threads: int = 8
   attn_impl: str = "auto"
   # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
   # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"
@@ -223,7 +226,7 @@ class LLMEngine:
                            if config.program_cache and config.compilation_cache_dir else None)),
         mesh=self.mesh)
     clock.lap("kv_pool")
-    self.runner.compile_all(progress)
+    self.runner.compile_all(progress, threads=config.compile_threads)
     clock.lap("compile")
     self.startup_s, self.startup_programs = clock.phases, clock.programs()
     logging.info("start-up: %s", clock.summary())

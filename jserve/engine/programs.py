@@ -115,7 +115,9 @@ class ProgramCache:
     self._dir = directory
     self._donate = donate_argnums
     self._programs: dict = {}
+    self._prepared: dict = {}  # compiled by `prepare`, not yet called
     self.loaded = 0  # programs read back from files (the rest were exported here)
+    self.prepared = 0  # programs compiled ahead of their first call by `prepare`
     self._failed = False
 
   def _cache_size(self) -> int:
@@ -128,7 +130,7 @@ class ProgramCache:
     program = self._programs.get(key)
     if program is not None:
       return program(*args)
-    program = self._build(args, static)
+    program = self._prepared.pop(key, None) or self._build(args, static)
     try:
       out = program(*args)  # compiles: an exported module the backend will not compile falls back here
     except Exception as e:  # noqa: BLE001
@@ -141,6 +143,29 @@ class ProgramCache:
       out = program(*args)
     self._programs[key] = program
     return out
+
+  def stored(self, *args, **static) -> bool:
+    """Whether a file holds the program for these arguments (a warm start)."""
+    return not self._failed and os.path.exists(self._path(args, static))
+
+  def prepare(self, *args, **static) -> None:
+    """Reads or exports the program for these arguments and compiles it, without running it, so that
+    the first call only runs. Several threads may prepare different programs at once (the start-up
+    loads its buckets so); the arguments are only looked at for their shapes, nothing is donated.
+    A failure here is left to the first call, which falls back as usual."""
+    key = tuple(sorted(static.items()))
+    if key in self._programs or key in self._prepared:
+      return
+    program = self._build(args, static)
+    if isinstance(program, functools.partial):
+      return
+    try:
+      compiled = program.lower(*args).compile()
+    except Exception:  # noqa: BLE001 - the first call retries and reports it
+      return
+    with _lock:
+      self._prepared.setdefault(key, compiled)
+      self.prepared += 1
 
   def _path(self, args, static) -> str:
     h = hashlib.sha256()
@@ -163,7 +188,8 @@ class ProgramCache:
         try:
           with open(path, "rb") as f:
             exported = _deserialize(f.read())
-          self.loaded += 1
+          with _lock:
+            self.loaded += 1
         except Exception as e:  # noqa: BLE001 - a stale or corrupt file: export again and replace it
           logging.warning("program cache: could not read %s (%s); exporting again", path, e)
       if exported is None:

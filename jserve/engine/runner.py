@@ -10,6 +10,7 @@ per layer) is donated into the step and replaced by its output, so it is
 updated in place.
 """
 
+import concurrent.futures
 import dataclasses
 import functools
 import itertools
@@ -249,13 +250,29 @@ class ModelRunner:
     """A replicated result on the host (with processes, from this process's own copy)."""
     return np.asarray(x if getattr(x, "is_fully_addressable", True) else x.addressable_shards[0].data)
 
-  def compile_all(self, progress=None):
-    """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer."""
+  def compile_all(self, progress=None, threads: int = 1):
+    """Compiles (or loads from the persistent cache) the step of every bucket and the slot writer.
+
+    With a program cache and `threads` > 1, the programs stored in it are first read and compiled on
+    that many threads at once (the persistent cache answers those on a warm start), then every
+    program runs once on empty inputs, as without. Programs not stored compile one at a time: XLA's
+    GPU autotuner times its candidates on the device, and parallel compiles would disturb it.
+    """
     start = time.monotonic()
     # With host-chosen paths each bucket has a plain and a staged program: empty inputs take the
     # plain path; a logprobs row sends them down the staged one.
     # Bursts run plain batches only (the engine's `_can_burst`).
     variants = [False, True] if self.host_paths and self.rc.precompile_staged else [False]
+    if threads > 1 and isinstance(self._step, ProgramCache):
+      def args(num_tokens, staged=False):
+        inputs, sampling, tokens = self._empty_inputs(num_tokens, staged=staged)
+        return self._step_args(*pack_host_inputs((inputs, sampling, tokens)), sampling)
+      jobs = [(self._step, args(b, s)) for b in self.buckets for s in variants]
+      jobs += [(self._burst, args(b)) for b in self.burst_buckets]
+      jobs = [(cache, a) for cache, a in jobs if cache.stored(*a[0], **a[1])]
+      with concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="jserve-compile") as pool:
+        list(pool.map(lambda job: job[0].prepare(*job[1][0], **job[1][1]), jobs))
+      logging.info("prepared %d programs on %d threads in %.1f s", len(jobs), threads, time.monotonic() - start)
     for i, b in enumerate(self.buckets):
       for staged in variants:
         out = self._call_step(*self._empty_inputs(b, staged=staged))[0]
@@ -467,11 +484,14 @@ class ModelRunner:
     """Runs `num_decode_steps` steps of a decode-only batch (one token per sequence, pages reserved
     for all of them) in one call; returns the tokens [K, B] on the device without waiting."""
     self._flush_slot_writes()
-    buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
-    out_KB, self.kv_caches, self.slots, self._last_S = self._burst(
-        self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
-        path=self._path(sampling))
+    args, static = self._step_args(*pack_host_inputs((inputs, sampling, tokens)), sampling)
+    out_KB, self.kv_caches, self.slots, self._last_S = self._burst(*args, **static)
     return out_KB
+
+  def _step_args(self, buf_N, layout, sampling):
+    """The positional and static arguments of a step or burst call on packed host inputs."""
+    args = (self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N))
+    return args, {"layout": layout, "path": self._path(sampling)}
 
   @property
   def host_paths(self) -> bool:
@@ -491,9 +511,8 @@ class ModelRunner:
       buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
       if self._channel is not None:
         self._channel.send(multihost.STEP, buf_N, arg=inputs.token_ids_T.shape[0])
-      out, x_TD, self.kv_caches, self.slots, self._last_S = self._step(
-          self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
-          path=self._path(sampling))
+      args, static = self._step_args(buf_N, layout, sampling)
+      out, x_TD, self.kv_caches, self.slots, self._last_S = self._step(*args, **static)
     return out, x_TD
 
   def _run_prompt_logprobs(self, x_TD, target_T):
