@@ -79,12 +79,25 @@ def wait_serving(proc: subprocess.Popen, log_path: str, timeout_s: float) -> flo
   start = time.monotonic()
   while time.monotonic() - start < timeout_s:
     if proc.poll() is not None:
-      raise RuntimeError(f"server exited with {proc.returncode}; see {log_path}")
+      with open(log_path) as f:
+        last = ([line.strip() for line in f if line.strip()] or [""])[-1]
+      raise RuntimeError(f"server exited with {proc.returncode} ({last}); see {log_path}")
     with open(log_path) as f:
       if "serving bench" in f.read():
         return time.monotonic() - start
     time.sleep(1.0)
   raise TimeoutError(f"server did not serve within {timeout_s:.0f} s; see {log_path}")
+
+
+def _stop(server: subprocess.Popen):
+  """Stops the server's process group: SIGTERM, then SIGKILL after 30 s (an exited server: nothing)."""
+  try:
+    os.killpg(server.pid, signal.SIGTERM)
+    server.wait(timeout=30)
+  except ProcessLookupError:
+    pass
+  except subprocess.TimeoutExpired:
+    os.killpg(server.pid, signal.SIGKILL)
 
 
 def run_client(backend: str, target: str, rate: str, tokenizer_dir: str, vocab: int, out_json: str,
@@ -176,11 +189,7 @@ def main(argv):
       print(table(results)[-1], flush=True)
       save(results)
   finally:
-    os.killpg(server.pid, signal.SIGTERM)
-    try:
-      server.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-      os.killpg(server.pid, signal.SIGKILL)
+    _stop(server)
   save(results)
   print("\n".join(table(results)))
 

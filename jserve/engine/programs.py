@@ -98,6 +98,19 @@ def _deserialize(data: bytes):
   raise ValueError("too many unregistered types")
 
 
+def _load_kernel_runtimes() -> None:
+  """Imports what a stored program's kernels need at run time. A Mosaic GPU kernel calls into a runtime
+  library (mosaic_gpu_launch_kernel, mosaic_gpu_init_tma_desc) that importing JAX's Mosaic GPU module
+  makes findable; a start that traces the kernel imports it, one that reads a stored program would not,
+  and its executable then fails to load ("Symbols not found")."""
+  if jax.devices()[0].platform != "gpu":
+    return
+  try:
+    importlib.import_module("pallas_kernels.mosaic_gpu")
+  except ImportError:  # a jaxlib without Mosaic GPU: its programs have no such kernel either
+    pass
+
+
 def _aval_key(x) -> str:
   return f"{getattr(x, 'shape', ())}:{getattr(x, 'dtype', type(x).__name__)}"
 
@@ -185,6 +198,7 @@ class ProgramCache:
       path = self._path(args, static)
       exported = None
       if os.path.exists(path):
+        _load_kernel_runtimes()
         try:
           with open(path, "rb") as f:
             exported = _deserialize(f.read())
