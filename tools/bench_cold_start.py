@@ -125,8 +125,9 @@ def _define_flags():
   flags.DEFINE_string("out_dir", "/tmp/bench_cold_start", "results directory")
   flags.DEFINE_list("runs", ["empty", "warm"], "which starts, in order: empty (a new cache directory), warm "
                     "(the cache the runs before left, or --cache_dir as it is)")
-  flags.DEFINE_string("cache_dir", None, "compilation cache directory to use (default: a new, empty one); with "
-                      "--runs=warm, one that an earlier process filled, e.g. a bench_e2e run with the same engine args")
+  flags.DEFINE_string("cache_dir", None, "compilation cache directory to use (default: a new, empty one; with an "
+                      "empty run, one that does not exist yet or is empty); with --runs=warm alone, one that an "
+                      "earlier process filled, e.g. a bench_e2e run with the same engine args")
   flags.DEFINE_float("timeout_s", 1800, "wall-clock limit per child process (and for writing the checkpoint)")
 
 
@@ -136,8 +137,9 @@ def main(argv):
   FLAGS = flags.FLAGS
   if set(FLAGS.runs) - {"empty", "warm"} or not FLAGS.runs:
     raise app.UsageError(f"--runs={','.join(FLAGS.runs)}: expected a list of empty and warm")
-  if "empty" in FLAGS.runs and FLAGS.cache_dir:
-    raise app.UsageError("--cache_dir with an 'empty' run: the directory would not be empty")
+  given = os.path.expanduser(FLAGS.cache_dir) if FLAGS.cache_dir else None
+  if "empty" in FLAGS.runs and given and os.path.isdir(given) and os.listdir(given):
+    raise app.UsageError(f"--cache_dir={FLAGS.cache_dir} with an 'empty' run: the directory is not empty")
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   work = tempfile.mkdtemp(prefix="cold_start_")
   model = FLAGS.model
