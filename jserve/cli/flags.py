@@ -27,7 +27,7 @@ flags.DEFINE_string("compilation_cache_dir", EngineConfig.compilation_cache_dir,
                     "JAX persistent compilation cache ('' disables)")
 flags.DEFINE_bool("program_cache", True, "keep the step programs as exported modules beside the compilation cache, "
                   "so a warm start skips tracing and lowering (one device)")
-flags.DEFINE_integer("compile_threads", 8, "threads that read and compile the stored step programs at a "
+flags.DEFINE_integer("compile_threads", 1, "threads that read and compile the stored step programs at a "
                      "warm start")
 flags.DEFINE_integer("tensor_parallel_size", 1, "devices per tensor-parallel group")
 flags.DEFINE_integer("pipeline_parallel_size", 1, "pipeline stages, each of --tensor_parallel_size devices")

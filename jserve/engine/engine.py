@@ -71,7 +71,7 @@ class EngineConfig:
   program_cache: bool = True
   # Threads that read and compile the stored programs at a warm start (jserve/engine/runner.py's
   # compile_all); programs not yet stored compile one at a time whatever this says.
-  compile_threads: int = 8
+  compile_threads: int = 1
   attn_impl: str = "auto"
   # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
   # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"

@@ -13,7 +13,7 @@ from jserve import LLM
 hits = []
 monitoring.register_event_listener(lambda event, **kw: hits.append(event) if event.endswith("cache_hits") else None)
 llm = LLM(sys.argv[1], dtype="float32", max_model_len=256, max_num_seqs=4, max_num_batched_tokens=64,
-          kv_cache_gib=0.01, compilation_cache_dir=sys.argv[2])
+          kv_cache_gib=0.01, compilation_cache_dir=sys.argv[2], compile_threads=4)
 runner = llm.engine.runner
 out = llm.generate(["def add(a, b):"], __import__("jserve").SamplingParams(max_tokens=6, temperature=0))
 print("BUCKETS", len(runner.buckets), "HITS", len(hits), "COMPILED", llm.engine.startup_programs["compiled"],
@@ -45,6 +45,6 @@ def test_second_start_takes_every_step_bucket_from_the_cache(tiny_model_dir, tmp
   assert second["COMPILED"] == 0, "a warm start compiled programs the cache should hold"
   # ... and the second start read them back instead of tracing and lowering, with the same greedy tokens.
   assert second["LOADED"] == first["BUCKETS"]
-  # (read and compiled on the start-up's threads before their first call: engine compile_threads)
+  # (read and compiled on the start-up's threads before their first call: compile_threads=4)
   assert second["PREPARED"] == first["BUCKETS"]
   assert second["TOKENS"] == first["TOKENS"]
