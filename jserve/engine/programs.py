@@ -98,12 +98,12 @@ def _deserialize(data: bytes):
   raise ValueError("too many unregistered types")
 
 
-def _load_kernel_runtimes() -> None:
+def _load_kernel_runtimes(platform: str) -> None:
   """Imports what a stored program's kernels need at run time. A Mosaic GPU kernel calls into a runtime
   library (mosaic_gpu_launch_kernel, mosaic_gpu_init_tma_desc) that importing JAX's Mosaic GPU module
   makes findable; a start that traces the kernel imports it, one that reads a stored program would not,
   and its executable then fails to load ("Symbols not found")."""
-  if jax.devices()[0].platform != "gpu":
+  if platform != "gpu":
     return
   try:
     importlib.import_module("pallas_kernels.mosaic_gpu")
@@ -198,7 +198,7 @@ class ProgramCache:
       path = self._path(args, static)
       exported = None
       if os.path.exists(path):
-        _load_kernel_runtimes()
+        _load_kernel_runtimes(jax.devices()[0].platform)
         try:
           with open(path, "rb") as f:
             exported = _deserialize(f.read())

@@ -115,3 +115,36 @@ def test_a_dataclass_with_meta_fields_is_refused():
   jax.tree_util.register_dataclass(WithMeta, data_fields=["x"], meta_fields=["tag"])
   with pytest.raises(ValueError, match="meta fields"):
     programs._register_tree_types(WithMeta(x=jnp.zeros(2), tag="a"))
+
+
+def test_prepare_compiles_ahead_and_the_call_only_runs(tmp_path):
+  first = _cache(tmp_path)
+  assert not first.stored(*_args(), scale=3)
+  first(*_args(), scale=3)
+  second = _cache(tmp_path)
+  assert second.stored(*_args(), scale=3) and not second.stored(*_args(), scale=4)
+  second.prepare(*_args(), scale=3)
+  second.prepare(*_args(), scale=3)  # (once per program)
+  assert second.prepared == 1 and second.loaded == 1
+  tokens, acc = _args()
+  _check(second(tokens, acc, scale=3), 3)
+  assert acc.is_deleted()  # the prepared program donates as the jitted function does
+  assert second.loaded == 1 and not second._failed  # not read a second time
+
+
+def test_a_stored_program_on_a_gpu_loads_the_kernel_runtimes_first(tmp_path, monkeypatch):
+  # A Mosaic GPU kernel's executable looks up runtime symbols that importing JAX's Mosaic GPU module
+  # provides; a warm start that read stored programs without it failed on an H100 (docs/benchmarks/e2e.md).
+  import sys
+  monkeypatch.delitem(sys.modules, "pallas_kernels.mosaic_gpu", raising=False)
+  programs._load_kernel_runtimes("cpu")
+  assert "pallas_kernels.mosaic_gpu" not in sys.modules
+  programs._load_kernel_runtimes("gpu")
+  assert "pallas_kernels.mosaic_gpu" in sys.modules
+  _cache(tmp_path)(*_args(), scale=3)
+  order = []
+  monkeypatch.setattr(programs, "_load_kernel_runtimes", lambda platform: order.append("runtimes"))
+  deserialize = programs._deserialize
+  monkeypatch.setattr(programs, "_deserialize", lambda data: order.append("read") or deserialize(data))
+  _check(_cache(tmp_path)(*_args(), scale=3), 3)
+  assert order == ["runtimes", "read"]
