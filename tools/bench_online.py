@@ -80,7 +80,7 @@ def wait_serving(proc: subprocess.Popen, log_path: str, timeout_s: float) -> flo
   while time.monotonic() - start < timeout_s:
     if proc.poll() is not None:
       with open(log_path) as f:
-        last = ([line.strip() for line in f if line.strip()] or [""])[-1]
+        last = " / ".join([line.strip() for line in f if line.strip()][-2:])
       raise RuntimeError(f"server exited with {proc.returncode} ({last}); see {log_path}")
     with open(log_path) as f:
       if "serving bench" in f.read():
