@@ -520,13 +520,19 @@ def dump(**results):
     json.dump(dict(results, log=_LOG), f, indent=1, default=str)
 
 
-def main(argv):
-  del argv
+def start_run() -> dict:
+  """Makes --out_dir and logs what this run measures on: device, JAX version, date, backend (shared by
+  bench_prefill and sweep_decode)."""
   os.makedirs(_OUT_DIR.value, exist_ok=True)
-  dev = jax.devices()[0]
-  meta = dict(device=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
+  meta = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
               backend=jax.default_backend())
   log(f"{meta}")
+  return meta
+
+
+def main(argv):
+  del argv
+  meta = start_run()
   res = dict(meta=meta, checks=[], rows=[], sweeps=[], kv_write={}, fused=[])
 
   def save():

@@ -23,7 +23,6 @@ if any(a.startswith("--interpret") for a in sys.argv[1:]):  # see tests/kernels/
   os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import functools  # noqa: E402
 import json  # noqa: E402
 import traceback  # noqa: E402
@@ -177,10 +176,7 @@ def markdown(meta, check_rows, rows):
 
 def main(argv):
   del argv
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  dev = jax.devices()[0]
-  meta = dict(device=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat())
-  log(f"{meta}")
+  meta = bench_kernels.start_run()
   res = dict(meta=meta, checks=checks(_QUICK.value), rows=[])
 
   def save():

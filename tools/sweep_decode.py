@@ -15,11 +15,9 @@ import os
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import dataclasses  # noqa: E402
-import datetime  # noqa: E402
 import json  # noqa: E402
 import time  # noqa: E402
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 from absl import app, flags  # noqa: E402
 
@@ -111,11 +109,7 @@ def decode_sweep_markdown(rows):
 
 def main(argv):
   del argv
-  os.makedirs(_OUT_DIR.value, exist_ok=True)
-  dev = jax.devices()[0]
-  meta = dict(device=dev.device_kind, jax=jax.__version__, date=datetime.date.today().isoformat(),
-              backend=jax.default_backend())
-  log(f"{meta}")
+  meta = bench_kernels.start_run()
   ceilings = copy_ceilings((256 << 20) if _QUICK.value else (4 << 30))
   log(f"ceilings {ceilings}")
   rows = decode_sweep(ceilings["ceiling_TBps"])
