@@ -46,10 +46,9 @@ def main(argv):
   for name, fn, buckets in (("step", runner._step, runner.buckets), ("burst", runner._burst, runner.burst_buckets)):
     for b in buckets:
       inputs, sampling, tokens = runner._empty_inputs(b)
-      buf_N, layout = pack_host_inputs((inputs, sampling, tokens))
-      args = (runner.params, runner.kv_caches, runner.slots, runner._mask_SW, runner._last_S, buf_N)
+      args, static = runner._step_args(*pack_host_inputs((inputs, sampling, tokens)), sampling)
       t0 = time.perf_counter()
-      traced = fn.trace(*args, layout=layout, path=runner._path(sampling))
+      traced = fn.trace(*args, **static)
       t1 = time.perf_counter()
       text = traced.lower(lowering_platforms=platforms).as_text()
       t2 = time.perf_counter()
