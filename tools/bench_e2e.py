@@ -184,10 +184,10 @@ def longtail_text(spec: dict) -> str:
 
 
 def parse_workloads(spec: str, max_total: int) -> list[dict]:
-  """`--workloads` as dicts: label, per-request input and output lengths, the long tail's spec."""
+  """`--workloads` as dicts: label, per-request input and output lengths, the long tail's spec; empty: none."""
   out = []
-  for w in spec.split(","):
-    parts = w.strip().split("/")
+  for w in filter(None, (x.strip() for x in spec.split(","))):
+    parts = w.split("/")
     if parts[0] == "longtail":
       if len(parts) != 2:
         raise app.UsageError(f"workload {w!r}: use longtail/requests")
@@ -483,7 +483,7 @@ def main(argv):
   workloads = parse_workloads(FLAGS.workloads, model_len)
   batches, contexts = parse_sweep(FLAGS.step_sweep)
   # The longest request, and the sweep's longest context plus a burst of decode steps past it.
-  need = max(i + o for w in workloads for i, o in zip(w["in_lens"], w["out_lens"]))
+  need = max((i + o for w in workloads for i, o in zip(w["in_lens"], w["out_lens"])), default=0)
   if contexts:
     need = max(need, max(contexts) + extra.get("num_decode_steps", 1))
   if FLAGS.hf_batch:
