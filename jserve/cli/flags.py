@@ -3,6 +3,7 @@
 from absl import flags
 
 from jserve.engine.engine import KV_CACHE_DTYPES, EngineConfig
+from jserve.models.quant import QUANTIZATIONS
 
 FLAGS = flags.FLAGS
 
@@ -10,6 +11,8 @@ flags.DEFINE_string("model", None, "Hugging Face checkpoint directory (default: 
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "weight (and by default KV cache) dtype")
 flags.DEFINE_enum("kv_cache_dtype", "auto", list(KV_CACHE_DTYPES),
                   "KV pool element type: auto (--dtype) or fp8 (e4m3; fp8_e5m2 also): half the bytes per token")
+flags.DEFINE_enum("quantization", "none", ["none", *QUANTIZATIONS],
+                  "fp8: projection weights in float8 (e4m3) with a scale per output channel; half the weight bytes")
 flags.DEFINE_integer("max_model_len", None, "longest prompt + output in tokens (default: the model's limit)")
 flags.DEFINE_integer("max_num_seqs", 256, "most sequences in one step")
 flags.DEFINE_integer("max_num_batched_tokens", None,
@@ -62,7 +65,8 @@ def join_processes() -> bool:
 
 def engine_config() -> EngineConfig:
   return EngineConfig(
-      model=FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype, max_model_len=FLAGS.max_model_len,
+      model=FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype,
+      quantization=None if FLAGS.quantization == "none" else FLAGS.quantization, max_model_len=FLAGS.max_model_len,
       max_num_seqs=FLAGS.max_num_seqs,
       max_num_batched_tokens=FLAGS.max_num_batched_tokens, page_size=FLAGS.page_size,
       enable_prefix_caching=FLAGS.enable_prefix_caching, gpu_memory_utilization=FLAGS.gpu_memory_utilization,

@@ -29,6 +29,7 @@ from jserve.engine.sampler import PLAIN, request_path
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.startup import StartupClock
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
+from jserve.models.quant import QUANTIZATIONS, quantize_params
 from jserve.tokenizer import Tokenizer
 from jserve.weights import resolve_dtype
 from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
@@ -51,6 +52,10 @@ class EngineConfig:
   # "fp8_e5m2" also): half the bytes of bfloat16, so twice the tokens in the pool and half the KV read
   # per decode step. Keys and values are stored unscaled, clipped to the format's range.
   kv_cache_dtype: str = "auto"
+  # Weight quantization at load time (vLLM's `quantization`): None, or "fp8": every layer's projections
+  # in float8 (e4m3) with a float32 scale per output channel, activations in `dtype`: half the weight
+  # bytes a decode step reads, and the memory freed goes to the KV pool (jserve/models/quant.py).
+  quantization: str | None = None
   max_model_len: int | None = None
   max_num_seqs: int = 256
   max_num_batched_tokens: int | None = None  # 8192 on accelerators, 512 on CPU
@@ -105,6 +110,9 @@ class EngineConfig:
       raise ConfigError(f"sampler_paths={self.sampler_paths!r}: use auto, host or device")
     if self.kv_cache_dtype not in KV_CACHE_DTYPES:
       raise ConfigError(f"kv_cache_dtype={self.kv_cache_dtype!r}: use one of {', '.join(KV_CACHE_DTYPES)}")
+    if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+      raise ConfigError(f"quantization={self.quantization!r}: use None (no quantization) or one of "
+                        f"{', '.join(QUANTIZATIONS)}")
     if self.load_format not in LOAD_FORMATS:
       raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 
@@ -148,6 +156,21 @@ def _enable_compilation_cache(path: str | None):
   # Every program, however quick to compile: a warm start should compile nothing (on an H200, 18 of the
   # 8B engine's 33 programs fell under the default 0.5 s and were compiled again at every start, 10 s).
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+def _quantize(params: dict, config: EngineConfig) -> dict:
+  """`quantize_params`, logged: what the weights took before and after, and how long it took."""
+  start = time.monotonic()
+  before = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+  params = quantize_params(params)
+  after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+  logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
+               after / 1e6, time.monotonic() - start)
+  if config.matmul_impl != "xla":
+    logging.warning("quantization=%s: the projections multiply through XLA whatever matmul_impl=%r says "
+                    "(the decode matmul kernels take no fp8 weights); on one device the LM head still uses it",
+                    config.quantization, config.matmul_impl)
+  return params
 
 
 class LLMEngine:
@@ -197,6 +220,9 @@ class LLMEngine:
     clock.lap("config")
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
     jax.block_until_ready(self.params)  # else the weights' last transfers are timed as compiling
+    if config.quantization:
+      # Before the KV pool is sized: the memory the original weights free goes to the pool.
+      self.params = _quantize(self.params, config)
     clock.lap("weights")
     kv_dtype = jnp.dtype(KV_CACHE_DTYPES[config.kv_cache_dtype] or resolve_dtype(config.dtype))
     num_pages = config.num_pages or size_kv_pool(
@@ -220,7 +246,7 @@ class LLMEngine:
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
         kv_dtype=kv_dtype, attn_impl=config.attn_impl, matmul_impl=config.matmul_impl,
-        num_decode_steps=config.num_decode_steps,
+        quantization=config.quantization, num_decode_steps=config.num_decode_steps,
         sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler,
         program_cache_dir=(os.path.join(config.compilation_cache_dir, "programs")
                            if config.program_cache and config.compilation_cache_dir else None)),

@@ -59,6 +59,9 @@ class RunnerConfig:
   kv_dtype: str = "bfloat16"
   attn_impl: str = "auto"
   matmul_impl: str = "xla"  # see EngineConfig.matmul_impl
+  # EngineConfig.quantization. The runner reads it nowhere (quantized weights come in `params`), but
+  # it keys the program cache: a stored program is found by this config's repr.
+  quantization: str | None = None
   num_decode_steps: int = 1  # decode steps per device call for decode-only batches (see `_decode_burst`)
   # "host": the host picks the sampler's path and each bucket has a program per path (no conditional
   # in a plain batch's step: on a GPU a conditional waits for the device); "device": one program per

@@ -12,6 +12,10 @@ Layers are a Python list, unrolled at trace time: each layer's weights and KV
 pages are separate buffers, so the donated pool is updated in place and no
 layer slice is ever copied. The `layers` logical axis is therefore the list
 index; pipeline stages split the list.
+
+A layer's projections may be `quant.Fp8Weight`s (`EngineConfig.quantization="fp8"`, see
+jserve/models/quant.py) instead of arrays; `_dot` and `_gate_up` multiply those through
+`quant.fp8_dot`, always as an XLA einsum (the Pallas decode matmuls take no fp8 operand).
 """
 
 import dataclasses
@@ -24,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.config import ModelConfig
+from jserve.models.quant import Fp8Weight, fp8_dot
 from pallas_kernels import ragged_paged_attention, write_kv_pages
 from pallas_kernels.decode_matmul import decode_matmul, decode_matmul_nt, gate_up_silu
 from sharding.tensor import head_parallel
@@ -171,6 +176,8 @@ def _matmul_kw(impl):
 
 
 def _dot(eq, a, b, impl="xla"):
+  if isinstance(b, Fp8Weight):
+    return fp8_dot(eq, a, b)
   if impl == "xla":
     return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
   # Every projection's equation is "...<a's named axes>,<same axes><out axes>": flatten to 2-D.
@@ -181,8 +188,9 @@ def _dot(eq, a, b, impl="xla"):
 
 
 def _gate_up(h_TD, lp: dict, impl):
-  """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation)."""
-  if impl == "xla":
+  """silu(h @ w_gate) * (h @ w_up): two einsums with "xla" or fp8 weights, else the fused decode kernel
+  (float32 activation)."""
+  if impl == "xla" or isinstance(lp["w_gate"], Fp8Weight):
     return jax.nn.silu(_dot("...D,DF->...F", h_TD, lp["w_gate"])) * _dot("...D,DF->...F", h_TD, lp["w_up"])
   act = gate_up_silu(h_TD.reshape(-1, h_TD.shape[-1]), lp["w_gate"], lp["w_up"], **_matmul_kw(impl))
   return act.reshape(h_TD.shape[:-1] + act.shape[-1:])

@@ -1,0 +1,125 @@
+"""FP8 weight-only quantization (w8a16), applied to a loaded params tree (vLLM's `--quantization fp8`).
+
+A decode step reads every weight once per token batch, so its time is the weight bytes over memory
+bandwidth; storing the projections in float8 (e4m3) halves those bytes against bfloat16. Only the
+weights change: activations stay in the model's dtype, and `fp8_dot` converts the fp8 weight to the
+activation dtype inside the einsum, where XLA on GPUs can fuse the convert into the GEMM's operand
+load, so that the 8-bit weight is what crosses the memory bus (not yet measured: docs/quantization.md).
+The float32 result is then multiplied by the scale.
+
+Each output channel gets its own float32 scale (amax over the contracted axes / 448, e4m3's largest
+value). vLLM's online fp8 takes one scale per tensor; a scale per channel costs a few kilobytes and
+keeps channels of small weights from rounding to a handful of values next to a large one.
+
+Quantized: the attention projections (wq, wk, wv, wo) and the MLP's (w_gate, w_up, w_down) of every
+layer. Not quantized, as in vLLM: the embedding, the LM head, norms and biases.
+"""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+from jserve.errors import ShapeError
+
+QUANTIZATIONS = ("fp8",)  # EngineConfig.quantization: None, or one of these
+FP8_DTYPE = jnp.float8_e4m3fn
+FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
+# Each quantized layer parameter -> how many of its leading axes the projection contracts (the
+# rest are its output axes, and the scale's shape). wo [N, H, D] contracts heads and head_dim.
+CONTRACTED_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "scale"], meta_fields=[])
+@dataclasses.dataclass
+class Fp8Weight:
+  """A projection weight in float8 with one float32 scale per output channel: w * scale ~ the original.
+
+  w: float8_e4m3fn in the original weight's layout ([D, N, H], [N, H, D], [D, F] or [F, D]).
+  scale: float32 of the weight's output axes ([N, H] for wq, [D] for wo and w_down, [F] for w_gate),
+    so it broadcasts over the trailing axes of the einsum's output.
+  The fields carry no shape suffix because the layout differs per parameter. No meta fields: the
+  program cache (jserve/engine/programs.py) serializes only dataclasses without them.
+  """
+
+  w: jax.Array
+  scale: jax.Array
+
+
+def quantize_fp8(w, num_contracted: int) -> Fp8Weight:
+  """Quantizes `w` with a scale per output channel (the amax over its first `num_contracted` axes)."""
+  w32 = w.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(w32), axis=tuple(range(num_contracted)))
+  # An all-zero channel gets the smallest normal float32 as its scale, so it divides to zeros, not
+  # NaN. (Clamping amax to float32's tiny and dividing by 448 would give a subnormal scale, which a
+  # GPU that flushes subnormals to zero turns back into a division by zero.)
+  scale = jnp.maximum(amax / FP8_MAX, jnp.finfo(jnp.float32).tiny)
+  # amax / (amax / 448) can round just past 448, which e4m3fn (no infinities) would turn into NaN.
+  w8 = jnp.clip(w32 / scale, -FP8_MAX, FP8_MAX).astype(FP8_DTYPE)
+  return Fp8Weight(w8, scale)
+
+
+def dequantize(q: Fp8Weight, dtype=jnp.float32):
+  """The weight that `q` stands for, in `dtype` (for tests and reference computations)."""
+  num_contracted = q.w.ndim - q.scale.ndim
+  return (q.w.astype(jnp.float32) * q.scale.reshape((1,) * num_contracted + q.scale.shape)).astype(dtype)
+
+
+def fp8_dot(eq: str, a, q: Fp8Weight):
+  """`einsum(eq, a, weight)` for a quantized weight, in `a`'s dtype; `eq`'s output must end in the
+  weight's output axes (true of every projection: "...D,DNH->...NH", "...NH,NHD->...D", ...)."""
+  out = jnp.einsum(eq, a, q.w.astype(a.dtype), preferred_element_type=jnp.float32)
+  if out.shape[out.ndim - q.scale.ndim:] != q.scale.shape:
+    raise ShapeError(f"{eq}: output {out.shape} does not end in the scale's shape {q.scale.shape}")
+  return (out * q.scale).astype(a.dtype)
+
+
+def _scale_sharding(sharding, ndim: int, num_contracted: int):
+  """The scale's placement: the weight's, with the contracted axes dropped from its PartitionSpec."""
+  if isinstance(sharding, NamedSharding):
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return NamedSharding(sharding.mesh, PartitionSpec(*spec[num_contracted:]))
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  # jserve/engine/placement.py places weights with one of the two above.
+  raise AssertionError(f"cannot place a quantization scale beside a weight sharded as {sharding}")
+
+
+def _quantize_pair(w, *, num_contracted: int):
+  q = quantize_fp8(w, num_contracted)
+  return q.w, q.scale
+
+
+def quantize_params(params: dict, *, delete_originals: bool = True) -> dict:
+  """`params` with every layer's projections (`CONTRACTED_AXES`) as `Fp8Weight`s, each placed as its
+  original was: a tensor-parallel weight stays in its shards on its mesh (a row-parallel wo or
+  w_down is split along contracted axes, so its amax is reduced across devices), a pipeline
+  stage's stays on its stage, a single-device one on its device.
+
+  With `delete_originals` each original is deleted once its quantized copy exists, so memory
+  peaks at the original model plus one tensor; `params` must not be used afterwards.
+  """
+  programs = {}  # one jit per distinct (shape, dtype, placement, contracted axes), shared by all layers
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for name, num_contracted in CONTRACTED_AXES.items():
+      w = layer[name]
+      if isinstance(w, Fp8Weight):
+        continue  # quantized already
+      key = (w.shape, w.dtype, w.sharding, num_contracted)
+      if key not in programs:
+        out_shardings = (w.sharding, _scale_sharding(w.sharding, w.ndim, num_contracted))
+        programs[key] = jax.jit(functools.partial(_quantize_pair, num_contracted=num_contracted),
+                                out_shardings=out_shardings)
+      w8, scale = programs[key](w)
+      layer[name] = Fp8Weight(w8, scale)
+      if delete_originals:
+        # Wait before deleting: with dispatch running ahead, every fp8 copy could be allocated before
+        # any original is freed (1.5x a bf16 model); waiting keeps the peak at one fp8 tensor more.
+        jax.block_until_ready(w8)
+        w.delete()
+    layers.append(layer)
+  return dict(params, layers=layers)

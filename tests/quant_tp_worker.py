@@ -1,0 +1,62 @@
+"""Worker for test_quant.py: fp8 quantization of weights placed on meshes of 8 simulated CPU devices.
+
+    python -m tests.quant_tp_worker
+
+Builds `LLM(None, quantization="fp8", dtype="float32")` at tensor 2 and at pipeline 2 x tensor 2,
+and prints one JSON line: per layout the greedy tokens of `PROMPTS`, the partition specs of the
+quantized weights and their scales, and whether layer 0's fp8 values and scales equal those of the
+same weights quantized on one device (wo and w_down are split along the axes their amax reduces).
+"""
+
+import json
+
+import jax
+import numpy as np
+
+from jserve import LLM, SamplingParams
+from jserve.config import load_model_config
+from jserve.engine.engine import DEFAULT_MODEL_DIR
+from jserve.models.quant import CONTRACTED_AXES, quantize_fp8
+from jserve.weights import load_params
+
+PROMPTS = ["import os\n\n\ndef read_lines(path):", "class Stack:\n", "for i in range(10):"]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+ENGINE = dict(quantization="fp8", dtype="float32", max_model_len=64, max_num_seqs=4, max_num_batched_tokens=16,
+              num_pages=40, compilation_cache_dir=None)
+LAYOUTS = {"tensor 2": (1, 2), "pipeline 2 x tensor 2": (2, 2)}
+
+
+def spec_of(a) -> list:
+  spec = [None if s is None else str(s) for s in a.sharding.spec]
+  return spec + [None] * (a.ndim - len(spec))
+
+
+def main():
+  cfg = load_model_config(DEFAULT_MODEL_DIR)
+  one = load_params(DEFAULT_MODEL_DIR, cfg, "float32")["layers"][0]
+  report = {}
+  for name, (pp, tp) in LAYOUTS.items():
+    llm = LLM(None, pipeline_parallel_size=pp, tensor_parallel_size=tp, **ENGINE)
+    outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+    layer = llm.engine.params["layers"][0]
+    same = {}
+    for param, n in CONTRACTED_AXES.items():
+      if param in ("wk", "wv") and tp > cfg.num_kv_heads:
+        continue  # widened KV heads: not the single-device shape
+      ref = quantize_fp8(one[param], n)
+      q = layer[param]
+      same[param] = bool(np.array_equal(np.asarray(q.w, np.float32), np.asarray(ref.w, np.float32))
+                         and np.array_equal(np.asarray(q.scale), np.asarray(ref.scale)))
+    report[name] = {
+        "tokens": [o.outputs[0].token_ids for o in outs],
+        "specs": {param: [spec_of(layer[param].w), spec_of(layer[param].scale)] for param in CONTRACTED_AXES},
+        "dtypes": sorted({str(layer[param].w.dtype) for param in CONTRACTED_AXES}),
+        "equal_to_one_device": same,
+        "scale_devices": sorted(d.id for d in layer["wo"].scale.devices()),
+        "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w.devices()),
+    }
+  print(json.dumps({"num_devices": jax.device_count(), **report}))
+
+
+if __name__ == "__main__":
+  main()
