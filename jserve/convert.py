@@ -19,6 +19,7 @@ from absl import logging
 from jserve.config import load_model_config
 from jserve.errors import CheckpointError
 from jserve.models.llama import param_specs
+from jserve.prequantized import checkpoint_quantization
 from jserve.weights import load_params, resolve_dtype
 
 ORBAX_SUBDIR = "orbax"
@@ -38,6 +39,10 @@ def convert_to_orbax(model_dir: str, out_dir: str, dtype: str = "bfloat16") -> f
   from sharding import checkpoint
   cfg = load_model_config(model_dir)
   resolve_dtype(dtype)
+  quant = checkpoint_quantization(model_dir)
+  if quant is not None:
+    raise CheckpointError(f"{model_dir!r} is a pre-quantized checkpoint ({quant.describe()}): converting it to "
+                          "orbax is not supported; serve its safetensors directly (jserve serve --model=DIR)")
   if os.path.abspath(out_dir) == os.path.abspath(model_dir):
     raise CheckpointError(f"output directory {out_dir!r} is the input; choose a new directory")
   if os.path.exists(out_dir) and os.listdir(out_dir):

@@ -8,6 +8,7 @@ into its shards), so the host never holds a second full copy of the model.
 
 import json
 import os
+import struct
 import time
 from typing import Callable
 
@@ -22,8 +23,11 @@ from safetensors.numpy import save_file
 from jserve.config import ModelConfig
 from jserve.errors import CheckpointError
 from jserve.models.llama import ParamSpec, is_spec, param_specs
+from jserve.models.quant import CONTRACTED_AXES, Fp8Weight, scale_sharding
+from jserve.prequantized import checkpoint_quantization, fp8_tensors, scale_from_hf, scale_name
 
 _DTYPES = {"bfloat16": jnp.bfloat16, "float32": jnp.float32, "float16": jnp.float16}
+_MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
 
 def resolve_dtype(dtype) -> jnp.dtype:
@@ -64,40 +68,112 @@ def _open(path: str):
     raise CheckpointError(f"cannot read {path!r}: {e} (truncated or not a safetensors file?)") from None
 
 
+def _header(path: str) -> tuple[dict, int]:
+  """The safetensors header of `path` (tensor name -> dtype, shape, data_offsets) and where its data starts.
+
+  Read by hand because safetensors' numpy reader has no float8 type (it looks for `numpy.float8_e4m3fn`);
+  the format is 8 bytes of little-endian header length, the JSON header, then the tensors' bytes.
+  """
+  if not os.path.exists(path):
+    raise CheckpointError(f"checkpoint file {path!r} is missing")
+  try:
+    with open(path, "rb") as f:
+      (n,) = struct.unpack("<Q", f.read(8))
+      if n > _MAX_HEADER_BYTES:
+        raise ValueError(f"a header of {n} bytes")
+      header = json.loads(f.read(n))
+  except (struct.error, ValueError, OSError) as e:
+    raise CheckpointError(f"cannot read {path!r}: {e} (truncated or not a safetensors file?)") from None
+  if not isinstance(header, dict):
+    raise CheckpointError(f"cannot read {path!r}: its header is not a JSON object")
+  header.pop("__metadata__", None)
+  for name, info in header.items():
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+      raise CheckpointError(f"cannot read {path!r}: its header's entry for {name!r} is malformed ({info!r})")
+  return header, 8 + n
+
+
+def _read_fp8(path: str, name: str, info: dict, data_start: int) -> np.ndarray:
+  """Tensor `name` of dtype F8_E4M3 as a float8_e4m3fn array, its bytes read straight from the file."""
+  shape = [int(d) for d in info["shape"]]
+  begin, end = info["data_offsets"]
+  count = int(np.prod(shape))
+  a = np.fromfile(path, dtype=np.uint8, count=count, offset=data_start + begin)
+  if end - begin != count or a.size != count:
+    raise CheckpointError(f"cannot read tensor {name!r} from {path!r}: {a.size} of {count} bytes (truncated?)")
+  return a.view(ml_dtypes.float8_e4m3fn).reshape(shape)
+
+
+def _place_fp8(spec: ParamSpec, w8: np.ndarray, scale: np.ndarray, place) -> Fp8Weight:
+  """The weight where `place` puts it (its shards, KV heads widened), its scale where `quantize_params`
+  would put the scale of that weight: the same shards of its output axes."""
+  w = place(spec, w8)
+  n = w.ndim - scale.ndim
+  for axis, (have, want) in enumerate(zip(scale.shape, w.shape[n:])):
+    if have != want:  # KV heads widened for tp > num_kv_heads: head j copies head j // r, as in `rules`
+      assert want % have == 0, (spec.hf_name, scale.shape, w.shape)
+      scale = np.repeat(scale, want // have, axis=axis)
+  sharding = scale_sharding(w.sharding, w.ndim, n)
+  return Fp8Weight(w, jax.make_array_from_callback(scale.shape, sharding, lambda index: scale[index]))
+
+
 def load_params(model_dir: str, cfg: ModelConfig, dtype="bfloat16",
                 place: Callable[[ParamSpec, np.ndarray], jax.Array] | None = None) -> dict:
-  """Reads every parameter of `cfg` from `model_dir`, converted to jserve's layout and `dtype`."""
+  """Reads every parameter of `cfg` from `model_dir`, converted to jserve's layout and `dtype`.
+
+  A pre-quantized fp8 checkpoint (jserve/prequantized.py) gives an `Fp8Weight` for each projection it
+  stores in fp8: the float8 values as stored, never cast to `dtype`, so they reach the devices at one
+  byte each, and a float32 scale per output channel placed beside the weight's shards. An unsupported
+  quantization, or a quantized tensor where jserve expects none, is a `CheckpointError` raised before
+  any tensor is read.
+  """
   dtype = resolve_dtype(dtype)
+  quant = checkpoint_quantization(model_dir)
   place = place or (lambda spec, a: jax.device_put(a))
   index = _tensor_index(model_dir)
+  headers = {path: _header(path) for path in sorted(set(index.values()))}
+  tensors = {name: headers[path][0][name] for name, path in index.items() if name in headers[path][0]}
   specs = param_specs(cfg)
   leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
+  contracted = {layer[name].hf_name: n for layer in specs["layers"] for name, n in CONTRACTED_AXES.items()}
+  fp8 = fp8_tensors(leaves, {name: info["dtype"] for name, info in tensors.items()}, contracted, quant, model_dir)
+  if quant is not None:
+    logging.info("fp8 checkpoint (%s): %d of %d projections read in fp8 as stored; ignored, as jserve runs them "
+                 "weight-only (w8a16: activations and unquantized weights in %s): %s", quant.describe(), len(fp8),
+                 len(contracted), dtype.name, ", ".join(quant.ignored) or "nothing")
   handles = {}
+
+  def read(name: str) -> np.ndarray:
+    path = index[name]
+    if path not in handles:
+      handles[path] = _open(path).__enter__()
+    try:
+      return handles[path].get_tensor(name)
+    except (SafetensorError, OSError, ValueError) as e:
+      raise CheckpointError(f"cannot read tensor {name!r} from {path!r}: {e}") from None
+
   out = []
   start = time.monotonic()
   try:
     for i, spec in enumerate(leaves):
-      path = index.get(spec.hf_name)
-      if path is None:
-        raise CheckpointError(f"checkpoint {model_dir!r} lacks tensor {spec.hf_name!r}")
-      if path not in handles:
-        handles[path] = _open(path).__enter__()
-      try:
-        a = handles[path].get_tensor(spec.hf_name)
-      except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"cannot read tensor {spec.hf_name!r} from {path!r}: {e}") from None
-      expected = int(np.prod(spec.shape))
-      if a.size != expected:
-        raise CheckpointError(f"tensor {spec.hf_name!r} has shape {list(a.shape)}, "
-                              f"expected {expected} elements for {list(spec.shape)} (from config.json)")
-      a = spec.from_hf(a).astype(np.dtype(dtype.name) if dtype.name != "bfloat16" else ml_dtypes.bfloat16)
-      out.append(place(spec, a))
+      name = spec.hf_name
+      shape = tensors[name]["shape"]
+      if int(np.prod(shape)) != int(np.prod(spec.shape)):
+        raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, "
+                              f"expected {int(np.prod(spec.shape))} elements for {list(spec.shape)} (from config.json)")
+      if name in fp8:
+        w8 = spec.from_hf(_read_fp8(index[name], name, tensors[name], headers[index[name]][1]))
+        scale = scale_from_hf(spec, read(scale_name(name)), contracted[name])
+        out.append(_place_fp8(spec, w8, scale, place))
+      else:
+        a = spec.from_hf(read(name)).astype(np.dtype(dtype.name) if dtype.name != "bfloat16" else ml_dtypes.bfloat16)
+        out.append(place(spec, a))
       logging.log_every_n_seconds(logging.INFO, "loading weights: %d/%d tensors", 5, i + 1, len(leaves))
   finally:
     for h in handles.values():
       h.__exit__(None, None, None)
   logging.info("loaded %d tensors (%.2f GB) in %.1f s", len(leaves),
-               sum(x.nbytes for x in out) / 1e9, time.monotonic() - start)
+               sum(x.nbytes for x in jax.tree_util.tree_leaves(out)) / 1e9, time.monotonic() - start)
   return jax.tree_util.tree_unflatten(treedef, out)
 
 

@@ -1,14 +1,19 @@
 """Worker for test_quant.py: fp8 quantization of weights placed on meshes of 8 simulated CPU devices.
 
-    python -m tests.quant_tp_worker
+    python -m tests.quant_tp_worker [FP8_CHECKPOINT_DIR]
 
 Builds `LLM(None, quantization="fp8", dtype="float32")` at tensor 2 and at pipeline 2 x tensor 2,
 and prints one JSON line: per layout the greedy tokens of `PROMPTS`, the partition specs of the
 quantized weights and their scales, and whether layer 0's fp8 values and scales equal those of the
 same weights quantized on one device (wo and w_down are split along the axes their amax reduces).
+
+Given a pre-quantized fp8 checkpoint, it also serves that at tensor 4 (the default model's 2 KV heads
+widened to 4, and their scales with them) and on one device, with `quantization=None`, and reports
+the same, layer 0's weights compared with the checkpoint read onto one device.
 """
 
 import json
+import sys
 
 import jax
 import numpy as np
@@ -47,15 +52,42 @@ def main():
       q = layer[param]
       same[param] = bool(np.array_equal(np.asarray(q.w, np.float32), np.asarray(ref.w, np.float32))
                          and np.array_equal(np.asarray(q.scale), np.asarray(ref.scale)))
-    report[name] = {
-        "tokens": [o.outputs[0].token_ids for o in outs],
-        "specs": {param: [spec_of(layer[param].w), spec_of(layer[param].scale)] for param in CONTRACTED_AXES},
-        "dtypes": sorted({str(layer[param].w.dtype) for param in CONTRACTED_AXES}),
-        "equal_to_one_device": same,
-        "scale_devices": sorted(d.id for d in layer["wo"].scale.devices()),
-        "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w.devices()),
-    }
+    report[name] = _describe(llm, outs, same)
+  if len(sys.argv) > 1:
+    report["fp8 checkpoint"] = _checkpoint(sys.argv[1])
   print(json.dumps({"num_devices": jax.device_count(), **report}))
+
+
+def _describe(llm, outs, same) -> dict:
+  layer = llm.engine.params["layers"][0]
+  return {
+      "tokens": [o.outputs[0].token_ids for o in outs],
+      "specs": {param: [spec_of(layer[param].w), spec_of(layer[param].scale)] for param in CONTRACTED_AXES},
+      "dtypes": sorted({str(layer[param].w.dtype) for param in CONTRACTED_AXES}),
+      "equal_to_one_device": same,
+      "scale_devices": sorted(d.id for d in layer["wo"].scale.devices()),
+      "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w.devices()),
+  }
+
+
+def _checkpoint(model_dir: str) -> dict:
+  """The fp8 checkpoint at tensor 4 against one device: tokens, placements and layer 0's values."""
+  kw = dict(ENGINE, quantization=None)  # the checkpoint's own quantization
+  one = LLM(model_dir, **kw)
+  llm = LLM(model_dir, tensor_parallel_size=4, **kw)
+  outs = llm.generate(PROMPTS, GREEDY, use_tqdm=False)
+  want, got = one.engine.params["layers"][0], llm.engine.params["layers"][0]
+  same = {}
+  for param in CONTRACTED_AXES:
+    w, scale = np.asarray(want[param].w, np.float32), np.asarray(want[param].scale)
+    if param in ("wk", "wv"):  # widened: head j copies head j // 2, its scale with it
+      w, scale = np.repeat(w, 2, axis=1), np.repeat(scale, 2, axis=0)
+    same[param] = bool(np.array_equal(np.asarray(got[param].w, np.float32), w)
+                       and np.array_equal(np.asarray(got[param].scale), scale))
+  return dict(_describe(llm, outs, same), one_device_tokens=[
+      o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY, use_tqdm=False)],
+      wk_shapes=[list(got["wk"].w.shape), list(got["wk"].scale.shape)],
+      wk_scale_shard=list(got["wk"].scale.addressable_shards[0].data.shape))
 
 
 if __name__ == "__main__":

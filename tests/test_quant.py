@@ -20,6 +20,7 @@ from jserve.errors import ConfigError
 from jserve.models.llama import forward_dense
 from jserve.models.quant import CONTRACTED_AXES, Fp8Weight, dequantize, fp8_dot, quantize_fp8, quantize_params
 from jserve.weights import load_params, save_hf_checkpoint
+from tests.fp8_checkpoints import write_fp8_checkpoint
 from tests.quant_tp_worker import ENGINE, GREEDY, PROMPTS
 from tests.sharding.subprocess_util import ROOT, run_worker
 
@@ -203,8 +204,16 @@ def test_unknown_quantization_is_a_config_error():
   assert EngineConfig(quantization="fp8").quantization == "fp8" and EngineConfig().quantization is None
 
 
-def test_tensor_and_pipeline_parallel_fp8_engines_generate_what_one_device_does(engines):
-  report = run_worker("tests.quant_tp_worker", 8)
+@pytest.fixture(scope="module")
+def parallel_report(tmp_path_factory):
+  """tests/quant_tp_worker.py's report, with an fp8 checkpoint (tests/test_quant_checkpoint.py) served too:
+  one worker process for both, since each costs a JAX start and its compiles."""
+  fp8_dir = write_fp8_checkpoint(DEFAULT_MODEL_DIR, str(tmp_path_factory.mktemp("fp8")), "compressed-tensors channel")
+  return run_worker("tests.quant_tp_worker", 8, fp8_dir)
+
+
+def test_tensor_and_pipeline_parallel_fp8_engines_generate_what_one_device_does(engines, parallel_report):
+  report = parallel_report
   ref = [o.outputs[0].token_ids for o in engines[0].generate(PROMPTS, GREEDY, use_tqdm=False)]
   for layout in ("tensor 2", "pipeline 2 x tensor 2"):
     got = report[layout]
@@ -220,6 +229,20 @@ def test_tensor_and_pipeline_parallel_fp8_engines_generate_what_one_device_does(
     assert all(got["equal_to_one_device"].values()) and len(got["equal_to_one_device"]) == len(CONTRACTED_AXES)
   assert report["tensor 2"]["scale_devices"] == [0, 1]
   assert report["pipeline 2 x tensor 2"]["last_layer_devices"] == [2, 3]  # a later stage's layers stay there
+
+
+def test_a_tensor_parallel_fp8_checkpoint_serves_what_one_device_does(parallel_report):
+  got = parallel_report["fp8 checkpoint"]
+  assert got["tokens"] == got["one_device_tokens"]
+  assert got["dtypes"] == ["float8_e4m3fn"]  # the checkpoint's fp8 reached the devices as fp8
+  # Each fp8 weight and its scale lie where online quantization puts them (the test above), and hold the
+  # values one device reads, the 2 KV heads of wk and wv and their scales widened to one per device.
+  assert got["specs"]["wk"] == [[None, "tensor", None], ["tensor", None]]
+  assert got["specs"]["wo"] == [["tensor", None, None], [None]]
+  assert got["specs"]["w_down"] == [["tensor", None], [None]]
+  assert got["wk_shapes"] == [[256, 4, 64], [4, 64]] and got["wk_scale_shard"] == [1, 64]
+  assert all(got["equal_to_one_device"].values()) and len(got["equal_to_one_device"]) == len(CONTRACTED_AXES)
+  assert got["scale_devices"] == [0, 1, 2, 3]
 
 
 def _cli(*args):

@@ -12,7 +12,8 @@ flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "weig
 flags.DEFINE_enum("kv_cache_dtype", "auto", list(KV_CACHE_DTYPES),
                   "KV pool element type: auto (--dtype) or fp8 (e4m3; fp8_e5m2 also): half the bytes per token")
 flags.DEFINE_enum("quantization", "none", ["none", *QUANTIZATIONS],
-                  "fp8: projection weights in float8 (e4m3) with a scale per output channel; half the weight bytes")
+                  "fp8: projection weights in float8 (e4m3) with a scale per output channel; half the weight bytes. "
+                  "A pre-quantized fp8 checkpoint is read as stored either way")
 flags.DEFINE_integer("max_model_len", None, "longest prompt + output in tokens (default: the model's limit)")
 flags.DEFINE_integer("max_num_seqs", 256, "most sequences in one step")
 flags.DEFINE_integer("max_num_batched_tokens", None,

@@ -30,6 +30,7 @@ from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.startup import StartupClock
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
 from jserve.models.quant import QUANTIZATIONS, quantize_params
+from jserve.prequantized import CheckpointQuantization, checkpoint_quantization
 from jserve.tokenizer import Tokenizer
 from jserve.weights import resolve_dtype
 from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
@@ -55,6 +56,7 @@ class EngineConfig:
   # Weight quantization at load time (vLLM's `quantization`): None, or "fp8": every layer's projections
   # in float8 (e4m3) with a float32 scale per output channel, activations in `dtype`: half the weight
   # bytes a decode step reads, and the memory freed goes to the KV pool (jserve/models/quant.py).
+  # A pre-quantized fp8 checkpoint is read as stored with None or "fp8" (jserve/prequantized.py).
   quantization: str | None = None
   max_model_len: int | None = None
   max_num_seqs: int = 256
@@ -158,18 +160,26 @@ def _enable_compilation_cache(path: str | None):
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
 
-def _quantize(params: dict, config: EngineConfig) -> dict:
-  """`quantize_params`, logged: what the weights took before and after, and how long it took."""
-  start = time.monotonic()
-  before = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-  params = quantize_params(params)
-  after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-  logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
-               after / 1e6, time.monotonic() - start)
+def _quantize(params: dict, config: EngineConfig, stored: CheckpointQuantization | None) -> dict:
+  """`quantize_params` for a full-precision checkpoint, logged with the weights' bytes before and after
+  and the seconds it took; a pre-quantized checkpoint's weights are used as stored, and the log says so."""
+  if stored is not None:
+    # quantization="fp8" agrees with the checkpoint: what its quantizer left unquantized stays so.
+    why = ("quantization=None takes the checkpoint's" if config.quantization is None
+           else f"quantization={config.quantization!r}: the checkpoint is quantized already")
+    logging.info("quantization=fp8 from the checkpoint (%s; %s): weights %.1f MB", stored.describe(), why,
+                 sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 1e6)
+  else:
+    start = time.monotonic()
+    before = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    params = quantize_params(params)
+    after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
+                 after / 1e6, time.monotonic() - start)
   if config.matmul_impl != "xla":
-    logging.warning("quantization=%s: the projections multiply through XLA whatever matmul_impl=%r says "
+    logging.warning("quantization=fp8: the fp8 projections multiply through XLA whatever matmul_impl=%r says "
                     "(the decode matmul kernels take no fp8 weights); on one device the LM head still uses it",
-                    config.quantization, config.matmul_impl)
+                    config.matmul_impl)
   return params
 
 
@@ -192,6 +202,11 @@ class LLMEngine:
     _enable_compilation_cache(config.compilation_cache_dir)
     model_dir = config.model_dir
     self.model_config: ModelConfig = load_model_config(model_dir)
+    # A pre-quantized checkpoint says how its weights are stored (an unsupported one is refused here):
+    # quantization=None reads it so, as vLLM reads the config's; "fp8" agrees. Dummy weights are
+    # random full-precision ones whatever the checkpoint holds, quantized only if asked.
+    stored = None if config.load_format == "dummy" else checkpoint_quantization(model_dir)
+    self.quantization = "fp8" if stored is not None else config.quantization
     self.tokenizer = Tokenizer(model_dir)
     cfg = self.model_config
     self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
@@ -220,9 +235,9 @@ class LLMEngine:
     clock.lap("config")
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
     jax.block_until_ready(self.params)  # else the weights' last transfers are timed as compiling
-    if config.quantization:
+    if self.quantization:
       # Before the KV pool is sized: the memory the original weights free goes to the pool.
-      self.params = _quantize(self.params, config)
+      self.params = _quantize(self.params, config, stored)
     clock.lap("weights")
     kv_dtype = jnp.dtype(KV_CACHE_DTYPES[config.kv_cache_dtype] or resolve_dtype(config.dtype))
     num_pages = config.num_pages or size_kv_pool(
@@ -246,7 +261,7 @@ class LLMEngine:
         num_pages=num_pages, page_size=config.page_size, max_num_seqs=config.max_num_seqs,
         max_num_batched_tokens=self.max_num_batched_tokens, max_model_len=self.max_model_len,
         kv_dtype=kv_dtype, attn_impl=config.attn_impl, matmul_impl=config.matmul_impl,
-        quantization=config.quantization, num_decode_steps=config.num_decode_steps,
+        quantization=self.quantization, num_decode_steps=config.num_decode_steps,
         sampler_paths=_sampler_paths(config.sampler_paths), precompile_staged=config.precompile_staged_sampler,
         program_cache_dir=(os.path.join(config.compilation_cache_dir, "programs")
                            if config.program_cache and config.compilation_cache_dir else None)),

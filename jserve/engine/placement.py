@@ -24,8 +24,9 @@ from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
 from jserve.convert import ORBAX_SUBDIR, has_orbax_params
-from jserve.errors import ConfigError
+from jserve.errors import CheckpointError, ConfigError
 from jserve.models.llama import is_spec, param_specs
+from jserve.prequantized import checkpoint_quantization
 from jserve.weights import load_params, resolve_dtype
 from sharding import rules
 from sharding.errors import ShardingError
@@ -66,13 +67,19 @@ def load_engine_params(model_dir: str, cfg: ModelConfig, dtype: str, mesh: Mesh 
 
   A directory written by `jserve convert` has its weights in `orbax/`; they are restored into the
   shards directly (without a mesh, onto a one-device mesh of the default device). With
-  `load_format="dummy"` no weights are read: see `random_engine_params`.
+  `load_format="dummy"` no weights are read: see `random_engine_params`. A pre-quantized checkpoint's
+  fp8 projections come as `Fp8Weight`s, each scale in the shards of its weight's output axes.
   """
   if load_format not in LOAD_FORMATS:
     raise ConfigError(f"load_format={load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
   if load_format == "dummy":
     return random_engine_params(cfg, dtype, mesh)
   if has_orbax_params(model_dir):
+    if checkpoint_quantization(model_dir) is not None:
+      # `jserve convert` refuses quantized checkpoints; a config.json that says so beside orbax weights
+      # was edited by hand, and the weights would load as full-precision numbers of unknown meaning.
+      raise CheckpointError(f"{model_dir!r} holds orbax weights and a quantization_config: orbax checkpoints of "
+                            "quantized models are not supported; serve the Hugging Face checkpoint")
     from sharding import checkpoint
     target = mesh or make_mesh(MeshShape(), [default_device()])
     params = checkpoint.restore(os.path.join(model_dir, ORBAX_SUBDIR), param_specs(cfg), target,

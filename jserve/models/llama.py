@@ -14,8 +14,9 @@ layer slice is ever copied. The `layers` logical axis is therefore the list
 index; pipeline stages split the list.
 
 A layer's projections may be `quant.Fp8Weight`s (`EngineConfig.quantization="fp8"`, see
-jserve/models/quant.py) instead of arrays; `_dot` and `_gate_up` multiply those through
-`quant.fp8_dot`, always as an XLA einsum (the Pallas decode matmuls take no fp8 operand).
+jserve/models/quant.py, or an fp8 checkpoint's, jserve/prequantized.py) instead of arrays; `_dot` and
+`_gate_up` multiply those through `quant.fp8_dot`, always as an XLA einsum (the Pallas decode matmuls
+take no fp8 operand).
 """
 
 import dataclasses
@@ -190,7 +191,8 @@ def _dot(eq, a, b, impl="xla"):
 def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla" or fp8 weights, else the fused decode kernel
   (float32 activation)."""
-  if impl == "xla" or isinstance(lp["w_gate"], Fp8Weight):
+  # Either may be fp8 alone: a pre-quantized checkpoint can leave single projections unquantized.
+  if impl == "xla" or isinstance(lp["w_gate"], Fp8Weight) or isinstance(lp["w_up"], Fp8Weight):
     return jax.nn.silu(_dot("...D,DF->...F", h_TD, lp["w_gate"])) * _dot("...D,DF->...F", h_TD, lp["w_up"])
   act = gate_up_silu(h_TD.reshape(-1, h_TD.shape[-1]), lp["w_gate"], lp["w_up"], **_matmul_kw(impl))
   return act.reshape(h_TD.shape[:-1] + act.shape[-1:])

@@ -76,14 +76,15 @@ def fp8_dot(eq: str, a, q: Fp8Weight):
   return (out * q.scale).astype(a.dtype)
 
 
-def _scale_sharding(sharding, ndim: int, num_contracted: int):
-  """The scale's placement: the weight's, with the contracted axes dropped from its PartitionSpec."""
+def scale_sharding(sharding, ndim: int, num_contracted: int):
+  """The scale's placement: the weight's, with the contracted axes dropped from its PartitionSpec (also
+  where jserve/weights.py puts the scales of a pre-quantized checkpoint)."""
   if isinstance(sharding, NamedSharding):
     spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
     return NamedSharding(sharding.mesh, PartitionSpec(*spec[num_contracted:]))
   if isinstance(sharding, SingleDeviceSharding):
     return sharding
-  # jserve/engine/placement.py places weights with one of the two above.
+  # jserve/engine/placement.py and jserve/weights.py place weights with one of the two above.
   raise AssertionError(f"cannot place a quantization scale beside a weight sharded as {sharding}")
 
 
@@ -111,7 +112,7 @@ def quantize_params(params: dict, *, delete_originals: bool = True) -> dict:
         continue  # quantized already
       key = (w.shape, w.dtype, w.sharding, num_contracted)
       if key not in programs:
-        out_shardings = (w.sharding, _scale_sharding(w.sharding, w.ndim, num_contracted))
+        out_shardings = (w.sharding, scale_sharding(w.sharding, w.ndim, num_contracted))
         programs[key] = jax.jit(functools.partial(_quantize_pair, num_contracted=num_contracted),
                                 out_shardings=out_shardings)
       w8, scale = programs[key](w)
