@@ -13,9 +13,14 @@ files of earlier runs in docs/benchmarks/raw/ plot too):
   panel per model) and, for each file with a "step_sweep", `step_sweep_<file>` (time per decode
   step against batch, per context, beside the memory roofline, the FLOP bound and, when the engine
   ran bursts, the single step; below it the tokens/s that gives, beside the bound's tokens/s).
+- tools/bench_e2e.py results with an "hf_anchor" (its `--hf_batch` rows): `anchor_<file>` (output
+  tokens/s of transformers `generate` and of jserve on the same prompts against the batch, with the
+  ratio above each pair).
 - tools/bench_serving.py results (a "request_rate" and "ttft_ms"; one file per rate, or a JSON list
-  of them): `latency` (TTFT and TPOT p50 and p99 against the request rate; an infinite rate, all
-  requests at once, is drawn right of the others).
+  of them) and tools/bench_online.py results (a "runs" list, one per API and rate): `latency` (TTFT
+  and TPOT p50 and p99 against the request rate, a line per API; an infinite rate, all requests at
+  once, is drawn right of the others; and TPOT p50 against output tokens/s, the latency-throughput
+  curve).
 - tools/bench_multi_gpu.py results (parts.timing.plans): `tp_scaling` (decode tokens/s of each plan
   over tensor 1's, per batch, beside the ideal).
 
@@ -25,6 +30,7 @@ Writes <out_dir>/<prefix><name>.png for each plot it has data for, and prints th
 import json
 import math
 import os
+import textwrap
 
 from absl import app, flags
 
@@ -32,7 +38,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out_dir", ".", "where the PNGs go")
 flags.DEFINE_string("prefix", "e2e_", "file name prefix of the PNGs")
 flags.DEFINE_list("labels", None, "a legend label per bench_e2e file, in order (default: file name and date)")
-flags.DEFINE_list("only", None, "plots to make, of throughput, step_sweep, latency, tp_scaling (default: all)")
+flags.DEFINE_list("only", None, "plots to make, of throughput, step_sweep, anchor, latency, tp_scaling "
+                  "(default: all)")
 flags.DEFINE_integer("dpi", 120, "resolution of the PNGs")
 
 
@@ -53,6 +60,8 @@ def kind_of(data) -> str | None:
     return "e2e"
   if "ttft_ms" in data and "request_rate" in data:
     return "serving"
+  if isinstance(data.get("runs"), list) and data["runs"] and all("summary" in r for r in data["runs"]):
+    return "online"
   if isinstance(data.get("parts"), dict) and "timing" in data["parts"]:
     return "multi_gpu"
   return None
@@ -111,7 +120,7 @@ def plot_step_sweep(data: dict, title: str, path: str) -> bool:
   if not rows:
     return False
   contexts = sorted({r["context"] for r in rows})
-  fig, axes = plt.subplots(2, len(contexts), figsize=(5 * len(contexts), 7.5), squeeze=False, sharex=True)
+  fig, axes = plt.subplots(2, len(contexts), figsize=(max(7, 5 * len(contexts)), 7.5), squeeze=False, sharex=True)
   k = sweep.get("num_decode_steps", 1)
   for c, context in enumerate(contexts):
     mine = sorted((r for r in rows if r["context"] == context), key=lambda r: r["batch"])
@@ -140,6 +149,7 @@ def plot_step_sweep(data: dict, title: str, path: str) -> bool:
       ax.grid(alpha=0.3, which="both")
       ax.legend(fontsize=7)
   skipped = [f"{r['batch']}x{r['context']}: {r['skipped']}" for r in sweep.get("rows", []) if "skipped" in r]
+  title = textwrap.fill(title, 40 * max(2, len(contexts)))
   fig.suptitle(title + ("\nskipped: " + "; ".join(skipped) if skipped else ""), fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=FLAGS.dpi)
@@ -147,24 +157,69 @@ def plot_step_sweep(data: dict, title: str, path: str) -> bool:
   return True
 
 
-def plot_latency(points: list[dict], path: str):
-  """TTFT and TPOT p50 / p99 against the request rate (an infinite rate right of the finite ones)."""
+def online_points(data: dict) -> list[dict]:
+  """bench_online's runs as serving points: each run's summary, with its API as "backend"."""
+  return [dict(r["summary"], backend=r.get("backend", r["summary"].get("backend", "?"))) for r in data["runs"]]
+
+
+def plot_anchor(data: dict, title: str, path: str) -> bool:
+  """transformers and jserve output tokens/s against the batch (log-log), the ratio above each pair."""
+  rows = sorted(data.get("hf_anchor") or [], key=lambda r: r["batch"])
+  rows = [r for r in rows if r.get("hf_output_tok_s") and r.get("jserve_output_tok_s")]
+  if not rows:
+    return False
   plt = _plt()
-  points = sorted(points, key=lambda p: float(p.get("request_rate", math.inf)))
-  finite = [float(p["request_rate"]) for p in points if math.isfinite(float(p.get("request_rate", math.inf)))]
+  fig, ax = plt.subplots(figsize=(6.5, 4.5))
+  b = [r["batch"] for r in rows]
+  ax.plot(b, [r["hf_output_tok_s"] for r in rows], "s--", label="transformers generate")
+  ax.plot(b, [r["jserve_output_tok_s"] for r in rows], "o-", label="jserve LLM.generate")
+  for r in rows:
+    ax.annotate(f"{r['jserve_output_tok_s'] / r['hf_output_tok_s']:.1f}x", (r["batch"], r["jserve_output_tok_s"]),
+                textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+  ax.set_xscale("log", base=2)
+  ax.set_yscale("log")
+  ax.set_xticks(b, [str(x) for x in b])
+  ax.set_xlabel("batch (sequences)")
+  ax.set_ylabel("output tokens/s")
+  ax.set_title(title, fontsize=9)
+  ax.grid(alpha=0.3, which="both")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=FLAGS.dpi)
+  plt.close(fig)
+  return True
+
+
+def plot_latency(points: list[dict], path: str):
+  """TTFT and TPOT p50 / p99 against the request rate (an infinite rate right of the finite ones), a line
+  per API; and TPOT p50 against output tokens/s."""
+  plt = _plt()
+  rate = lambda p: float(p.get("request_rate", math.inf))
+  finite = [rate(p) for p in points if math.isfinite(rate(p))]
   inf_x = max(finite) * 1.5 if finite else 1.0
-  xs = [float(p.get("request_rate", math.inf)) for p in points]
-  xs = [x if math.isfinite(x) else inf_x for x in xs]
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+  x_of = lambda p: rate(p) if math.isfinite(rate(p)) else inf_x
+  apis = list(dict.fromkeys(p.get("backend", "") for p in points))
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+  for api in apis:
+    mine = sorted((p for p in points if p.get("backend", "") == api), key=rate)
+    name_of = f"{api} " if api else ""
+    for ax, name in zip(axes, ("ttft", "tpot")):
+      for q, style in (("p50", "o-"), ("p99", "s--")):
+        ax.plot([x_of(p) for p in mine], [p.get(f"{name}_ms", {}).get(q, math.nan) for p in mine], style,
+                label=f"{name_of}{name.upper()} {q}")
+    axes[2].plot([p.get("output_token_throughput", math.nan) for p in mine],
+                 [p.get("tpot_ms", {}).get("p50", math.nan) for p in mine], "o-", label=f"{name_of}TPOT p50")
   for ax, name in zip(axes, ("ttft", "tpot")):
-    for q, style in (("p50", "o-"), ("p99", "s--")):
-      ax.plot(xs, [p.get(f"{name}_ms", {}).get(q, math.nan) for p in points], style, label=f"{name.upper()} {q}")
     ax.set_xlabel("request rate (requests/s)")
     ax.set_ylabel("ms")
     ax.set_title(f"{name.upper()} against request rate", fontsize=10)
-    if any(not math.isfinite(float(p.get("request_rate", math.inf))) for p in points):
-      ticks = sorted(set(xs))
+    if any(not math.isfinite(rate(p)) for p in points):
+      ticks = sorted({x_of(p) for p in points})
       ax.set_xticks(ticks, [("inf" if t == inf_x and inf_x not in finite else f"{t:g}") for t in ticks])
+  axes[2].set_xlabel("output tokens/s")
+  axes[2].set_ylabel("TPOT p50 ms")
+  axes[2].set_title("latency against throughput", fontsize=10)
+  for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
@@ -209,7 +264,7 @@ def main(argv):
   files = argv[1:]
   if not files:
     raise app.UsageError("give result JSON files")
-  want = set(FLAGS.only or ["throughput", "step_sweep", "latency", "tp_scaling"])
+  want = set(FLAGS.only or ["throughput", "step_sweep", "anchor", "latency", "tp_scaling"])
   e2e, serving, multi = [], [], []
   for f in files:
     with open(f) as fh:
@@ -219,6 +274,8 @@ def main(argv):
       e2e.append((f, data))
     elif kind == "serving":
       serving += data if isinstance(data, list) else [data]
+    elif kind == "online":
+      serving += online_points(data)
     elif kind == "multi_gpu":
       multi.append((f, data))
     else:
@@ -241,6 +298,13 @@ def main(argv):
                f"(copy {d.get('ceiling', {}).get('best_GBps', math.nan):.0f} GB/s, matmul "
                f"{d.get('ceiling', {}).get('matmul_TFLOPs', math.nan):.3g} TFLOP/s)")
       if plot_step_sweep(d, title, out(name)):
+        written.append(out(name))
+  if "anchor" in want:
+    for f, d in e2e:
+      name = "anchor" if len(e2e) == 1 else f"anchor_{os.path.splitext(os.path.basename(f))[0]}"
+      title = (f"{d.get('preset', '?')} on {d.get('device', '?')}, {d.get('date', '?')}: same prompts, "
+               f"greedy, ignore_eos")
+      if plot_anchor(d, title, out(name)):
         written.append(out(name))
   if "latency" in want and serving:
     plot_latency(serving, out("latency"))
