@@ -143,8 +143,10 @@ def main(argv):
   from tools.make_random_checkpoint import make_checkpoint
   os.makedirs(FLAGS.out_dir, exist_ok=True)
   model = os.path.join(tempfile.mkdtemp(), FLAGS.preset)
-  cfg = make_checkpoint(FLAGS.preset, model)
   extra = json.loads(FLAGS.engine_args)
+  # With load_format="dummy" the engine makes its weights on the device: write no weights to disk
+  # (an 8B checkpoint takes about a minute to write and read back).
+  cfg = make_checkpoint(FLAGS.preset, model, weights=extra.get("load_format") != "dummy")
   # Long enough that no sequence finishes while the last prompts are still prefilled (decode goes first).
   # (Each call may run num_decode_steps steps; three rounds of --steps calls, plus warm-up.)
   out_len = ((3 * FLAGS.steps + 8) * extra.get("num_decode_steps", 1) + 64
