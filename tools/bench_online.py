@@ -7,7 +7,8 @@ weights on the device, else a random checkpoint is written first), starts the se
 process (gRPC and, where Starlette and uvicorn import, HTTP), waits until it serves, then for each
 API in --backends and each rate in --rates runs `tools.bench_serving` in its own process: Poisson
 arrivals at that rate (`inf`: all at once), --num_prompts random prompts of --input_len tokens,
---output_len output tokens each (`ignore_eos`). A run gets a wall-clock share of --budget_s; what
+--output_len output tokens each (`ignore_eos`); each run draws its own prompts (its seed is its
+index), so no run finds an earlier run's prompts in the prefix cache. A run gets a wall-clock share of --budget_s; what
 has finished is written to online.json and online.md under --out_dir as it goes, and the server's
 log to server.log. Prints a table last: per API and rate, request and output token throughput and
 TTFT / TPOT / ITL p50 and p99. tools/plot_e2e.py draws latency against rate from online.json.
@@ -101,11 +102,13 @@ def _stop(server: subprocess.Popen):
 
 
 def run_client(backend: str, target: str, rate: str, tokenizer_dir: str, vocab: int, out_json: str,
-               timeout_s: float) -> dict:
+               timeout_s: float, seed: int) -> dict:
+  """One bench_serving run. Each run of a server needs its own `seed`: the prompts are drawn from it, and a
+  run that sent an earlier run's prompts again would find them in the prefix cache (no prefill at all)."""
   cmd = [sys.executable, "-m", "tools.bench_serving", f"--backend={backend}", f"--target={target}",
          f"--vocab_size={vocab}",
          f"--num_prompts={FLAGS.num_prompts}", f"--request_rate={rate}", f"--random_input_len={FLAGS.input_len}",
-         f"--random_output_len={FLAGS.output_len}", f"--result_json={out_json}", "--seed=0"]
+         f"--random_output_len={FLAGS.output_len}", f"--result_json={out_json}", f"--seed={seed}"]
   if backend == "http-chat":
     cmd.append(f"--tokenizer={tokenizer_dir}")
   try:
@@ -183,7 +186,7 @@ def main(argv):
         continue
       target = f"127.0.0.1:{grpc_port}" if backend == "grpc" else f"http://127.0.0.1:{http_port}"
       out_json = os.path.join(tempfile.mkdtemp(), "run.json")
-      summary = run_client(backend, target, rate, model_dir, vocab, out_json, share)
+      summary = run_client(backend, target, rate, model_dir, vocab, out_json, share, seed=i)
       results["runs"].append({"backend": backend, "rate": float(rate) if rate != "inf" else math.inf,
                               "summary": summary})
       print(table(results)[-1], flush=True)
