@@ -35,12 +35,18 @@ import textwrap
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("out_dir", ".", "where the PNGs go")
-flags.DEFINE_string("prefix", "e2e_", "file name prefix of the PNGs")
-flags.DEFINE_list("labels", None, "a legend label per bench_e2e file, in order (default: file name and date)")
-flags.DEFINE_list("only", None, "plots to make, of throughput, step_sweep, anchor, latency, tp_scaling "
-                  "(default: all)")
-flags.DEFINE_integer("dpi", 120, "resolution of the PNGs")
+DPI = 120  # resolution of the PNGs (--dpi when run as a script)
+
+
+def _define_flags():
+  # Defined only when run as a script: tests import the plotting functions beside benchmarks that define
+  # flags of the same names (--out_dir).
+  flags.DEFINE_string("out_dir", ".", "where the PNGs go")
+  flags.DEFINE_string("prefix", "e2e_", "file name prefix of the PNGs")
+  flags.DEFINE_list("labels", None, "a legend label per bench_e2e file, in order (default: file name and date)")
+  flags.DEFINE_list("only", None, "plots to make, of throughput, step_sweep, anchor, latency, tp_scaling "
+                    "(default: all)")
+  flags.DEFINE_integer("dpi", DPI, "resolution of the PNGs")
 
 
 def _plt():
@@ -108,7 +114,7 @@ def plot_throughput(runs: list[tuple[str, dict]], path: str):
     ax.set_ylim(0, top * 1.3 or 1)  # headroom: the legend sits above the bars and ticks
     ax.legend(fontsize=7, loc="upper left")
   fig.tight_layout()
-  fig.savefig(path, dpi=FLAGS.dpi)
+  fig.savefig(path, dpi=DPI)
   plt.close(fig)
 
 
@@ -152,7 +158,7 @@ def plot_step_sweep(data: dict, title: str, path: str) -> bool:
   title = textwrap.fill(title, 40 * max(2, len(contexts)))
   fig.suptitle(title + ("\nskipped: " + "; ".join(skipped) if skipped else ""), fontsize=9)
   fig.tight_layout()
-  fig.savefig(path, dpi=FLAGS.dpi)
+  fig.savefig(path, dpi=DPI)
   plt.close(fig)
   return True
 
@@ -185,7 +191,7 @@ def plot_anchor(data: dict, title: str, path: str) -> bool:
   ax.grid(alpha=0.3, which="both")
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=FLAGS.dpi)
+  fig.savefig(path, dpi=DPI)
   plt.close(fig)
   return True
 
@@ -223,7 +229,7 @@ def plot_latency(points: list[dict], path: str):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=FLAGS.dpi)
+  fig.savefig(path, dpi=DPI)
   plt.close(fig)
 
 
@@ -255,12 +261,14 @@ def plot_tp_scaling(data: dict, path: str) -> bool:
   ax.grid(axis="y", alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
-  fig.savefig(path, dpi=FLAGS.dpi)
+  fig.savefig(path, dpi=DPI)
   plt.close(fig)
   return True
 
 
 def main(argv):
+  global DPI
+  DPI = FLAGS.dpi
   files = argv[1:]
   if not files:
     raise app.UsageError("give result JSON files")
@@ -319,4 +327,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -41,7 +41,6 @@ def test_latency_plot_draws_a_line_per_api_and_the_latency_throughput_curve(monk
 
   monkeypatch.setattr(plt, "subplots", subplots)
   monkeypatch.setattr(plot_e2e, "_plt", lambda: plt)
-  plot_e2e.FLAGS(["plot_e2e"])
   path = tmp_path / "latency.png"
   plot_e2e.plot_latency(plot_e2e.online_points(ONLINE), str(path))
   assert path.stat().st_size > 0
