@@ -7,6 +7,9 @@ plan's numbers can be checked by hand:
 - a step reads its weights and the KV of its sequences once from HBM, and
   does 2 FLOPs per parameter per token plus attention's 4 per context
   position per head dimension; the step takes the longer of the two times;
+- weights quantized to fp8 (`Workload.quantization`) are the layers'
+  projections at one byte per element plus a float32 scale per output
+  channel; the embedding, LM head and norms stay at `weight_bytes`;
 - tensor parallelism adds two all-reduces of the activations per layer (after
   attention's output projection and the MLP's down projection), one for the
   vocabulary-parallel embedding and an all-gather of the logits, each a ring
@@ -22,6 +25,7 @@ and the ratio measured/estimated is what the GPU benchmarks report.
 
 import dataclasses
 
+from sharding.errors import ShardingError
 from sharding.rules import layer_stages
 
 
@@ -64,6 +68,10 @@ DEVICE_PRESETS: dict[str, DevicePreset] = {
 }
 
 
+# Bytes of a quantized projection: (per weight element, per output channel for its float32 scale).
+QUANTIZED_BYTES = {"fp8": (1, 4)}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Workload:
   """What the cluster must serve. `concurrency` counts sequences decoding at once, over all replicas."""
@@ -77,10 +85,29 @@ class Workload:
   weight_bytes: int = 2  # bfloat16
   kv_bytes: int = 2
   memory_utilization: float = 0.9
+  # None, or "fp8": the layers' projections in float8 with a float32 scale per output channel, as
+  # jserve's quantization="fp8" and pre-quantized fp8 checkpoints hold them (the rest in weight_bytes).
+  quantization: str | None = None
+  # fp8 made at start-up from a full-precision checkpoint: each device first holds its weights in
+  # weight_bytes, so those must fit the memory budget too (a pre-quantized checkpoint has no such peak).
+  quantize_at_load: bool = False
+
+  def __post_init__(self):
+    if self.quantization is not None and self.quantization not in QUANTIZED_BYTES:
+      raise ShardingError(f"quantization={self.quantization!r}: use None or one of {', '.join(QUANTIZED_BYTES)}")
+    if self.quantize_at_load and self.quantization is None:
+      raise ShardingError("quantize_at_load=True needs a quantization")
 
   @property
   def context(self) -> int:
     return self.avg_context or self.max_model_len // 2
+
+  def describe_weights(self) -> str:
+    """The weights' storage in words: "16-bit", or "fp8 (the embedding, LM head and norms 16-bit)"."""
+    bits = f"{8 * self.weight_bytes}-bit"
+    if self.quantization is None:
+      return bits
+    return f"{self.quantization} (the embedding, LM head and norms {bits})"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,12 +122,31 @@ def _kv_heads_per_device(cfg, tp: int) -> int:
 
 
 def layer_params_per_device(cfg, tp: int) -> int:
+  """Parameters of one layer on one device: its projections' shares, its biases' and its norms."""
   d, f, h, n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
   split = 2 * d * n * h + 3 * d * f + (n * h if cfg.attention_bias else 0)
   kv = 2 * d * h * _kv_heads_per_device(cfg, tp) + (2 * h * _kv_heads_per_device(cfg, tp)
                                                       if cfg.attention_bias else 0)
   replicated = 2 * d + (2 * h if cfg.qk_norm else 0)
   return split // tp + kv + replicated
+
+
+def layer_projection_params_per_device(cfg, tp: int) -> int:
+  """Elements of one layer's projections (wq, wk, wv, wo, w_gate, w_up, w_down) on one device: what
+  quantization stores in fewer bytes. Included in `layer_params_per_device`."""
+  d, f, h, n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
+  return (2 * d * n * h + 3 * d * f) // tp + 2 * d * h * _kv_heads_per_device(cfg, tp)
+
+
+def layer_scales_per_device(cfg, tp: int) -> int:
+  """Output channels of one layer's projections on one device: one float32 scale each when quantized.
+
+  A scale is split as its weight's output axes are: wq's [N, H] and w_gate's and w_up's [F] by the
+  tensor degree, wk's and wv's [K, H] to this device's KV heads; wo and w_down are split along the
+  axes they contract, so their [D] scales are whole on every device.
+  """
+  d, f, h, n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
+  return (n * h + 2 * f) // tp + 2 * h * _kv_heads_per_device(cfg, tp) + 2 * d
 
 
 def vocab_params_per_device(cfg, tp: int) -> int:
@@ -117,6 +163,21 @@ def stage_params_per_device(cfg, layout: Layout) -> list[int]:
     out[-1] += vocab_params_per_device(cfg, layout.tensor)
   out[-1] += cfg.hidden_size
   return out
+
+
+def stage_weight_bytes_per_device(cfg, layout: Layout, workload: Workload, *,
+                                  quantized: bool = True) -> list[int]:
+  """Weight bytes on one device of each stage: `stage_params_per_device` at `workload.weight_bytes`,
+  except the layers' projections under `workload.quantization` (unless `quantized` is False: the
+  full-precision weights that quantization at load starts from)."""
+  params = stage_params_per_device(cfg, layout)
+  if workload.quantization is None or not quantized:
+    return [p * workload.weight_bytes for p in params]
+  element, scale = QUANTIZED_BYTES[workload.quantization]
+  proj = layer_projection_params_per_device(cfg, layout.tensor)
+  per_layer = proj * (element - workload.weight_bytes) + layer_scales_per_device(cfg, layout.tensor) * scale
+  stages = layer_stages(cfg.num_layers, layout.stage)
+  return [p * workload.weight_bytes + len(layers) * per_layer for p, layers in zip(params, stages)]
 
 
 def kv_bytes_per_token_layer(cfg, tp: int, workload: Workload) -> int:
@@ -187,12 +248,12 @@ def stage_step_cost(cfg, layout: Layout, device: DevicePreset, workload: Workloa
   """
   tp = layout.tensor
   stages = layer_stages(cfg.num_layers, layout.stage)
-  params = stage_params_per_device(cfg, layout)
+  weights = stage_weight_bytes_per_device(cfg, layout, workload)
   link, latency = _tensor_link(device, tp, devices_per_host)
   act = tokens * cfg.hidden_size * workload.weight_bytes
   worst = None
   for s, layers in enumerate(stages):
-    weight_bytes = params[s] * workload.weight_bytes
+    weight_bytes = weights[s]
     kv_bytes = context_tokens * len(layers) * kv_bytes_per_token_layer(cfg, tp, workload)
     flops = 2 * tokens * len(layers) * layer_params_per_device(cfg, tp) + len(layers) * attn_flops_per_layer / tp
     collectives = len(layers) * 2 * _ring_s(act, tp, link, latency)

@@ -13,7 +13,7 @@ A model config is anything with the fields of `jserve.config.ModelConfig`
 import dataclasses
 
 from sharding.costs import (DEVICE_PRESETS, DevicePreset, Layout, StepCost, Workload, activation_bytes,
-                            decode_round, kv_bytes_per_token, prefill_seconds, stage_params_per_device)
+                            decode_round, kv_bytes_per_token, prefill_seconds, stage_weight_bytes_per_device)
 from sharding.errors import ShardingError
 from sharding.rules import check_tensor_degree
 
@@ -78,7 +78,12 @@ def _layouts(cfg, num_devices: int, devices_per_host: int, data=None, stage=None
 def _evaluate(cfg, layout: Layout, device: DevicePreset, workload: Workload, devices_per_host: int):
   """The plan for `layout`, or (None, bytes short) when it does not fit."""
   budget = int(device.memory_bytes * workload.memory_utilization)
-  weights = max(stage_params_per_device(cfg, layout)) * workload.weight_bytes
+  weights = max(stage_weight_bytes_per_device(cfg, layout, workload))
+  if workload.quantize_at_load:
+    # The full-precision weights are on the devices before they are quantized; nothing else is yet.
+    loaded = max(stage_weight_bytes_per_device(cfg, layout, workload, quantized=False))
+    if loaded > budget:
+      return None, loaded - budget
   act = activation_bytes(cfg, layout, workload)
   per_token = kv_bytes_per_token(cfg, layout, workload)
   kv = budget - weights - act
@@ -153,13 +158,17 @@ def _pinned(data, stage, tensor) -> str:
 
 
 def _no_fit_message(cfg, num_devices, device, workload, short, model_name, pinned) -> str:
-  weights = sum(stage_params_per_device(cfg, Layout(1, 1, 1))) * workload.weight_bytes
+  weights = sum(stage_weight_bytes_per_device(cfg, Layout(1, 1, 1), workload))
   budget = num_devices * device.memory_bytes * workload.memory_utilization
   msg = (f"{model_name} does not fit on {num_devices} x {device.name} {pinned}for max_model_len="
          f"{workload.max_model_len}: its weights alone are {weights / GIB:.1f} GiB in "
-         f"{8 * workload.weight_bytes}-bit, the devices give {budget / GIB:.1f} GiB at "
-         f"memory_utilization={workload.memory_utilization}, and the best layout is "
-         f"{short / GIB:.1f} GiB short per device")
+         f"{workload.describe_weights()}")
+  if workload.quantize_at_load:
+    loaded = sum(stage_weight_bytes_per_device(cfg, Layout(1, 1, 1), workload, quantized=False))
+    msg += (f", loaded as {loaded / GIB:.1f} GiB in {8 * workload.weight_bytes}-bit before they are "
+            "quantized (a pre-quantized checkpoint skips that peak)")
+  msg += (f", the devices give {budget / GIB:.1f} GiB at memory_utilization={workload.memory_utilization}, "
+          f"and the best layout is {short / GIB:.1f} GiB short per device")
   fits = []
   others = [device] + [d for d in DEVICE_PRESETS.values() if d.name != device.name]
   for other in others:
@@ -260,7 +269,10 @@ def plan_report(cfg, *, model_name: str, num_devices: int, device: str = "H100-8
   plans = plan(cfg, num_devices, dev, workload, num_hosts=num_hosts, data=data, stage=stage, tensor=tensor,
                model_name=model_name)
   hosts = num_hosts or -(-num_devices // dev.devices_per_host)
+  weights = ""
+  if workload.quantization is not None:
+    weights = f", {workload.quantization} weights" + (" quantized at start-up" if workload.quantize_at_load else "")
   title = (f"{model_name} on {num_devices} x {dev.name} ({dev.memory_gib:g} GiB, {hosts} host(s)), "
-           f"max_model_len={workload.max_model_len}, concurrency={workload.concurrency}: "
+           f"max_model_len={workload.max_model_len}, concurrency={workload.concurrency}{weights}: "
            f"{len(plans)} feasible plan(s)")
   return f"{title}\n\n{format_plans(plans, limit)}"

@@ -4,8 +4,9 @@
 
 Builds `LLM(None, quantization="fp8", dtype="float32")` at tensor 2 and at pipeline 2 x tensor 2,
 and prints one JSON line: per layout the greedy tokens of `PROMPTS`, the partition specs of the
-quantized weights and their scales, and whether layer 0's fp8 values and scales equal those of the
-same weights quantized on one device (wo and w_down are split along the axes their amax reduces).
+quantized weights and their scales, whether layer 0's fp8 values and scales equal those of the
+same weights quantized on one device (wo and w_down are split along the axes their amax reduces),
+and the weight bytes on each device with its pipeline stage (for the planner's count).
 
 Given a pre-quantized fp8 checkpoint, it also serves that at tensor 4 (the default model's 2 KV heads
 widened to 4, and their scales with them) and on one device, with `quantization=None`, and reports
@@ -58,6 +59,16 @@ def main():
   print(json.dumps({"num_devices": jax.device_count(), **report}))
 
 
+def _device_bytes(llm) -> dict:
+  """{device id: bytes of the weights the step reads there}: the runner's params, which with stages
+  hold the last stage's copy of a tied LM head."""
+  out = {}
+  for a in jax.tree_util.tree_leaves(llm.engine.runner.params):
+    for shard in a.addressable_shards:
+      out[shard.device.id] = out.get(shard.device.id, 0) + shard.data.nbytes
+  return out
+
+
 def _describe(llm, outs, same) -> dict:
   layer = llm.engine.params["layers"][0]
   return {
@@ -67,6 +78,8 @@ def _describe(llm, outs, same) -> dict:
       "equal_to_one_device": same,
       "scale_devices": sorted(d.id for d in layer["wo"].scale.devices()),
       "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w.devices()),
+      "device_weight_bytes": _device_bytes(llm),
+      "first_stage_devices": sorted(d.id for d in layer["wo"].w.devices()),
   }
 
 

@@ -20,6 +20,8 @@ from jserve.errors import ConfigError
 from jserve.models.llama import forward_dense
 from jserve.models.quant import CONTRACTED_AXES, Fp8Weight, dequantize, fp8_dot, quantize_fp8, quantize_params
 from jserve.weights import load_params, save_hf_checkpoint
+from sharding.costs import Layout, Workload, stage_weight_bytes_per_device
+from sharding.planner import get_device, plan
 from tests.fp8_checkpoints import write_fp8_checkpoint
 from tests.quant_tp_worker import ENGINE, GREEDY, PROMPTS
 from tests.sharding.subprocess_util import ROOT, run_worker
@@ -198,6 +200,16 @@ def test_fp8_engine_keeps_projections_in_one_byte(engines):
   assert _weight_bytes_on(deq.engine.params, device) - _weight_bytes_on(fp8.engine.params, device) == saved
 
 
+def test_planner_predicts_the_fp8_engines_weight_bytes(engines):
+  fp8, deq = engines
+  device = jax.devices()[0]
+  cfg = fp8.engine.model_config
+  for llm, quantization in ((fp8, "fp8"), (deq, None)):
+    workload = Workload(weight_bytes=4, quantization=quantization)  # the engines run in float32
+    predicted = plan(cfg, 1, get_device("H100-80GB"), workload)[0].weights_bytes
+    assert _weight_bytes_on(llm.engine.params, device) == predicted, quantization
+
+
 def test_unknown_quantization_is_a_config_error():
   with pytest.raises(ConfigError, match=r"quantization='int8': use None \(no quantization\) or one of fp8"):
     EngineConfig(quantization="int8")
@@ -229,6 +241,19 @@ def test_tensor_and_pipeline_parallel_fp8_engines_generate_what_one_device_does(
     assert all(got["equal_to_one_device"].values()) and len(got["equal_to_one_device"]) == len(CONTRACTED_AXES)
   assert report["tensor 2"]["scale_devices"] == [0, 1]
   assert report["pipeline 2 x tensor 2"]["last_layer_devices"] == [2, 3]  # a later stage's layers stay there
+
+
+@pytest.mark.parametrize("layout,stage,tensor", [("tensor 2", 1, 2), ("pipeline 2 x tensor 2", 2, 2),
+                                                 ("fp8 checkpoint", 1, 4)])
+def test_planner_counts_each_devices_fp8_weights_and_scales(parallel_report, layout, stage, tensor):
+  # Row-parallel wo and w_down keep whole [D] scales on every device; at tensor 4 the 2 KV heads are
+  # widened to one per device, their scales with them; the last stage holds a copy of the tied LM head.
+  got = parallel_report[layout]
+  predicted = stage_weight_bytes_per_device(load_model_config(DEFAULT_MODEL_DIR), Layout(1, stage, tensor),
+                                            Workload(weight_bytes=4, quantization="fp8"))
+  assert len(got["device_weight_bytes"]) == stage * tensor
+  for device, nbytes in got["device_weight_bytes"].items():
+    assert nbytes == predicted[0 if int(device) in got["first_stage_devices"] else 1], device
 
 
 def test_a_tensor_parallel_fp8_checkpoint_serves_what_one_device_does(parallel_report):

@@ -7,7 +7,11 @@
 preset name from configs/models.py. The workload comes from the engine flags
 --dtype, --max_model_len (default here 4096, not the model's limit),
 --max_num_seqs, --max_num_batched_tokens and --gpu_memory_utilization, plus
---concurrency. The planner itself is sharding.planner (docs/planner.md).
+--concurrency. The weights are counted as the engine would hold them: a
+pre-quantized fp8 checkpoint's as stored, or with --quantization=fp8 the
+projections in fp8 (for a checkpoint directory, quantized at start-up, so its
+full-precision weights must fit first). The planner itself is sharding.planner
+(docs/planner.md).
 """
 
 import os
@@ -30,39 +34,57 @@ PLAN_MAX_MODEL_LEN = 4096  # a model's own limit (128k for Llama-3.1) would size
 
 
 def model_config(model: str | None):
-  """(config, name) of a checkpoint directory, a preset name, or the shipped default model (None)."""
+  """(config, name, checkpoint directory) of a checkpoint directory, a preset name (directory None), or
+  the shipped default model (--model unset)."""
   from configs import MODEL_PRESETS
   from jserve.config import load_model_config
   from jserve.engine.engine import DEFAULT_MODEL_DIR
   if model is None:
-    return load_model_config(DEFAULT_MODEL_DIR), "the default model"
+    return load_model_config(DEFAULT_MODEL_DIR), "the default model", DEFAULT_MODEL_DIR
   if os.path.isdir(model):
-    return load_model_config(model), os.path.basename(os.path.normpath(model))
+    return load_model_config(model), os.path.basename(os.path.normpath(model)), model
   if model in MODEL_PRESETS:
-    return MODEL_PRESETS[model], model
+    return MODEL_PRESETS[model], model, None
   raise ConfigError(f"--model={model!r} is neither a checkpoint directory nor a preset; presets: "
                     f"{', '.join(sorted(MODEL_PRESETS))}")
 
 
-def workload():
+def weight_quantization(model_dir: str | None) -> tuple[str | None, bool]:
+  """(quantization, whether it happens at start-up) of the weights the engine would serve.
+
+  As the engine decides: a pre-quantized checkpoint's config.json wins (read by the engine's own
+  `checkpoint_quantization`, so an unsupported one is the same error here), else --quantization of
+  the full-precision weights. A preset has no checkpoint: it is planned as fp8 weights served as
+  stored (a pre-quantized checkpoint of that shape); plan a directory to see the start-up peak.
+  """
+  from jserve.prequantized import checkpoint_quantization
+  if model_dir is not None and checkpoint_quantization(model_dir) is not None:
+    return "fp8", False
+  requested = None if FLAGS.quantization == "none" else FLAGS.quantization
+  return requested, requested is not None and model_dir is not None
+
+
+def workload(model_dir: str | None):
   import jax.numpy as jnp
 
   from jserve.weights import resolve_dtype
   from sharding.costs import Workload
   itemsize = jnp.dtype(resolve_dtype(FLAGS.dtype)).itemsize
+  quantization, at_load = weight_quantization(model_dir)
   return Workload(max_model_len=FLAGS.max_model_len or PLAN_MAX_MODEL_LEN, concurrency=FLAGS.concurrency,
                   max_num_batched_tokens=FLAGS.max_num_batched_tokens or 8192, max_num_seqs=FLAGS.max_num_seqs,
-                  weight_bytes=itemsize, kv_bytes=itemsize, memory_utilization=FLAGS.gpu_memory_utilization)
+                  weight_bytes=itemsize, kv_bytes=itemsize, memory_utilization=FLAGS.gpu_memory_utilization,
+                  quantization=quantization, quantize_at_load=at_load)
 
 
 def main():
   from sharding.errors import ShardingError
   from sharding.planner import plan_report
-  cfg, name = model_config(FLAGS.model)
+  cfg, name, model_dir = model_config(FLAGS.model)
   try:
     report = plan_report(cfg, model_name=name, num_devices=FLAGS.num_devices, device=FLAGS.device,
-                         num_hosts=FLAGS.num_hosts, device_memory_gib=FLAGS.device_memory_gib, workload=workload(),
-                         limit=FLAGS.num_plans)
+                         num_hosts=FLAGS.num_hosts, device_memory_gib=FLAGS.device_memory_gib,
+                         workload=workload(model_dir), limit=FLAGS.num_plans)
   except ShardingError as e:
     # The planner says what would fit; that is the user's answer, not a crash.
     raise ConfigError(str(e)) from None

@@ -70,7 +70,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         model_name=self.ctx.model_name, architecture=cfg.architecture, max_model_len=engine.max_model_len,
         vocab_size=cfg.vocab_size, dtype=ec.dtype, page_size=ec.page_size, num_kv_pages=engine.kv.num_usable_pages,
         max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
-        eos_token_ids=sorted(engine.eos_token_ids),
+        eos_token_ids=sorted(engine.eos_token_ids), quantization=engine.quantization or "",
         sharding=pb.ShardingPlan(
             tensor_parallel_size=ec.tensor_parallel_size, pipeline_parallel_size=ec.pipeline_parallel_size,
             data_parallel_size=1, num_devices=ec.tensor_parallel_size * ec.pipeline_parallel_size,

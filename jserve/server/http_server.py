@@ -162,7 +162,10 @@ async def _models(request: Request):
   engine = ctx.engine.engine
   card = {"id": ctx.model_name, "object": "model", "created": request.app.state.started, "owned_by": "jserve"}
   if engine is not None:
+    # Beside OpenAI's fields, as vLLM's card has max_model_len: what a client may need to know of the
+    # weights it talks to ("fp8", or None when they are not quantized).
     card["max_model_len"] = engine.max_model_len
+    card["quantization"] = engine.quantization
   if request.path_params.get("model") is not None:
     ctx.check_model(request.path_params["model"])
     return JSONResponse(card)

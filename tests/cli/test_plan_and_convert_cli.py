@@ -1,5 +1,6 @@
 """`jserve plan` and `jserve convert` end to end in a subprocess: output on success, one-line errors otherwise."""
 
+import json
 import os
 import subprocess
 import sys
@@ -40,6 +41,32 @@ def test_plan_reads_a_checkpoint_directory_and_the_workload_flags(tiny_model_dir
   assert proc.returncode == 0, proc.stderr
   assert proc.stdout.startswith(f"{os.path.basename(tiny_model_dir)} on 2 x TPU-v5e (8 GiB, 1 host(s)), "
                                 "max_model_len=1024, concurrency=16:")
+
+
+def test_plan_with_fp8_weights_puts_405b_on_one_host_of_h100s():
+  proc = _run("plan", "--model=llama-3.1-405b", "--num_devices=8", "--quantization=fp8", "--num_plans=1")
+  assert proc.returncode == 0, proc.stderr
+  assert proc.stdout.startswith("llama-3.1-405b on 8 x H100-80GB (80 GiB, 1 host(s)), max_model_len=4096, "
+                                "concurrency=256, fp8 weights:")
+  assert "| 1 | 1 | 1 | 8 | 47.8 |" in proc.stdout  # in bfloat16 it needs 16 devices (test_planner.py)
+
+
+def test_plan_counts_a_checkpoint_directory_as_the_engine_would_load_it(tmp_path):
+  from configs.models import get_model_preset
+  hf = get_model_preset("llama-3.1-70b").to_hf_dict()
+  prequantized, bf16 = tmp_path / "llama-70b-fp8", tmp_path / "llama-70b"
+  for path, config in ((prequantized, dict(hf, quantization_config={"quant_method": "fp8"})), (bf16, hf)):
+    path.mkdir()
+    (path / "config.json").write_text(json.dumps(config))
+  # fp8 as stored, read from config.json by the engine's own reader: 67.7 GiB fits one H200.
+  proc = _run("plan", f"--model={prequantized}", "--device=H200-141GB")
+  assert proc.returncode == 0, proc.stderr
+  assert "concurrency=256, fp8 weights: " in proc.stdout.splitlines()[0]
+  assert "| 1 | 1 | 1 | 1 | 67.7 |" in proc.stdout
+  # Quantized at start-up: the bfloat16 weights are on the device first, and they do not fit.
+  proc = _run("plan", f"--model={bf16}", "--device=H200-141GB", "--quantization=fp8")
+  _assert_one_line_error(proc, "plan", "loaded as 131.4 GiB in 16-bit before they are quantized")
+  assert "it would fit on 2 x H200-141GB" in proc.stderr
 
 
 def test_plan_says_what_would_fit_when_nothing_does():

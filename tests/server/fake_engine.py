@@ -38,7 +38,8 @@ class _Tokenizer:
 
 
 class FakeEngine:
-  def __init__(self, max_num_seqs: int = 4, step_s: float = 0.001, fail_at_step: int | None = None):
+  def __init__(self, max_num_seqs: int = 4, step_s: float = 0.001, fail_at_step: int | None = None,
+               quantization: str | None = None):
     self.max_num_seqs = max_num_seqs
     self.step_s = step_s
     self.fail_at_step = fail_at_step
@@ -47,6 +48,13 @@ class FakeEngine:
     self.kv = types.SimpleNamespace(num_used_pages=0, num_cached_pages=0, num_usable_pages=100, hit_rate=0.0)
     self.tokenizer = _Tokenizer()
     self.max_model_len = 64
+    # What the model-info answers (gRPC GetModelInfo, HTTP /v1/models) read.
+    self.model_config = types.SimpleNamespace(architecture="FakeForCausalLM", vocab_size=100)
+    self.config = types.SimpleNamespace(dtype="float32", page_size=16, max_num_seqs=max_num_seqs,
+                                        tensor_parallel_size=1, pipeline_parallel_size=1)
+    self.max_num_batched_tokens = 64
+    self.eos_token_ids = frozenset()
+    self.quantization = quantization
     self.num_steps = 0
     self.aborted: list[str] = []
 

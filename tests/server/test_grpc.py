@@ -81,6 +81,7 @@ def test_model_info(stub):
   assert info.architecture == "LlamaForCausalLM" and info.dtype == "float32"
   assert info.sharding.tensor_parallel_size == 1 and info.sharding.platform == "cpu"
   assert info.num_kv_pages == 64 and info.page_size == 16
+  assert info.quantization == ""  # float32 weights (fp8: test_model_info.py)
 
 
 def test_metrics_rpc_serves_what_http_serves(stub, server):

@@ -78,6 +78,8 @@ def test_streamed_chat_equals_the_whole_one(client):
 def test_models_health_metrics(client, server):
   assert [m.id for m in client.models.list().data] == ["tiny"]
   assert client.models.retrieve("tiny").id == "tiny"
+  card = httpx2.get(f"{server.http_url}/v1/models/tiny", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+  assert card["max_model_len"] == 256 and card["quantization"] is None  # fp8: test_model_info.py
   assert httpx2.get(f"{server.http_url}/health").json() == {"status": "ok"}
   m = scrape(server)
   assert m["jserve_kv_cache_total_pages"] == 64

@@ -98,3 +98,56 @@ def test_docs_planner_table_is_up_to_date():
   with open(path) as f:
     committed = f.read()
   assert committed == planner_doc.render(), "regenerate: python -m tests.sharding.planner_doc > docs/planner.md"
+
+
+def _fp8_weight_bytes_per_device(cfg, tp: int) -> int:
+  """From the shapes: each projection's share at one byte per element plus a 4-byte scale per output
+  channel it holds; biases, norms, the embedding and the LM head at two bytes."""
+  d, f, h, n, v = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads, cfg.vocab_size
+  k = max(cfg.num_kv_heads // tp, 1)  # KV heads on a device (replicated when fewer than tp)
+  # name: (elements on the device, output channels on the device)
+  projections = {"wq": (d * n * h // tp, n * h // tp), "wk": (d * k * h, k * h), "wv": (d * k * h, k * h),
+                 "wo": (n * h * d // tp, d), "w_gate": (d * f // tp, f // tp), "w_up": (d * f // tp, f // tp),
+                 "w_down": (f * d // tp, d)}
+  layer = sum(elements + 4 * channels for elements, channels in projections.values())
+  layer += 2 * (2 * d + (n * h // tp + 2 * k * h if cfg.attention_bias else 0))
+  vocab = 2 * v * d // tp
+  return cfg.num_layers * layer + vocab * (1 if cfg.tie_word_embeddings else 2) + 2 * d
+
+
+@pytest.mark.parametrize("preset,tensor", [("llama-3.1-8b", 1), ("llama-3.1-8b", 8), ("qwen2.5-7b", 4)])
+def test_fp8_plan_counts_projections_at_one_byte_plus_scales_and_gives_the_rest_to_kv(preset, tensor):
+  cfg = get_model_preset(preset)
+  # A batch that fits either way, so that the decode steps compare at the same batch.
+  fp8 = plan(cfg, tensor, H100, Workload(quantization="fp8", concurrency=8), tensor=tensor)[0]
+  bf16 = plan(cfg, tensor, H100, Workload(concurrency=8), tensor=tensor)[0]
+  assert fp8.weights_bytes == _fp8_weight_bytes_per_device(cfg, tensor)
+  assert 0.5 < fp8.weights_bytes / bf16.weights_bytes < 0.6
+  assert fp8.kv_bytes - bf16.kv_bytes == bf16.weights_bytes - fp8.weights_bytes
+  assert fp8.batch == bf16.batch == 8
+  saved_s = (bf16.weights_bytes - fp8.weights_bytes) / (H100.hbm_gbps * 1e9)  # a decode step reads fewer bytes
+  assert bf16.step.hbm_s - fp8.step.hbm_s == pytest.approx(saved_s, rel=1e-9)
+
+
+@pytest.mark.parametrize("preset,device,bf16_count,fp8_count,fp8_tensor", [
+    ("llama-3.1-70b", H200, 2, 1, 1), ("llama-3.1-405b", H100, 16, 8, 8)])
+def test_fp8_weights_fit_a_model_on_fewer_devices(preset, device, bf16_count, fp8_count, fp8_tensor):
+  cfg = get_model_preset(preset)
+  best = plan(cfg, fp8_count, device, Workload(quantization="fp8"))[0]
+  assert (best.data, best.stage, best.tensor) == (1, 1, fp8_tensor)
+  with pytest.raises(ShardingError, match=rf"weights alone are .* in 16-bit, .* it would fit on {bf16_count} x "
+                                          rf"{device.name}"):
+    plan(cfg, fp8_count, device, Workload())
+
+
+def test_quantizing_at_load_needs_the_full_precision_weights_to_fit_first():
+  cfg = get_model_preset("llama-3.1-70b")
+  assert plan(cfg, 1, H200, Workload(quantization="fp8"))  # fp8 as stored: 67.7 GiB
+  with pytest.raises(ShardingError, match=r"its weights alone are 67.7 GiB in fp8 .*, loaded as 131.4 GiB in 16-bit "
+                                          r"before they are quantized .* it would fit on 2 x H200-141GB"):
+    plan(cfg, 1, H200, Workload(quantization="fp8", quantize_at_load=True))
+
+
+def test_unknown_quantization_is_refused():
+  with pytest.raises(ShardingError, match=r"quantization='int4': use None or one of fp8"):
+    Workload(quantization="int4")
