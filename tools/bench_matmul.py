@@ -21,6 +21,18 @@ count M in --ms, it times in one process:
   first checked against an exact float32 product on the GPU;
 - torch.matmul (cuBLAS), replayed from a CUDA graph (tools/torch_matmul.py).
 
+With --weights=fp8 (or bf16,fp8) the same projections (not the LM heads, which
+jserve does not quantize) also run with fp8 weights and a float32 scale per
+column, as `quantization="fp8"` stores them: XLA is then the model's own
+`quant.fp8_dot` (the weight converted to bfloat16 inside the einsum), the
+Pallas kernel converts the fp8 tiles in registers (its candidates come from
+`tuning.GPU_SWEEP_FP8`), the Hopper kernel takes no fp8 weight, and the
+PyTorch anchor is the weight converted by `.to(torch.bfloat16)`, then
+cuBLAS, then the scale. Their TB/s count one byte per weight element (the
+scales, under 0.2%, are left out), so they read directly against the copy
+ceiling; the "fp8 speed-up" column divides the same shape's bfloat16 time by
+the fp8 one, for the Pallas kernel and for XLA, when both ran.
+
 Every timed call multiplies by several distinct copies of the weights (at
 least --min_bytes in all, so nothing is served from the 50 MB L2), all in
 one jit call or graph replay so dispatch is amortized; the bandwidth figure
@@ -54,15 +66,17 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.ceilings import copy_ceilings  # noqa: E402
-from tools.torch_matmul import torch_time  # noqa: E402
+from tools.torch_matmul import ANCHOR_FP8, torch_time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
+from jserve.models.quant import Fp8Weight, fp8_dot, quantize_fp8  # noqa: E402
 from pallas_kernels.decode_matmul import gpu, hopper, reference, tuning  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
 _MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
 _MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models")
+_WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column)")
 _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
 _SWEEP = flags.DEFINE_bool("sweep", True, "sweep the Triton kernel's tiles; --nosweep times its tuned config, XLA, "
                            "cuBLAS and the Hopper kernel's variants on every shape")
@@ -91,14 +105,23 @@ class Shape:
   k: int
   n: int
   kind: str = "kn"  # kn: x @ w[K, N]; nk: x @ w[N, K].T (tied LM head); gate_up: silu(x @ wg) * (x @ wu)
+  fp8: bool = False  # weights in float8 e4m3, each with a float32 scale per column
 
   @property
   def num_weights(self):
     return 2 if self.kind == "gate_up" else 1
 
   @property
+  def w_itemsize(self):
+    return 1 if self.fp8 else 2
+
+  @property
   def weight_bytes(self):
-    return self.k * self.n * 2 * self.num_weights
+    return self.k * self.n * self.w_itemsize * self.num_weights
+
+  @property
+  def bf16_name(self):
+    return self.name.replace(" fp8", "")
 
 
 SHAPES = {
@@ -113,11 +136,33 @@ SMOKE_SHAPES = [Shape("tiny qkv", 128, 192), Shape("tiny lm_head (tied)", 128, 2
                 Shape("tiny gate_up fused", 128, 64, "gate_up")]
 
 
+def fp8_shapes(shapes):
+  """The quantized ones of `shapes` with fp8 weights: "8B gate_up" -> "8B fp8 gate_up" (no LM heads)."""
+  return [dataclasses.replace(s, name=s.name.replace(" ", " fp8 ", 1), fp8=True) for s in shapes
+          if "lm_head" not in s.name]
+
+
+def shapes_to_run(smoke, models, weights):
+  """Per model, its bfloat16 shapes, then its fp8 ones (so both of a model run before the time budget ends)."""
+  out = []
+  for group in ([SMOKE_SHAPES] if smoke else [SHAPES[m] for m in models]):
+    out += group if "bf16" in weights else []
+    out += fp8_shapes(group) if "fp8" in weights else []
+  return out
+
+
 # ---------------------------------------------------------------- the functions timed
 
-def entry(module, kind, **kw):
+def entry(module, kind, fp8=False, **kw):
   """`module`'s entry point for a shape kind (gpu, hopper or reference), as f(x, w); w is a
-  (gate, up) pair for gate_up."""
+  (gate, up) pair for gate_up, and with `fp8` each weight is a (float8 weight, scale) pair."""
+  if fp8:
+    if kind == "kn":
+      return lambda x, w: module.matmul(x, w[0], w_scale_N=w[1], **kw)
+    if kind == "gate_up":
+      return lambda x, w: module.gate_up_silu(x, w[0][0], w[1][0], w_gate_scale_N=w[0][1], w_up_scale_N=w[1][1],
+                                              **kw)
+    raise ValueError(f"kind={kind!r}: no fp8 entry (LM heads are not quantized)")
   if kind == "kn":
     return functools.partial(module.matmul, **kw)
   if kind == "nk":
@@ -131,7 +176,7 @@ def over_copies(one):
 
 
 def kernel_fn(shape, cfg, interpret):
-  return over_copies(entry(gpu, shape.kind, config=cfg, interpret=interpret))
+  return over_copies(entry(gpu, shape.kind, shape.fp8, config=cfg, interpret=interpret))
 
 
 # The Hopper (Mosaic GPU) kernel's candidates, timed beside the Triton sweep at every M.
@@ -145,7 +190,7 @@ def hopper_fn(shape, blocks, interpret):
 
 def hopper_jobs(shape, ms, xs, ws, interpret):
   """{(label, m): (jitted, args)} for the variants hopper.supports takes at this shape."""
-  if hopper.plgpu is None:
+  if hopper.plgpu is None or shape.fp8:  # it takes no fp8 weights (hopper.supports says why)
     return {}
   jobs = {}
   w0 = ws[0][0] if shape.kind == "gate_up" else ws[0]
@@ -157,7 +202,27 @@ def hopper_jobs(shape, ms, xs, ws, interpret):
 
 
 def xla_fn(shape):
-  return over_copies(entry(reference, shape.kind))
+  if not shape.fp8:
+    return over_copies(entry(reference, shape.kind))
+  # The model's own XLA path for fp8 weights: quant.fp8_dot per weight, as jserve/models/llama.py runs it.
+  dot = lambda x, w: fp8_dot("MK,KN->MN", x, Fp8Weight(*w))
+  if shape.kind == "kn":
+    return over_copies(dot)
+  return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]))
+
+
+def fp8_pair(w_KN):
+  """(float8 weight, float32 scale per column): `w_KN` as `quantization="fp8"` stores it."""
+  q = quantize_fp8(w_KN, 1)
+  return q.w, q.scale
+
+
+@jax.jit
+def dequantized(w):
+  """The float32 weight(s) of (fp8 weight, scale) pairs (or of a (gate, up) pair of them)."""
+  if isinstance(w[0], tuple):
+    return tuple(dequantized(p) for p in w)
+  return w[0].astype(jnp.float32) * w[1]
 
 
 @functools.partial(jax.jit, static_argnames="kind")
@@ -238,11 +303,15 @@ def compile_all(jobs, serial=()):
 # ---------------------------------------------------------------- data
 
 def make_weights(shape, copies, seed):
-  """`copies` distinct weight arrays (pairs for gate_up), scaled so products are O(1)."""
+  """`copies` distinct weight arrays (pairs for gate_up), scaled so products are O(1); fp8 shapes get
+  each weight as (float8 weight, float32 scale per column), quantized as `quantization="fp8"` does."""
   key = jax.random.key(seed)
   per = 2 if shape.kind == "gate_up" else 1
   wshape = (shape.n, shape.k) if shape.kind == "nk" else (shape.k, shape.n)
   gen = jax.jit(lambda k: (jax.random.normal(k, wshape, jnp.float32) * shape.k**-0.5).astype(jnp.bfloat16))
+  if shape.fp8:
+    bf16 = gen
+    gen = jax.jit(lambda k: fp8_pair(bf16(k)))
   ws = []
   for i in range(copies):
     arrs = tuple(gen(jax.random.fold_in(key, per * i + j)) for j in range(per))
@@ -262,13 +331,15 @@ def candidates(shape, m, best_plain=None):
   bucket = min(tuning.m_bucket(m), tuning.MAX_M)
   gate_up = shape.kind == "gate_up"
   out = {}
-  cur = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up)
+  cur = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
   out[cur.short()] = cur
-  pool = best_plain if (gate_up and best_plain) else tuning.GPU_SWEEP[bucket]
+  sweep = tuning.GPU_SWEEP_FP8 if shape.fp8 else tuning.GPU_SWEEP
+  pool = best_plain if (gate_up and best_plain) else sweep[bucket]
   if _SMOKE.value:
     pool = pool[:2]
   for c in pool:
-    c = tuning.fit(dataclasses.replace(c, num_splits=None), m, shape.k, shape.n, num_weights=shape.num_weights)
+    c = tuning.fit(dataclasses.replace(c, num_splits=None), m, shape.k, shape.n, num_weights=shape.num_weights,
+                   w_itemsize=shape.w_itemsize)
     out.setdefault(c.short(), c)
   return out
 
@@ -311,7 +382,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
   reps, rounds = (1, 1) if _SMOKE.value else (5, 5)
   ws = make_weights(shape, copies, seed=zlib.crc32(shape.name.encode()))
   xs = {m: make_x(m, shape.k, seed=m) for m in ms}
-  refs = {m: exact(xs[m], ws[0], shape.kind) for m in ms}
+  refs = {m: exact(xs[m], dequantized(ws[0]) if shape.fp8 else ws[0], shape.kind) for m in ms}
   gate_up = shape.kind == "gate_up"
 
   # Round 1: XLA at every M and the kernel candidates of every swept M, compiled together.
@@ -322,7 +393,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
     if sweep:
       cfgs[m] = candidates(shape, m, best_plain_by_m.get(m) if gate_up else None)
     else:
-      c = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up)
+      c = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
       cfgs[m] = {c.short(): c}
   jobs = {("xla", m): (xla_fn(shape), (xs[m], ws)) for m in ms}
   jobs.update({(m, label): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m in sweep_ms
@@ -360,9 +431,10 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
     more[1] = {}
     src = per_m.get(16, [])
     if src and "s" in src[0]:
-      c = tuning.fit(tuning.GpuConfig(**src[0]["cfg"]), 1, shape.k, shape.n, num_weights=shape.num_weights)
+      c = tuning.fit(tuning.GpuConfig(**src[0]["cfg"]), 1, shape.k, shape.n, num_weights=shape.num_weights,
+                     w_itemsize=shape.w_itemsize)
       more[1][c.short()] = c
-    cur = tuning.gpu_config(1, shape.k, shape.n, gate_up=gate_up)
+    cur = tuning.gpu_config(1, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
     more[1].setdefault(cur.short(), cur)
   jobs = {(m, lb): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m, cs in more.items() for lb, c in cs.items()}
   compiled = compile_all(jobs) if jobs else {}
@@ -372,8 +444,8 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
 
   results = []
   for m in ms:
-    row = dict(shape=shape.name, kind=shape.kind, m=m, k=shape.k, n=shape.n, copies=copies,
-               weight_bytes=shape.weight_bytes, **xla_rows.get(m, {}))
+    row = dict(shape=shape.name, kind=shape.kind, fp8=shape.fp8, bf16_shape=shape.bf16_name, m=m, k=shape.k,
+               n=shape.n, copies=copies, weight_bytes=shape.weight_bytes, **xla_rows.get(m, {}))
     try:
       t, how = torch_time(shape, xs[m], ws, reps, rounds)
       row.update(torch_s=t / copies, torch_how=how)
@@ -403,17 +475,26 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
 # ---------------------------------------------------------------- checks and output
 
 def check_edges(interpret):
-  """Masked rows and columns, split-K, float32 and all three entry points, compiled for this device."""
+  """Masked rows and columns, split-K, float32, fp8 weights and all three entry points, compiled for this
+  device."""
   small = tuning.GpuConfig(block_m=16, block_n=32, block_k=32, num_splits=1, num_warps=4, num_stages=2)
-  triton = lambda kind, cfg: entry(gpu, kind, config=cfg, interpret=interpret)
-  # (label, kind, dtype, M, K, N, seed, entry point)
+  triton = lambda kind, cfg, fp8=False: entry(gpu, kind, fp8, config=cfg, interpret=interpret)
+  # (label, kind, dtype, M, K, N, seed, entry point); "fp8" in the label: fp8 weights with their scales
   cases = [("kn f32 M=5 N=200", "kn", jnp.float32, 5, 128, 200, 5, triton("kn", small)),
            ("kn bf16 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, 1,
             triton("kn", dataclasses.replace(small, num_splits=2))),
            ("nk bf16 M=7 N=200", "nk", jnp.bfloat16, 7, 128, 200, 7, triton("nk", small)),
            ("gate_up bf16 M=9 z2", "gate_up", jnp.bfloat16, 9, 128, 80, 9,
             triton("gate_up", dataclasses.replace(small, num_splits=2))),
-           ("kn bf16 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 256, triton("kn", None))]
+           ("kn bf16 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 256, triton("kn", None)),
+           ("kn fp8 M=5 N=200", "kn", jnp.bfloat16, 5, 128, 200, 15, triton("kn", small, True)),
+           ("kn fp8 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, 11,
+            triton("kn", dataclasses.replace(small, num_splits=2), True)),
+           ("gate_up fp8 M=9 z2", "gate_up", jnp.bfloat16, 9, 128, 80, 19,
+            triton("gate_up", dataclasses.replace(small, num_splits=2), True)),
+           ("kn fp8 M=16 default", "kn", jnp.bfloat16, 16, 1024, 384, 16, triton("kn", None, True)),
+           ("kn fp8 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 257, triton("kn", None, True)),
+           ("gate_up fp8 M=64 default", "gate_up", jnp.bfloat16, 64, 512, 256, 65, triton("gate_up", None, True))]
   if hopper.plgpu is not None:  # the Hopper kernel: one and several row tiles, split-K, gate/up, w[N, K]
     B = hopper.HopperMatmulBlocks
     h = lambda kind, blocks: entry(hopper, kind, blocks=blocks, interpret=interpret)
@@ -427,9 +508,11 @@ def check_edges(interpret):
     keys = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
     w, w2 = ((jax.random.normal(kk, (k, n), jnp.float32) * k**-0.5).astype(dtype) for kk in keys[1:])
-    w = {"kn": w, "nk": w.T, "gate_up": (w, w2)}[kind]
+    if "fp8" in label:
+      w, w2 = fp8_pair(w), fp8_pair(w2)
+    w = {"kn": w, "nk": w.T if kind == "nk" else None, "gate_up": (w, w2)}[kind]
     jobs[label] = (jax.jit(fn), (x, w))
-    refs[label] = exact(x, w, kind)
+    refs[label] = exact(x, dequantized(w) if "fp8" in label else w, kind)
   compiled = compile_all(jobs)
   rows = []
   for label, kind, dtype, *_ in cases:
@@ -450,28 +533,39 @@ def fmt_us(row, k):
   return f"{row[f'{k}_s'] * 1e6:.1f} ({row[f'{k}_TBps']:.2f})" if f"{k}_s" in row else "-"
 
 
-def table_lines(rows):
-  lines = ["| shape | M | K x N | XLA us (TB/s) | torch us (TB/s) | Pallas us (TB/s) | Pallas / torch | tiles | "
-           "Hopper us (TB/s) | Hopper / torch | Hopper blocks |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+def fp8_speedups(r, rows):
+  """For an fp8 row: the bfloat16 time of the same shape and M over the fp8 time, Pallas and XLA each."""
+  bf16 = next((q for q in rows if not q.get("fp8") and q["shape"] == r.get("bf16_shape") and q["m"] == r["m"]), None)
+  if not r.get("fp8") or bf16 is None:
+    return "-"
+  return " / ".join(f"{bf16[f'{k}_s'] / r[f'{k}_s']:.2f}x" if f"{k}_s" in r and f"{k}_s" in bf16 else "-"
+                    for k in ("pallas", "xla"))
+
+
+def table_lines(rows, ceiling_TBps=0.0):
+  """The results table; with the copy ceiling, the time the weight bytes take at it (the roofline)."""
+  lines = ["| shape | M | K x N | roofline us | XLA us (TB/s) | torch us (TB/s) | Pallas us (TB/s) | Pallas / torch | "
+           "tiles | fp8 speed-up Pallas / XLA | Hopper us (TB/s) | Hopper / torch | Hopper blocks |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     ratio = f"{r['torch_s'] / r['pallas_s']:.2f}x" if "torch_s" in r and "pallas_s" in r else "-"
     h_ratio = f"{r['torch_s'] / r['hopper_s']:.2f}x" if "torch_s" in r and "hopper_s" in r else "-"
-    lines.append(f"| {r['shape']} | {r['m']} | {r['k']} x {r['n']} | {fmt_us(r, 'xla')} | {fmt_us(r, 'torch')} | "
-                 f"{fmt_us(r, 'pallas')} | {ratio} | {r.get('pallas_config', '')} | {fmt_us(r, 'hopper')} | "
-                 f"{h_ratio} | {r.get('hopper_config', '')} |")
+    roof = f"{r['weight_bytes'] / ceiling_TBps / 1e6:.1f}" if ceiling_TBps else "-"
+    lines.append(f"| {r['shape']} | {r['m']} | {r['k']} x {r['n']} | {roof} | {fmt_us(r, 'xla')} | "
+                 f"{fmt_us(r, 'torch')} | {fmt_us(r, 'pallas')} | {ratio} | {r.get('pallas_config', '')} | "
+                 f"{fp8_speedups(r, rows)} | {fmt_us(r, 'hopper')} | {h_ratio} | {r.get('hopper_config', '')} |")
   return lines
 
 
 def tuning_tables(rows):
   """Python source of GPU_TABLE and GPU_TABLE_GATE_UP from the winners (M = 1 shares the M = 16 bucket)."""
-  out = {"GPU_TABLE": [], "GPU_TABLE_GATE_UP": []}
+  out = {"GPU_TABLE": [], "GPU_TABLE_GATE_UP": [], "GPU_TABLE_FP8": [], "GPU_TABLE_GATE_UP_FP8": []}
   seen = set()
   for r in rows:
     if "pallas_cfg" not in r or r["m"] == 1 and any(q["m"] == 16 and q["shape"] == r["shape"] for q in rows):
       continue
     key = (min(tuning.m_bucket(r["m"]), tuning.MAX_M), r["k"], r["n"])
-    table = "GPU_TABLE_GATE_UP" if r["kind"] == "gate_up" else "GPU_TABLE"
+    table = ("GPU_TABLE_GATE_UP" if r["kind"] == "gate_up" else "GPU_TABLE") + ("_FP8" if r.get("fp8") else "")
     if (table, key) in seen:
       continue
     seen.add((table, key))
@@ -485,15 +579,20 @@ def tuning_tables(rows):
     out[table].append(
         f"    {key}: GpuConfig(block_m={c['block_m']}, block_n={c['block_n']}, block_k={c['block_k']}, "
         f"num_splits={c['num_splits']}, num_warps={c['num_warps']}, num_stages={c['num_stages']}),{note}")
-  return "\n".join(f"{name} = {{\n" + "\n".join(lines) + "\n}" for name, lines in out.items())
+  return "\n".join(f"{name} = {{\n" + "\n".join(lines) + "\n}" for name, lines in out.items()
+                   if lines or not name.endswith("_FP8"))
 
 
 def markdown(meta, ceiling, checks, rows, host_bound=()):
   lines = [f"Device: {meta['device']}; JAX {meta['jax']}; torch {meta.get('torch')}; {meta['date']}.", "",
            f"Copy ceiling: {ceiling.get('ceiling_TBps', 0):.2f} TB/s (bytes read plus written; "
            f"torch copy {ceiling.get('torch_copy_TBps', 0):.2f}, JAX elementwise "
-           f"{ceiling.get('jax_elementwise_TBps', 0):.2f}). Figures are per matmul; TB/s counts weight bytes.", ""]
-  lines += table_lines(rows)
+           f"{ceiling.get('jax_elementwise_TBps', 0):.2f}). Figures are per matmul; TB/s counts weight bytes "
+           "(fp8 rows: one byte per element; roofline: those bytes at the ceiling).", ""]
+  if any(r.get("fp8") for r in rows):
+    lines += [f"fp8 rows: XLA is jserve's quant.fp8_dot; torch is the anchor `{ANCHOR_FP8}` (the weight "
+              "converted through memory first); Pallas converts in registers; no Hopper kernel.", ""]
+  lines += table_lines(rows, ceiling.get("ceiling_TBps", 0.0))
   lines += ["", f"GPU edge checks: {sum(c['ok'] for c in checks)} of {len(checks)} pass."]
   if host_bound:
     lines.append(f"WARNING: {len(host_bound)} timings were host-bound (issuing took over half the call time).")
@@ -538,15 +637,16 @@ def main(argv):
         (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
   ms = [int(m) for m in _MS.value]
-  shapes = SMOKE_SHAPES if _SMOKE.value else [s for model in _MODELS.value for s in SHAPES[model]]
-  best_plain = {}  # per model prefix and M: the plain gate_up shape's fastest configs, tried on the fused one
+  shapes = shapes_to_run(_SMOKE.value, _MODELS.value, _WEIGHTS.value)
+  # per (model prefix, fp8) and M: the plain gate_up shape's fastest configs, tried on the fused one
+  best_plain = {}
   for shape in shapes:
     sweep = _SWEEP.value and elapsed() < _BUDGET_S.value
     if _SWEEP.value and elapsed() > _BUDGET_S.value + 30:
       log(f"skipping {shape.name}: past the time budget")
       continue
     log(f"{shape.name}: K={shape.k} N={shape.n} {shape.kind} {'sweep' if sweep else 'current config only'}")
-    prefix = shape.name.split()[0]
+    prefix = (shape.name.split()[0], shape.fp8)
     try:
       rows = bench_shape(shape, ms, best_plain.get(prefix, {}), interpret, sweep)
     except Exception:  # noqa: BLE001
@@ -564,7 +664,7 @@ def main(argv):
   save()
   print(tuning_tables(res["rows"]))
   print()
-  print("\n".join(table_lines(res["rows"])))
+  print("\n".join(table_lines(res["rows"], res["ceiling"].get("ceiling_TBps", 0.0))))
   log(f"done; results in {_OUT_DIR.value}/matmul.md and matmul.json")
 
 

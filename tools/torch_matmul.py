@@ -2,6 +2,11 @@
 
 `torch_time` multiplies by the very weight buffers JAX holds (shared through DLPack), so both libraries
 read the same bytes, and replays the calls from one CUDA graph so launch overhead is not timed.
+
+For fp8 weights (a shape with `fp8` set; each weight a (float8 weight, float32 scale) pair) the anchor
+is plain PyTorch weight-only fp8: the weight converted to bfloat16 by `.to()` (a copy through memory),
+then cuBLAS, then the scale. `torch._scaled_mm` is not the anchor: it multiplies fp8 by fp8, so it
+would quantize the activations too, a different product (w8a8).
 """
 
 import time
@@ -10,31 +15,40 @@ import jax
 import numpy as np
 
 
+ANCHOR_FP8 = "torch: fp8 .to(bfloat16) + cuBLAS"
+
+
 def torch_time(shape, x, ws, reps, rounds):
   """torch.matmul over the same weight buffers (shared through DLPack), replayed from one CUDA graph."""
   import torch
   cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
-  try:  # the same buffers, so both libraries read the same bytes
-    to_torch = torch.from_dlpack
-    tx = to_torch(x)
-  except Exception:  # noqa: BLE001 - fresh random tensors of the same shapes time the same
-    device = "cuda" if cuda else "cpu"
-    to_torch = lambda a: torch.randn(a.shape, dtype=torch.bfloat16, device=device)
-    tx = to_torch(x)
-  if shape.kind == "gate_up":
-    tws = [(to_torch(g), to_torch(u)) for g, u in ws]
-  else:
-    tws = [to_torch(w) for w in ws]
+  fp8 = getattr(shape, "fp8", False)
+
+  def to_torch(a):
+    try:  # the same buffers, so both libraries read the same bytes
+      return torch.from_dlpack(a)
+    except Exception:  # noqa: BLE001 - fresh random tensors of the same shapes and dtypes time the same
+      t = torch.randn(a.shape, device="cuda" if cuda else "cpu")
+      return t.to(getattr(torch, str(a.dtype)))
+
+  tx = to_torch(x)
+  tws = [jax.tree_util.tree_map(to_torch, w) for w in ws]  # arrays, pairs or pairs of pairs, as given
+
+  def mm(w):
+    if not fp8:
+      return torch.matmul(tx, w)
+    w8, scale = w
+    return torch.matmul(tx, w8.to(tx.dtype)) * scale
 
   def run():
     outs = []
     for w in tws:
       if shape.kind == "kn":
-        outs.append(torch.matmul(tx, w))
+        outs.append(mm(w))
       elif shape.kind == "nk":
         outs.append(torch.matmul(tx, w.t()))
       else:
-        outs.append(torch.nn.functional.silu(torch.matmul(tx, w[0])) * torch.matmul(tx, w[1]))
+        outs.append(torch.nn.functional.silu(mm(w[0])) * mm(w[1]))
     return outs
 
   if not cuda:

@@ -176,10 +176,10 @@ def _quantize(params: dict, config: EngineConfig, stored: CheckpointQuantization
     after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
                  after / 1e6, time.monotonic() - start)
-  if config.matmul_impl != "xla":
-    logging.warning("quantization=fp8: the fp8 projections multiply through XLA whatever matmul_impl=%r says "
-                    "(the decode matmul kernels take no fp8 weights); on one device the LM head still uses it",
-                    config.matmul_impl)
+  if config.matmul_impl == "hopper":
+    logging.warning("quantization=fp8: the fp8 projections multiply through XLA with matmul_impl='hopper' (the "
+                    "Hopper matmul kernel takes no fp8 weights; 'gpu' or 'auto' takes them through the Triton "
+                    "kernel); on one device the LM head still uses it")
   return params
 
 

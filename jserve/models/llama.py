@@ -14,9 +14,11 @@ layer slice is ever copied. The `layers` logical axis is therefore the list
 index; pipeline stages split the list.
 
 A layer's projections may be `quant.Fp8Weight`s (`EngineConfig.quantization="fp8"`, see
-jserve/models/quant.py, or an fp8 checkpoint's, jserve/prequantized.py) instead of arrays; `_dot` and
-`_gate_up` multiply those through `quant.fp8_dot`, always as an XLA einsum (the Pallas decode matmuls
-take no fp8 operand).
+jserve/models/quant.py, or an fp8 checkpoint's, jserve/prequantized.py) instead of arrays. `_dot` and
+`_gate_up` multiply those through `quant.fp8_dot` (an XLA einsum) with `matmul_impl="xla"` and for
+prefill-sized rows; decode-sized rows with another `matmul_impl` go to the decode matmul kernel with
+the fp8 weight and its scale (the Triton kernel converts the weight in registers; the Hopper one
+takes no fp8 and leaves it to XLA).
 """
 
 import dataclasses
@@ -31,7 +33,7 @@ import numpy as np
 from jserve.config import ModelConfig
 from jserve.models.quant import Fp8Weight, fp8_dot
 from pallas_kernels import ragged_paged_attention, write_kv_pages
-from pallas_kernels.decode_matmul import decode_matmul, decode_matmul_nt, gate_up_silu
+from pallas_kernels.decode_matmul import MAX_M, decode_matmul, decode_matmul_nt, gate_up_silu
 from sharding.tensor import head_parallel
 
 
@@ -177,24 +179,38 @@ def _matmul_kw(impl):
 
 
 def _dot(eq, a, b, impl="xla"):
-  if isinstance(b, Fp8Weight):
-    return fp8_dot(eq, a, b)
+  fp8 = isinstance(b, Fp8Weight)
   if impl == "xla":
-    return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+    return fp8_dot(eq, a, b) if fp8 else jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
   # Every projection's equation is "...<a's named axes>,<same axes><out axes>": flatten to 2-D.
   n = len(eq.split(",")[0].replace("...", ""))
   k = math.prod(a.shape[len(a.shape) - n:])
-  out = decode_matmul(a.reshape(-1, k), b.reshape(k, -1), **_matmul_kw(impl))
-  return out.reshape(a.shape[:len(a.shape) - n] + b.shape[n:])
+  a_MK = a.reshape(-1, k)
+  if not fp8:
+    out = decode_matmul(a_MK, b.reshape(k, -1), **_matmul_kw(impl))
+    return out.reshape(a.shape[:len(a.shape) - n] + b.shape[n:])
+  if a_MK.shape[0] > MAX_M:
+    return fp8_dot(eq, a, b)  # prefill rows: XLA's einsum, exactly as with "xla"
+  # The scale covers the weight's output axes in order, so it flattens as they do ([N, H] -> [N * H]).
+  out = decode_matmul(a_MK, b.w.reshape(k, -1), w_scale_N=b.scale.reshape(-1), **_matmul_kw(impl))
+  return out.reshape(a.shape[:len(a.shape) - n] + b.w.shape[n:])
 
 
 def _gate_up(h_TD, lp: dict, impl):
-  """silu(h @ w_gate) * (h @ w_up): two einsums with "xla" or fp8 weights, else the fused decode kernel
-  (float32 activation)."""
-  # Either may be fp8 alone: a pre-quantized checkpoint can leave single projections unquantized.
-  if impl == "xla" or isinstance(lp["w_gate"], Fp8Weight) or isinstance(lp["w_up"], Fp8Weight):
-    return jax.nn.silu(_dot("...D,DF->...F", h_TD, lp["w_gate"])) * _dot("...D,DF->...F", h_TD, lp["w_up"])
-  act = gate_up_silu(h_TD.reshape(-1, h_TD.shape[-1]), lp["w_gate"], lp["w_up"], **_matmul_kw(impl))
+  """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
+  fp8 weights take the kernel for decode-sized rows when both are fp8."""
+  w_gate, w_up = lp["w_gate"], lp["w_up"]
+  fp8 = isinstance(w_gate, Fp8Weight)
+  h_MD = h_TD.reshape(-1, h_TD.shape[-1])
+  # Either may be fp8 alone (a pre-quantized checkpoint can leave single projections unquantized): the
+  # kernel streams two weights of one dtype, so such a pair multiplies through XLA, as do fp8 prefill rows.
+  if impl == "xla" or fp8 != isinstance(w_up, Fp8Weight) or (fp8 and h_MD.shape[0] > MAX_M):
+    return jax.nn.silu(_dot("...D,DF->...F", h_TD, w_gate)) * _dot("...D,DF->...F", h_TD, w_up)
+  if fp8:
+    act = gate_up_silu(h_MD, w_gate.w, w_up.w, w_gate_scale_N=w_gate.scale, w_up_scale_N=w_up.scale,
+                       **_matmul_kw(impl))
+  else:
+    act = gate_up_silu(h_MD, w_gate, w_up, **_matmul_kw(impl))
   return act.reshape(h_TD.shape[:-1] + act.shape[-1:])
 
 

@@ -10,9 +10,16 @@ elsewhere. Shapes the kernel does not take (more than `MAX_M` rows,
 K not a multiple of 16, mixed dtypes) go to XLA: prefill steps take that path
 on every backend by design, so it is not logged. `reference.py` is the spec;
 docs/kernels.md describes the kernel.
+
+A weight may be fp8 (weight-only quantization) with its float32 scale per
+output column (`w_scale_N`; for gate/up one per weight): the Triton kernel
+converts the one-byte tiles to x's dtype in registers. The Hopper kernel takes
+no fp8 weight (see hopper.supports), so impl="hopper" leaves those to XLA. An
+fp8 weight without its scale is a ValueError whatever `impl` says.
 """
 
 import jax
+import jax.numpy as jnp
 from absl import logging
 
 from pallas_kernels.decode_matmul import reference, tuning
@@ -21,7 +28,24 @@ from pallas_kernels.decode_matmul.tuning import MAX_M
 IMPLS = ("auto", "gpu", "hopper", "xla")
 
 
-def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
+def _check_scale(w, w_scale_N, transposed=False):
+  why_not = reference.check_scale(w, w_scale_N, w.shape[0] if transposed else w.shape[-1])
+  if why_not:
+    raise ValueError(why_not)
+
+
+def _device_converts(w, interpret) -> str | None:
+  """Why this GPU's Triton cannot convert `w`'s dtype, or None (also off GPUs and when interpreting)."""
+  if interpret or w.dtype != jnp.float8_e4m3fn or jax.default_backend() != "gpu":
+    return None
+  capability = str(getattr(jax.devices()[0], "compute_capability", "") or "")
+  major, _, minor = capability.partition(".")
+  if major.isdigit() and minor.isdigit() and (int(major), int(minor)) < (8, 9):
+    return f"compute capability {capability}: Triton converts float8_e4m3fn from 8.9 (Ada, Hopper) on"
+  return None
+
+
+def _use_kernel(impl, x_MK, w, transposed, gate_up=False, w_scale_N=None, interpret=False) -> bool:
   if impl not in IMPLS:
     raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
   auto = impl == "auto"
@@ -30,12 +54,12 @@ def _use_kernel(impl, x_MK, w, transposed, gate_up=False) -> bool:
   if impl == "xla":
     return False
   from pallas_kernels.decode_matmul import gpu
-  why_not = gpu.supports(x_MK, w, transposed=transposed)
+  why_not = gpu.supports(x_MK, w, transposed=transposed, w_scale_N=w_scale_N) or _device_converts(w, interpret)
   if why_not is None:
     m, k = x_MK.shape
     n = w.shape[0] if transposed else w.shape[1]
     # "auto" follows the measurements: shapes where XLA won are left to XLA.
-    return not (auto and tuning.xla_is_faster(m, k, n, gate_up=gate_up))
+    return not (auto and tuning.xla_is_faster(m, k, n, gate_up=gate_up, fp8=w.dtype in gpu.FP8_DTYPES))
   if x_MK.ndim == 2 and x_MK.shape[0] > MAX_M:
     return False  # prefill-sized: XLA's own tiles are the right tool, and this is expected
   logging.log_first_n(logging.WARNING, "decode matmul kernel unavailable (%s); using XLA", 1, why_not)
@@ -52,50 +76,61 @@ def _use_hopper(x_MK, w, num_weights=1, transposed=False, interpret=False) -> bo
   return why_not is None
 
 
-def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False):
-  """x @ w with float32 accumulation, in `out_dtype` (x's dtype when None)."""
+def decode_matmul(x_MK, w_KN, *, out_dtype=None, impl="auto", interpret=False, w_scale_N=None):
+  """x @ w with float32 accumulation (times `w_scale_N` per column: an fp8 weight's scale), in `out_dtype`
+  (x's dtype when None)."""
+  _check_scale(w_KN, w_scale_N)
+  scale = dict(w_scale_N=w_scale_N)
   if impl == "hopper":
-    if _use_hopper(x_MK, w_KN, interpret=interpret):
+    if _use_hopper(x_MK, w_KN, interpret=interpret) and w_scale_N is None:
       from pallas_kernels.decode_matmul import hopper
       return hopper.matmul(x_MK, w_KN, out_dtype=out_dtype, interpret=interpret)
-    return reference.matmul(x_MK, w_KN, out_dtype=out_dtype)
-  if _use_kernel(impl, x_MK, w_KN, False):
+    return reference.matmul(x_MK, w_KN, out_dtype=out_dtype, **scale)
+  if _use_kernel(impl, x_MK, w_KN, False, w_scale_N=w_scale_N, interpret=interpret):
     from pallas_kernels.decode_matmul import gpu
-    return gpu.matmul(x_MK, w_KN, out_dtype=out_dtype, interpret=interpret)
-  return reference.matmul(x_MK, w_KN, out_dtype=out_dtype)
+    return gpu.matmul(x_MK, w_KN, out_dtype=out_dtype, interpret=interpret, **scale)
+  return reference.matmul(x_MK, w_KN, out_dtype=out_dtype, **scale)
 
 
-def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False):
+def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False, w_scale_N=None):
   """x @ w.T with float32 accumulation, w stored [N, K] (the tied LM head: the [V, D] embedding)."""
+  _check_scale(w_NK, w_scale_N, transposed=True)
+  scale = dict(w_scale_N=w_scale_N)
   if impl == "hopper":
-    if _use_hopper(x_MK, w_NK, transposed=True, interpret=interpret):
+    if _use_hopper(x_MK, w_NK, transposed=True, interpret=interpret) and w_scale_N is None:
       from pallas_kernels.decode_matmul import hopper
       return hopper.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret)
-    return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype)
-  if _use_kernel(impl, x_MK, w_NK, True):
+    return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, **scale)
+  if _use_kernel(impl, x_MK, w_NK, True, w_scale_N=w_scale_N, interpret=interpret):
     from pallas_kernels.decode_matmul import gpu
-    return gpu.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret)
-  return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype)
+    return gpu.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, interpret=interpret, **scale)
+  return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, **scale)
 
 
-def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", interpret=False):
+def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", interpret=False, w_gate_scale_N=None,
+                 w_up_scale_N=None):
   """silu(x @ w_gate) * (x @ w_up) with float32 products and activation, cast once to `out_dtype`.
 
   The kernel streams the same column tile of both weights in one program and
   applies the activation before its only store; XLA computes the same thing
-  from two dots.
+  from two dots. Each weight may have a scale per column (an fp8 weight must); the kernel takes
+  the pair when both weights share shape and dtype and both or neither have scales, else XLA does.
   """
-  same = w_up_KN.shape == w_gate_KN.shape and w_up_KN.dtype == w_gate_KN.dtype
+  _check_scale(w_gate_KN, w_gate_scale_N)
+  _check_scale(w_up_KN, w_up_scale_N)
+  scales = dict(w_gate_scale_N=w_gate_scale_N, w_up_scale_N=w_up_scale_N)
+  same = (w_up_KN.shape == w_gate_KN.shape and w_up_KN.dtype == w_gate_KN.dtype
+          and (w_gate_scale_N is None) == (w_up_scale_N is None))
   if impl == "hopper":
-    if same and _use_hopper(x_MK, w_gate_KN, num_weights=2, interpret=interpret):
+    if same and _use_hopper(x_MK, w_gate_KN, num_weights=2, interpret=interpret) and w_gate_scale_N is None:
       from pallas_kernels.decode_matmul import hopper
       return hopper.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret)
-    return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype)
-  if (_use_kernel(impl, x_MK, w_gate_KN, False, gate_up=True) and w_up_KN.shape == w_gate_KN.shape
-      and w_up_KN.dtype == w_gate_KN.dtype):
+    return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, **scales)
+  if same and _use_kernel(impl, x_MK, w_gate_KN, False, gate_up=True, w_scale_N=w_gate_scale_N,
+                          interpret=interpret):
     from pallas_kernels.decode_matmul import gpu
-    return gpu.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret)
-  return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype)
+    return gpu.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret, **scales)
+  return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, **scales)
 
 
 __all__ = ["IMPLS", "MAX_M", "decode_matmul", "decode_matmul_nt", "gate_up_silu"]

@@ -126,6 +126,11 @@ def supports(x_MK, w, blocks: HopperMatmulBlocks | None = None, num_weights: int
   m, k = x_MK.shape
   n = w_KN.shape[1]
   blocks = default_blocks(m, num_weights, n) if blocks is None else blocks
+  if w_KN.dtype in (jnp.float8_e4m3fn, jnp.float8_e5m2):
+    # wgmma multiplies fp8 only by fp8 activations, and converting the weight to bfloat16 in registers
+    # would take it off the TMA -> shared memory -> wgmma path this kernel is built on.
+    return (f"w is {w_KN.dtype}: this kernel takes no fp8 weights (wgmma takes fp8 only with fp8 activations); "
+            "the Triton kernel (impl='gpu') converts them")
   if x_MK.dtype != w_KN.dtype or x_MK.dtype not in (jnp.bfloat16, jnp.float16):
     return f"dtypes x={x_MK.dtype}, w={w_KN.dtype}: wgmma needs bfloat16 or float16 for both"
   if not 0 < m <= MAX_CONSUMERS * WG_ROWS:

@@ -3,7 +3,8 @@
 `GPU_TABLE` is keyed by (M bucket, K, N): the bucket is the power of two at
 or above the row count, at least 16 (Triton's smallest tensor-core tile) and
 at most `MAX_M`. `GPU_TABLE_GATE_UP` is the same for the fused gate/up kernel,
-keyed by the N of one of its two weights.
+keyed by the N of one of its two weights. `GPU_TABLE_FP8` and `GPU_TABLE_GATE_UP_FP8`
+are the two for fp8 weights.
 
 How the tables were produced: NOT YET MEASURED. The entries below are chosen
 on paper (enough bytes in flight per SM for a memory-bound stream, two
@@ -103,6 +104,12 @@ GPU_TABLE: dict[tuple[int, int, int], GpuConfig | None] = {
 }
 GPU_TABLE_GATE_UP: dict[tuple[int, int, int], GpuConfig | None] = {}
 
+# The same for fp8 weights (float8 with a scale per column, converted to x's dtype in registers): the
+# bfloat16 measurements above do not carry over (half the weight bytes, a convert per element), so
+# these start empty. NOT YET MEASURED: `tools/bench_matmul.py --weights=fp8` prints them.
+GPU_TABLE_FP8: dict[tuple[int, int, int], GpuConfig | None] = {}
+GPU_TABLE_GATE_UP_FP8: dict[tuple[int, int, int], GpuConfig | None] = {}
+
 # The candidates `tools/bench_matmul.py` tries per M bucket (each with the
 # automatic split count; the bench also tries the best one at half and twice
 # that split count).
@@ -138,40 +145,72 @@ GPU_SWEEP: dict[int, tuple[GpuConfig, ...]] = {
 }
 GPU_SWEEP[32] = tuple(dataclasses.replace(c, block_m=32) for c in GPU_SWEEP[16])
 
+# fp8 weights: each bfloat16 candidate with block_k doubled (the same weight bytes per step, see
+# `gpu_config`), then the bucket's bfloat16 default as it is, so a sweep measures what the doubling buys.
+GPU_SWEEP_FP8: dict[int, tuple[GpuConfig, ...]] = {
+    b: tuple(dataclasses.replace(c, block_k=2 * c.block_k) for c in cs) + (_DEFAULTS[b],)
+    for b, cs in GPU_SWEEP.items()}
 
-def xla_is_faster(m: int, k: int, n: int, *, gate_up: bool = False) -> bool:
-  """True where the table says XLA's dot beat the kernel on this shape."""
-  table = GPU_TABLE_GATE_UP if gate_up else GPU_TABLE
+
+def _table(gate_up: bool, fp8: bool) -> dict:
+  if fp8:
+    return GPU_TABLE_GATE_UP_FP8 if gate_up else GPU_TABLE_FP8
+  return GPU_TABLE_GATE_UP if gate_up else GPU_TABLE
+
+
+def xla_is_faster(m: int, k: int, n: int, *, gate_up: bool = False, fp8: bool = False) -> bool:
+  """True where the table (of fp8 weights when `fp8`) says XLA's dot beat the kernel on this shape."""
+  table = _table(gate_up, fp8)
   key = (m_bucket(m), k, n)
   return key in table and table[key] is None
 
 
-def gpu_config(m: int, k: int, n: int, *, gate_up: bool = False, itemsize: int = 2) -> GpuConfig:
-  """The tuned config of this shape (or the bucket's default), fitted to it by `fit`."""
+def gpu_config(m: int, k: int, n: int, *, gate_up: bool = False, itemsize: int = 2,
+               w_itemsize: int | None = None) -> GpuConfig:
+  """The tuned config of this shape (or the bucket's default), fitted to it by `fit`.
+
+  `itemsize` is x's; `w_itemsize` the weight's (None: x's). One-byte (fp8) weights take their own
+  tables, and the default for them has block_k doubled: a step then moves the same weight bytes as
+  a bfloat16 step, so the same stages keep as many bytes in flight (on paper, not measured).
+  """
   bucket = m_bucket(m)
-  table = GPU_TABLE_GATE_UP if gate_up else GPU_TABLE
-  cfg = table.get((bucket, k, n))
+  fp8 = w_itemsize == 1
+  cfg = _table(gate_up, fp8).get((bucket, k, n))
   if cfg is None:  # not tuned, or XLA is faster (only impl="gpu" gets here then)
     cfg = _DEFAULTS[min(bucket, MAX_M)]
-  return fit(cfg, m, k, n, itemsize=itemsize, num_weights=2 if gate_up else 1)
+    if fp8:
+      cfg = dataclasses.replace(cfg, block_k=2 * cfg.block_k)
+  return fit(cfg, m, k, n, itemsize=itemsize, num_weights=2 if gate_up else 1, w_itemsize=w_itemsize)
 
 
-def smem_bytes(cfg: GpuConfig, itemsize: int = 2, num_weights: int = 1) -> int:
-  """Shared memory of the software pipeline: an x tile and the weight tiles per stage."""
-  return cfg.num_stages * (cfg.block_m + num_weights * cfg.block_n) * cfg.block_k * itemsize
+def smem_bytes(cfg: GpuConfig, itemsize: int = 2, num_weights: int = 1, w_itemsize: int | None = None) -> int:
+  """Shared memory of the software pipeline: an x tile and the weight tiles per stage.
+
+  A weight narrower than x (fp8) adds one converted tile per weight where the tile has 64 rows or more:
+  assumed, not measured, that Triton then multiplies with wgmma, which reads its second operand from
+  shared memory, so the converted tile is stored there once (smaller tiles use mma.sync from
+  registers). Counting it keeps a default from asking for more than the SM has.
+  """
+  w_itemsize = itemsize if w_itemsize is None else w_itemsize
+  per_stage = (cfg.block_m * itemsize + num_weights * cfg.block_n * w_itemsize) * cfg.block_k
+  converted = num_weights * cfg.block_k * cfg.block_n * itemsize if w_itemsize < itemsize and cfg.block_m >= 64 else 0
+  return cfg.num_stages * per_stage + converted
 
 
-def fit(cfg: GpuConfig, m: int, k: int, n: int, *, itemsize: int = 2, num_weights: int = 1) -> GpuConfig:
+def fit(cfg: GpuConfig, m: int, k: int, n: int, *, itemsize: int = 2, num_weights: int = 1,
+        w_itemsize: int | None = None) -> GpuConfig:
   """`cfg` made legal for the shape: no tile wider than needed, block_k and splits dividing K.
 
   K is never masked, so block_k x num_splits must divide K (halved until it
   does; callers guarantee K % 16 == 0). Stages (down to three), then block_k,
-  shrink until the pipeline fits SMEM_BUDGET (float32 operands, the two weights of gate/up).
+  shrink until the pipeline fits SMEM_BUDGET (float32 operands, the two weights of gate/up; `smem_bytes`
+  counts x at `itemsize` and the weights at `w_itemsize`).
   With num_splits None, splits double while the grid has fewer than NUM_SMS
   programs, each split keeps at least two K steps (pipelining needs a loop to
   overlap) and the float32 partial sums, written and read back once
   (8 x splits x M x N bytes), stay within a quarter of the weight bytes
-  (2 x K x N): splits x M <= K / 16.
+  (2 x K x N): splits x M <= K / 16. The rule counts bfloat16 weight bytes for fp8 weights too (their
+  partial sums may then reach half the weight traffic): unmeasured, left as it is.
   """
   block_m = min(cfg.block_m, m_bucket(m))
   block_k = cfg.block_k
@@ -179,7 +218,7 @@ def fit(cfg: GpuConfig, m: int, k: int, n: int, *, itemsize: int = 2, num_weight
     block_k //= 2
   stages = cfg.num_stages
   while smem_bytes(dataclasses.replace(cfg, block_m=block_m, block_k=block_k, num_stages=stages), itemsize,
-                   num_weights) > SMEM_BUDGET:
+                   num_weights, w_itemsize) > SMEM_BUDGET:
     if stages > 3:
       stages -= 1
     elif block_k > 32:  # three stages of shorter steps hide latency better than two long ones

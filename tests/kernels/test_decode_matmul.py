@@ -156,12 +156,18 @@ def test_kernels_lower_to_triton_for_cuda(m):
   # Cross-platform lowering runs the Pallas Triton lowering on the CPU: it
   # catches what the interpreter accepts and Triton cannot express.
   shape = jax.ShapeDtypeStruct
-  bf16 = jnp.bfloat16
+  bf16, f8 = jnp.bfloat16, jnp.float8_e4m3fn
   calls = [(gpu.matmul, (shape((m, 4096), bf16), shape((4096, 6144), bf16))),
            (gpu.matmul_nt, (shape((m, 2048), bf16), shape((128256, 2048), bf16))),
            (gpu.gate_up_silu, (shape((m, 4096), bf16), shape((4096, 14336), bf16), shape((4096, 14336), bf16))),
            (functools.partial(gpu.matmul, config=dataclasses.replace(SMALL, num_splits=4)),
-            (shape((m, 512), jnp.float32), shape((512, 200), jnp.float32)))]
+            (shape((m, 512), jnp.float32), shape((512, 200), jnp.float32))),
+           # fp8 weights (the 8B shapes' fp8 tiles), converted in the kernel and scaled per column
+           (lambda x, w, s: gpu.matmul(x, w, w_scale_N=s),
+            (shape((m, 4096), bf16), shape((4096, 6144), f8), shape((6144,), jnp.float32))),
+           (lambda x, g, u, gs, us: gpu.gate_up_silu(x, g, u, w_gate_scale_N=gs, w_up_scale_N=us),
+            (shape((m, 4096), bf16), shape((4096, 14336), f8), shape((4096, 14336), f8), shape((14336,), jnp.float32),
+             shape((14336,), jnp.float32)))]
   for fn, args in calls:
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("__gpu$xla.gpu.triton") == 1
@@ -190,3 +196,134 @@ def test_measured_table_entries_are_legal_for_their_shapes():
     assert k % (cfg.block_k * cfg.num_splits) == 0
     assert cfg.block_m <= bucket
     assert tuning.smem_bytes(cfg) <= tuning.SMEM_BUDGET
+
+
+# ---------------------------------------------------------------- fp8 weights with a scale per column
+
+FP8_TOLERANCE = {"float32": 1e-5, "bfloat16": 1e-2}  # by x's dtype, against x @ (w * scale) in float32
+
+
+def _fp8_operands(m, k, n, x_dtype, w_dtype=jnp.float8_e4m3fn, seed=0, num_w=1):
+  """x and `num_w` (fp8 weight, float32 scale) pairs whose columns span three orders of magnitude, so a
+  scale dropped, or taken from the wrong column, moves the product far past the tolerance."""
+  keys = jax.random.split(jax.random.key(seed), 1 + 2 * num_w)
+  x_MK = jax.random.normal(keys[0], (m, k), jnp.float32).astype(x_dtype)
+  pairs = []
+  for i in range(num_w):
+    magnitude_N = 10.0 ** jax.random.uniform(keys[1 + 2 * i], (n,), jnp.float32, -2, 1)
+    w_KN = jax.random.normal(keys[2 + 2 * i], (k, n), jnp.float32) / np.sqrt(k) * magnitude_N
+    scale_N = jnp.max(jnp.abs(w_KN), axis=0) / float(jnp.finfo(w_dtype).max)
+    pairs.append(((w_KN / scale_N).astype(w_dtype), scale_N))
+  return x_MK, pairs
+
+
+def _dequantized(w8, scale_N):
+  return w8.astype(jnp.float32) * scale_N
+
+
+def _check_fp8(out, x_MK, want_f32, out_dtype=None):
+  """`out` against the float32 product of x and the dequantized weight(s), at x's dtype's tolerance."""
+  assert out.dtype == (out_dtype or x_MK.dtype)
+  err = relative_error(np.asarray(out, np.float32), np.asarray(want_f32, np.float32))
+  tol = FP8_TOLERANCE[x_MK.dtype.name]
+  assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+def _exact(x_MK, w_KN):
+  return jnp.dot(x_MK.astype(jnp.float32), w_KN, precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize("m,k,n,num_splits,x_dtype,w_dtype", [
+    (5, 128, 200, 1, jnp.bfloat16, jnp.float8_e4m3fn),  # rows past M, columns past N (the last tile 8 wide)
+    (5, 128, 200, 1, jnp.float32, jnp.float8_e4m3fn),
+    (3, 256, 96, 4, jnp.bfloat16, jnp.float8_e4m3fn),  # split-K: the partial sums are scaled, then added
+    (16, 128, 64, 2, jnp.float32, jnp.float8_e5m2),
+])
+def test_fp8_kernel_is_the_product_of_the_dequantized_weight(m, k, n, num_splits, x_dtype, w_dtype):
+  x_MK, [(w8_KN, scale_N)] = _fp8_operands(m, k, n, x_dtype, w_dtype, seed=m + n)
+  cfg = dataclasses.replace(SMALL, num_splits=num_splits)
+  out = gpu.matmul(x_MK, w8_KN, w_scale_N=scale_N, config=cfg, interpret=True)
+  want = _exact(x_MK, _dequantized(w8_KN, scale_N))
+  _check_fp8(out, x_MK, want)
+  _check_fp8(reference.matmul(x_MK, w8_KN, w_scale_N=scale_N), x_MK, want)  # the spec says the same
+
+
+def test_fp8_kernel_with_its_default_tiles_and_a_float32_output():
+  # The doubled block_k of fp8's defaults (here 256 deep over K = 512, split in two).
+  x_MK, [(w8_KN, scale_N)] = _fp8_operands(16, 512, 192, jnp.bfloat16, seed=11)
+  assert gpu._config(x_MK, w8_KN, 192, False).block_k == 2 * gpu._config(x_MK, x_MK.T, 192, False).block_k
+  out = gpu.matmul(x_MK, w8_KN, w_scale_N=scale_N, out_dtype=jnp.float32, interpret=True)
+  _check_fp8(out, x_MK, _exact(x_MK, _dequantized(w8_KN, scale_N)), jnp.float32)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_fused_gate_up_scales_each_weight_by_its_own_scale(num_splits):
+  x_MK, [(g8, g_scale), (u8, u_scale)] = _fp8_operands(9, 128, 80, jnp.bfloat16, seed=12, num_w=2)
+  cfg = dataclasses.replace(SMALL, num_splits=num_splits)
+  out = gpu.gate_up_silu(x_MK, g8, u8, w_gate_scale_N=g_scale, w_up_scale_N=u_scale, config=cfg, interpret=True)
+  g_MN, u_MN = _exact(x_MK, _dequantized(g8, g_scale)), _exact(x_MK, _dequantized(u8, u_scale))
+  _check_fp8(out, x_MK, jax.nn.silu(g_MN) * u_MN)
+
+
+def test_fp8_transposed_weight_kernel():
+  x_MK, [(w8_KN, scale_N)] = _fp8_operands(7, 128, 200, jnp.bfloat16, seed=13)
+  out = gpu.matmul_nt(x_MK, w8_KN.T.copy(), w_scale_N=scale_N, config=SMALL, interpret=True)
+  _check_fp8(out, x_MK, _exact(x_MK, _dequantized(w8_KN, scale_N)))
+
+
+def test_an_fp8_weight_without_its_scale_is_refused():
+  x_MK, [(w8_KN, scale_N)] = _fp8_operands(4, 64, 32, jnp.bfloat16)
+  no_scale = "w is float8_e4m3fn without w_scale_N: an fp8 weight needs its float32 scale per output column"
+  assert gpu.supports(x_MK, w8_KN) == no_scale
+  assert gpu.supports(x_MK, w8_KN, w_scale_N=scale_N) is None
+  assert "need float32 of shape (32,)" in gpu.supports(x_MK, w8_KN, w_scale_N=scale_N[:16])
+  assert "need float32 of shape (32,)" in gpu.supports(x_MK, w8_KN, w_scale_N=scale_N.astype(jnp.bfloat16))
+  with pytest.raises(ValueError, match=no_scale):
+    gpu.matmul(x_MK, w8_KN, interpret=True)
+  for impl in ("xla", "gpu", "hopper", "auto"):  # never an unscaled product, whichever path
+    with pytest.raises(ValueError, match=no_scale):
+      decode_matmul(x_MK, w8_KN, impl=impl, interpret=True)
+  with pytest.raises(ValueError, match="give both or neither"):
+    gpu.gate_up_silu(x_MK, x_MK.T, x_MK.T, w_gate_scale_N=jnp.ones((4,), jnp.float32), interpret=True)
+  # The Hopper kernel's wgmma takes fp8 only with fp8 activations: it names that, and the Triton kernel.
+  from pallas_kernels.decode_matmul import hopper
+  why = hopper.supports(jnp.zeros((8, 256), jnp.bfloat16), jnp.zeros((256, 256), jnp.float8_e4m3fn))
+  assert "takes no fp8 weights" in why and "impl='gpu'" in why
+
+
+def test_dispatcher_sends_fp8_weights_to_the_triton_kernel_and_their_fallbacks_to_xla():
+  x_MK, [(g8, g_scale), (u8, u_scale)] = _fp8_operands(6, 128, 64, jnp.float32, seed=14, num_w=2)
+  want = _exact(x_MK, _dequantized(g8, g_scale))
+  ref = reference.matmul(x_MK, g8, w_scale_N=g_scale)
+  _check_fp8(decode_matmul(x_MK, g8, w_scale_N=g_scale, impl="gpu", interpret=True), x_MK, want)
+  _check_fp8(decode_matmul_nt(x_MK, g8.T, w_scale_N=g_scale, impl="gpu", interpret=True), x_MK, want)
+  # XLA on a CPU ("auto") and off a Hopper GPU ("hopper", which takes no fp8 anyway): the spec, bit for bit.
+  for impl in ("auto", "xla", "hopper"):
+    np.testing.assert_array_equal(np.asarray(decode_matmul(x_MK, g8, w_scale_N=g_scale, impl=impl)), np.asarray(ref))
+  scales = dict(w_gate_scale_N=g_scale, w_up_scale_N=u_scale)
+  want_gu = jax.nn.silu(want) * _exact(x_MK, _dequantized(u8, u_scale))
+  _check_fp8(gate_up_silu(x_MK, g8, u8, impl="gpu", interpret=True, **scales), x_MK, want_gu)
+  # An fp8 gate beside a float32 up: no kernel streams the pair, XLA multiplies it.
+  u_KN = _dequantized(u8, u_scale)
+  mixed = gate_up_silu(x_MK, g8, u_KN, impl="gpu", interpret=True, w_gate_scale_N=g_scale)
+  np.testing.assert_array_equal(np.asarray(mixed),
+                                np.asarray(reference.gate_up_silu(x_MK, g8, u_KN, w_gate_scale_N=g_scale)))
+
+
+def test_fp8_tiles_move_the_weight_bytes_of_bfloat16_tiles_and_fit_shared_memory(monkeypatch):
+  for m in (1, 16, 64, 128, 256):
+    for gate_up in (False, True):
+      num_w = 2 if gate_up else 1
+      bf16 = tuning.gpu_config(m, 4096, 14336, gate_up=gate_up)
+      fp8 = tuning.gpu_config(m, 4096, 14336, gate_up=gate_up, w_itemsize=1)
+      assert tuning.smem_bytes(fp8, 2, num_w, 1) <= tuning.SMEM_BUDGET
+      # Twice as deep, unless shared memory cut it back (never below bfloat16's depth).
+      assert bf16.block_k <= fp8.block_k <= 2 * bf16.block_k
+  assert tuning.gpu_config(16, 4096, 6144, w_itemsize=1).block_k == 2 * tuning.gpu_config(16, 4096, 6144).block_k
+  # fp8 weights have tables of their own: a bfloat16 measurement of XLA winning does not carry over.
+  monkeypatch.setitem(tuning.GPU_TABLE, (16, 128, 64), None)
+  assert tuning.xla_is_faster(3, 128, 64) and not tuning.xla_is_faster(3, 128, 64, fp8=True)
+  monkeypatch.setitem(tuning.GPU_TABLE_FP8, (16, 128, 64), None)
+  assert tuning.xla_is_faster(3, 128, 64, fp8=True)
+  for bucket, cands in tuning.GPU_SWEEP_FP8.items():
+    assert cands[0].block_k == 2 * tuning.GPU_SWEEP[bucket][0].block_k

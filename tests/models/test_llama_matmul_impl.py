@@ -1,4 +1,5 @@
-"""The Llama forward pass with its projections on the decode matmul kernel (in Pallas' interpreter) equals XLA's."""
+"""The Llama forward pass with its projections on the decode matmul kernel (in Pallas' interpreter) equals XLA's,
+with bfloat16 or float32 weights and with fp8 ones (`quantization="fp8"`)."""
 
 import functools
 
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 from configs.models import get_model_preset
+from jserve.models import llama
 from jserve.models.llama import StepInputs, compute_logits, forward, init_params
+from jserve.models.quant import Fp8Weight, fp8_dot, quantize_fp8, quantize_params
 from tests.kernels.rpa_cases import relative_error
 
 PAGE_SIZE = 8
@@ -27,10 +30,28 @@ def _step(cfg):
                     logits_indices_B=np.array([4, 5], np.int32))
 
 
-def forward_errors(preset, dtype, impl):
-  """One step's logits and new KV pool with `impl` against "xla": (logits error, [KV error per layer])."""
+def _pallas_calls(jaxpr) -> list[str]:
+  """The names of the Pallas calls of `jaxpr`, one per call site (a jitted callee's once per call)."""
+  names = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "pallas_call":
+      # the parameter is "name" in JAX 0.10, "name_and_src_info" in earlier versions
+      names.append(str(eqn.params.get("name") or eqn.params["name_and_src_info"].name))
+      continue
+    for v in eqn.params.values():
+      sub = getattr(v, "jaxpr", v)
+      if hasattr(sub, "eqns"):
+        names += _pallas_calls(sub)
+  return names
+
+
+def forward_errors(preset, dtype, impl, *, fp8=False, launches=None):
+  """One step's logits and new KV pool with `impl` against "xla": (logits error, [KV error per layer]).
+  `fp8`: the layers' projections quantized. `launches`: a list that gets the names of the step's Pallas calls."""
   cfg = get_model_preset(preset)
   params = init_params(cfg, jax.random.key(1), dtype=dtype)
+  if fp8:
+    params = quantize_params(params, delete_originals=False)
   kv = [jax.random.normal(jax.random.key(2 + i), (5, PAGE_SIZE, 2 * cfg.num_kv_heads, cfg.head_dim), dtype)
         for i in range(cfg.num_layers)]
   inputs = _step(cfg)
@@ -40,6 +61,8 @@ def forward_errors(preset, dtype, impl):
     x_BD, new_kv = forward(params, kv, inputs, cfg, matmul_impl=impl)
     return compute_logits(params, x_BD, cfg, matmul_impl=impl), new_kv
 
+  if launches is not None:
+    launches += _pallas_calls(jax.make_jaxpr(functools.partial(run, impl=impl))(params, kv).jaxpr)
   logits_xla, kv_xla = run(params, kv, "xla")
   logits_kernel, kv_kernel = run(params, kv, impl)
   # keys and values come out of the q/k/v projections
@@ -53,6 +76,38 @@ def test_forward_on_the_kernel_matches_xla(preset, dtype, tol):
   logits_error, kv_errors = forward_errors(preset, dtype, "interpret")
   assert logits_error <= tol
   assert all(e <= tol for e in kv_errors), kv_errors
+
+
+@pytest.mark.parametrize("preset,dtype,tol", [("tiny-llama", jnp.float32, 1e-5), ("tiny-qwen3", jnp.bfloat16, 2e-2)])
+def test_forward_with_fp8_weights_on_the_kernel_matches_xlas_fp8_dot(preset, dtype, tol):
+  # In float32 the two differ only in the order of float32 rounding; in bfloat16 XLA's gate and up are
+  # rounded to bfloat16 before the silu, the kernel's are not.
+  launches = []
+  logits_error, kv_errors = forward_errors(preset, dtype, "interpret", fp8=True, launches=launches)
+  assert logits_error <= tol
+  assert all(e <= tol for e in kv_errors), kv_errors
+  # q, k, v, o, gate/up and down of both layers took the fp8 kernel; the LM head is not quantized and
+  # took the bfloat16 one.
+  assert sum(name.startswith("decode_matmul_fp8") for name in launches) == 2 * 6, launches
+  assert len(launches) == 2 * 6 + 1, launches
+
+
+def test_fp8_prefill_rows_and_mixed_gate_up_pairs_multiply_through_xla():
+  # Rows past the kernel's limit take fp8_dot itself, bit for bit as with "xla"; so does a gate/up pair
+  # of which one is fp8 (as a pre-quantized checkpoint may leave it), whatever the row count.
+  rng = np.random.default_rng(0)
+  h_TD = jnp.asarray(rng.standard_normal((300, 64)), jnp.bfloat16)
+  wq = quantize_fp8(jnp.asarray(rng.standard_normal((64, 4, 16)) * 0.1, jnp.float32), 1)
+  got = llama._dot("...D,DNH->...NH", h_TD, wq, "interpret")
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(fp8_dot("...D,DNH->...NH", h_TD, wq)))
+  w_gate = quantize_fp8(jnp.asarray(rng.standard_normal((64, 96)) * 0.1, jnp.float32), 1)
+  w_up = jnp.asarray(rng.standard_normal((64, 96)) * 0.1, jnp.bfloat16)
+  for lp in ({"w_gate": w_gate, "w_up": w_up}, {"w_gate": w_gate, "w_up": w_gate}):
+    for rows in (h_TD[:6], h_TD):
+      if isinstance(lp["w_up"], Fp8Weight) and rows.shape[0] <= 256:
+        continue  # the kernel's case
+      np.testing.assert_array_equal(np.asarray(llama._gate_up(rows, lp, "interpret")),
+                                    np.asarray(llama._gate_up(rows, lp, "xla")))
 
 
 def test_forward_on_the_hopper_kernel_matches_xla():
