@@ -10,6 +10,8 @@ plan's numbers can be checked by hand:
 - weights quantized to fp8 (`Workload.quantization`) are the layers'
   projections at one byte per element plus a float32 scale per output
   channel; the embedding, LM head and norms stay at `weight_bytes`;
+- the KV cache is `kv_bytes` per element, which a separate cache dtype sets
+  (one byte for fp8): the pool holds more tokens and a step reads fewer bytes;
 - tensor parallelism adds two all-reduces of the activations per layer (after
   attention's output projection and the MLP's down projection), one for the
   vocabulary-parallel embedding and an all-gather of the logits, each a ring
@@ -91,6 +93,9 @@ class Workload:
   # fp8 made at start-up from a full-precision checkpoint: each device first holds its weights in
   # weight_bytes, so those must fit the memory budget too (a pre-quantized checkpoint has no such peak).
   quantize_at_load: bool = False
+  # The KV cache's dtype by name when it is set apart from the model's (jserve's kv_cache_dtype, say
+  # "fp8"): a label for the plan's title only; its element size is `kv_bytes`.
+  kv_cache_dtype: str | None = None
 
   def __post_init__(self):
     if self.quantization is not None and self.quantization not in QUANTIZED_BYTES:

@@ -272,7 +272,8 @@ def plan_report(cfg, *, model_name: str, num_devices: int, device: str = "H100-8
   weights = ""
   if workload.quantization is not None:
     weights = f", {workload.quantization} weights" + (" quantized at start-up" if workload.quantize_at_load else "")
+  kv = f", {workload.kv_cache_dtype} KV cache" if workload.kv_cache_dtype is not None else ""
   title = (f"{model_name} on {num_devices} x {dev.name} ({dev.memory_gib:g} GiB, {hosts} host(s)), "
-           f"max_model_len={workload.max_model_len}, concurrency={workload.concurrency}{weights}: "
+           f"max_model_len={workload.max_model_len}, concurrency={workload.concurrency}{weights}{kv}: "
            f"{len(plans)} feasible plan(s)")
   return f"{title}\n\n{format_plans(plans, limit)}"

@@ -10,8 +10,9 @@ preset name from configs/models.py. The workload comes from the engine flags
 --concurrency. The weights are counted as the engine would hold them: a
 pre-quantized fp8 checkpoint's as stored, or with --quantization=fp8 the
 projections in fp8 (for a checkpoint directory, quantized at start-up, so its
-full-precision weights must fit first). The planner itself is sharding.planner
-(docs/planner.md).
+full-precision weights must fit first). The KV cache is counted at
+--kv_cache_dtype's element size (fp8: one byte), as the engine allocates it.
+The planner itself is sharding.planner (docs/planner.md).
 """
 
 import os
@@ -67,14 +68,19 @@ def weight_quantization(model_dir: str | None) -> tuple[str | None, bool]:
 def workload(model_dir: str | None):
   import jax.numpy as jnp
 
+  from jserve.engine.engine import resolve_kv_cache_dtype
   from jserve.weights import resolve_dtype
   from sharding.costs import Workload
   itemsize = jnp.dtype(resolve_dtype(FLAGS.dtype)).itemsize
+  # The engine's own resolution of --kv_cache_dtype ("auto": the model's dtype), so the pool is counted
+  # at the element size the engine would allocate.
+  kv_itemsize = resolve_kv_cache_dtype(FLAGS.kv_cache_dtype, FLAGS.dtype).itemsize
   quantization, at_load = weight_quantization(model_dir)
   return Workload(max_model_len=FLAGS.max_model_len or PLAN_MAX_MODEL_LEN, concurrency=FLAGS.concurrency,
                   max_num_batched_tokens=FLAGS.max_num_batched_tokens or 8192, max_num_seqs=FLAGS.max_num_seqs,
-                  weight_bytes=itemsize, kv_bytes=itemsize, memory_utilization=FLAGS.gpu_memory_utilization,
-                  quantization=quantization, quantize_at_load=at_load)
+                  weight_bytes=itemsize, kv_bytes=kv_itemsize, memory_utilization=FLAGS.gpu_memory_utilization,
+                  quantization=quantization, quantize_at_load=at_load,
+                  kv_cache_dtype=None if FLAGS.kv_cache_dtype == "auto" else FLAGS.kv_cache_dtype)
 
 
 def main():

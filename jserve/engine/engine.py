@@ -38,6 +38,12 @@ from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
 # kv_cache_dtype's names (vLLM's, and the 16-bit ones by name) -> the pool's dtype; None: the model's.
 KV_CACHE_DTYPES = {"auto": None, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "fp8": jnp.float8_e4m3fn,
                    "fp8_e4m3": jnp.float8_e4m3fn, "fp8_e5m2": jnp.float8_e5m2}
+
+
+def resolve_kv_cache_dtype(name: str, dtype: str) -> jnp.dtype:
+  """The KV pool's dtype for kv_cache_dtype=`name` and the model's `dtype`: one place for the engine and
+  for `jserve plan`, so the plan counts the pool's bytes as the engine allocates them."""
+  return jnp.dtype(KV_CACHE_DTYPES[name] or resolve_dtype(dtype))
 DEFAULT_MODEL_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "default_model")
 CPU_DEFAULT_BATCHED_TOKENS = 512
 DEFAULT_COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "jserve", "jax")
@@ -239,7 +245,7 @@ class LLMEngine:
       # Before the KV pool is sized: the memory the original weights free goes to the pool.
       self.params = _quantize(self.params, config, stored)
     clock.lap("weights")
-    kv_dtype = jnp.dtype(KV_CACHE_DTYPES[config.kv_cache_dtype] or resolve_dtype(config.dtype))
+    kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype)
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,

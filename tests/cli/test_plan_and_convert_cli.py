@@ -51,6 +51,16 @@ def test_plan_with_fp8_weights_puts_405b_on_one_host_of_h100s():
   assert "| 1 | 1 | 1 | 8 | 47.8 |" in proc.stdout  # in bfloat16 it needs 16 devices (test_planner.py)
 
 
+def test_plan_counts_the_kv_cache_at_kv_cache_dtype():
+  base = _run("plan", "--model=llama-3.1-8b", "--num_plans=1")
+  fp8 = _run("plan", "--model=llama-3.1-8b", "--num_plans=1", "--kv_cache_dtype=fp8")
+  assert base.returncode == 0 and fp8.returncode == 0, base.stderr + fp8.stderr
+  assert "KV cache" not in base.stdout.splitlines()[0]
+  assert fp8.stdout.splitlines()[0].endswith("concurrency=256, fp8 KV cache: 1 feasible plan(s)")
+  # The same 54.7 GiB pool holds twice the tokens at one byte an element.
+  assert "| 15.0 | 54.7 | 2.3 | 448,369 |" in base.stdout and "| 15.0 | 54.7 | 2.3 | 896,739 |" in fp8.stdout
+
+
 def test_plan_counts_a_checkpoint_directory_as_the_engine_would_load_it(tmp_path):
   from configs.models import get_model_preset
   hf = get_model_preset("llama-3.1-70b").to_hf_dict()

@@ -7,7 +7,7 @@ import pytest
 from configs.models import get_model_preset
 from sharding.costs import Workload
 from sharding.errors import ShardingError
-from sharding.planner import GIB, format_plans, get_device, plan
+from sharding.planner import GIB, format_plans, get_device, plan, plan_report
 from tests.sharding import planner_doc
 
 H100 = get_device("H100-80GB")
@@ -151,3 +151,46 @@ def test_quantizing_at_load_needs_the_full_precision_weights_to_fit_first():
 def test_unknown_quantization_is_refused():
   with pytest.raises(ShardingError, match=r"quantization='int4': use None or one of fp8"):
     Workload(quantization="int4")
+
+
+def _kv_bytes_per_token(cfg, tensor: int, element_bytes: int) -> int:
+  """From the shapes: K and V of every layer, this device's KV heads (one replicated head when fewer than the
+  tensor degree), head_dim elements each."""
+  return 2 * cfg.num_layers * max(cfg.num_kv_heads // tensor, 1) * cfg.head_dim * element_bytes
+
+
+@pytest.mark.parametrize("preset,tensor", [("llama-3.1-8b", 1), ("llama-3.1-70b", 8), ("qwen2.5-7b", 4)])
+def test_fp8_kv_cache_plan_holds_twice_the_tokens_and_a_step_reads_half_the_kv(preset, tensor):
+  cfg = get_model_preset(preset)
+  # A batch that fits either way, so that the decode steps compare at the same batch.
+  bf16 = plan(cfg, tensor, H100, Workload(concurrency=8), tensor=tensor)[0]
+  fp8 = plan(cfg, tensor, H100, Workload(concurrency=8, kv_bytes=1, kv_cache_dtype="fp8"), tensor=tensor)[0]
+  assert fp8.kv_bytes == bf16.kv_bytes and fp8.weights_bytes == bf16.weights_bytes  # the same free memory
+  assert bf16.kv_tokens == bf16.kv_bytes // _kv_bytes_per_token(cfg, tensor, 2)
+  assert fp8.kv_tokens == fp8.kv_bytes // _kv_bytes_per_token(cfg, tensor, 1)
+  assert fp8.kv_tokens - 2 * bf16.kv_tokens in (0, 1)  # twice, up to the rounding of the bf16 pool
+  assert fp8.batch == bf16.batch == 8
+  # A decode step reads the batch's context from the KV pool: half the bytes in fp8.
+  kv_read = 8 * Workload().context * _kv_bytes_per_token(cfg, tensor, 2)
+  assert bf16.step.hbm_s - fp8.step.hbm_s == pytest.approx(kv_read / 2 / (H100.hbm_gbps * 1e9), rel=1e-9)
+
+
+@pytest.mark.parametrize("name", ["auto", "bfloat16", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("tensor", [1, 8])
+def test_planner_counts_kv_bytes_per_token_as_the_engine_sizes_its_pages(name, tensor):
+  from jserve.engine.engine import resolve_kv_cache_dtype
+  from jserve.engine.memory import page_bytes_per_device
+  from sharding.costs import Layout, kv_bytes_per_token
+  cfg = get_model_preset("llama-3.1-8b")
+  kv_dtype = resolve_kv_cache_dtype(name, "bfloat16")
+  workload = Workload(kv_bytes=kv_dtype.itemsize)
+  assert 16 * kv_bytes_per_token(cfg, Layout(1, 1, tensor), workload) == page_bytes_per_device(cfg, 16, kv_dtype,
+                                                                                               tensor)
+
+
+def test_plan_title_names_the_kv_cache_dtype():
+  cfg = get_model_preset("llama-3.1-8b")
+  title = plan_report(cfg, model_name="llama-3.1-8b", num_devices=1,
+                      workload=Workload(quantization="fp8", kv_bytes=1, kv_cache_dtype="fp8")).splitlines()[0]
+  assert title.endswith("concurrency=256, fp8 weights, fp8 KV cache: 1 feasible plan(s)")
+  assert "KV cache" not in plan_report(cfg, model_name="llama-3.1-8b", num_devices=1).splitlines()[0]
