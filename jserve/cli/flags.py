@@ -2,7 +2,7 @@
 
 from absl import flags
 
-from jserve.engine.engine import KV_CACHE_DTYPES, EngineConfig
+from jserve.engine.engine_config import KV_CACHE_DTYPES, EngineConfig
 from jserve.models.quant import QUANTIZATIONS
 
 FLAGS = flags.FLAGS

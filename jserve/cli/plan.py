@@ -39,7 +39,7 @@ def model_config(model: str | None):
   the shipped default model (--model unset)."""
   from configs import MODEL_PRESETS
   from jserve.config import load_model_config
-  from jserve.engine.engine import DEFAULT_MODEL_DIR
+  from jserve.engine.engine_config import DEFAULT_MODEL_DIR
   if model is None:
     return load_model_config(DEFAULT_MODEL_DIR), "the default model", DEFAULT_MODEL_DIR
   if os.path.isdir(model):
@@ -68,7 +68,7 @@ def weight_quantization(model_dir: str | None) -> tuple[str | None, bool]:
 def workload(model_dir: str | None):
   import jax.numpy as jnp
 
-  from jserve.engine.engine import resolve_kv_cache_dtype
+  from jserve.engine.engine_config import resolve_kv_cache_dtype
   from jserve.weights import resolve_dtype
   from sharding.costs import Workload
   itemsize = jnp.dtype(resolve_dtype(FLAGS.dtype)).itemsize
