@@ -38,25 +38,22 @@ def resolve_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(dtype)
 
 
-def _tensor_index(model_dir: str) -> dict[str, str]:
-  """Maps every tensor name to the safetensors file that holds it."""
+def _tensor_index(model_dir: str) -> tuple[dict[str, str], dict[str, tuple[dict, int]]]:
+  """Maps every tensor name to the safetensors file that holds it; and each file to its `_header`
+  (read once here: without an index file the headers are what names the tensors)."""
   index_path = os.path.join(model_dir, "model.safetensors.index.json")
   if os.path.exists(index_path):
     with open(index_path) as f:
       weight_map = json.load(f).get("weight_map")
     if not isinstance(weight_map, dict):
       raise CheckpointError(f"{index_path} has no 'weight_map'")
-    return {name: os.path.join(model_dir, fname) for name, fname in weight_map.items()}
+    index = {name: os.path.join(model_dir, fname) for name, fname in weight_map.items()}
+    return index, {path: _header(path) for path in sorted(set(index.values()))}
   files = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
   if not files:
     raise CheckpointError(f"{model_dir!r} has no *.safetensors files (only safetensors checkpoints are read)")
-  index = {}
-  for fname in files:
-    path = os.path.join(model_dir, fname)
-    with _open(path) as f:
-      for name in f.keys():
-        index[name] = path
-  return index
+  headers = {path: _header(path) for path in (os.path.join(model_dir, fname) for fname in files)}
+  return {name: path for path, (header, _) in headers.items() for name in header}, headers
 
 
 def _open(path: str):
@@ -130,8 +127,7 @@ def load_params(model_dir: str, cfg: ModelConfig, dtype="bfloat16",
   dtype = resolve_dtype(dtype)
   quant = checkpoint_quantization(model_dir)
   place = place or (lambda spec, a: jax.device_put(a))
-  index = _tensor_index(model_dir)
-  headers = {path: _header(path) for path in sorted(set(index.values()))}
+  index, headers = _tensor_index(model_dir)
   tensors = {name: headers[path][0][name] for name, path in index.items() if name in headers[path][0]}
   specs = param_specs(cfg)
   leaves, treedef = jax.tree_util.tree_flatten(specs, is_leaf=is_spec)
