@@ -126,21 +126,19 @@ def _kv_heads_per_device(cfg, tp: int) -> int:
   return max(cfg.num_kv_heads // tp, 1)  # fewer KV heads than devices: one (replicated) head each
 
 
-def layer_params_per_device(cfg, tp: int) -> int:
-  """Parameters of one layer on one device: its projections' shares, its biases' and its norms."""
-  d, f, h, n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
-  split = 2 * d * n * h + 3 * d * f + (n * h if cfg.attention_bias else 0)
-  kv = 2 * d * h * _kv_heads_per_device(cfg, tp) + (2 * h * _kv_heads_per_device(cfg, tp)
-                                                      if cfg.attention_bias else 0)
-  replicated = 2 * d + (2 * h if cfg.qk_norm else 0)
-  return split // tp + kv + replicated
-
-
 def layer_projection_params_per_device(cfg, tp: int) -> int:
   """Elements of one layer's projections (wq, wk, wv, wo, w_gate, w_up, w_down) on one device: what
-  quantization stores in fewer bytes. Included in `layer_params_per_device`."""
+  quantization stores in fewer bytes."""
   d, f, h, n = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim, cfg.num_heads
   return (2 * d * n * h + 3 * d * f) // tp + 2 * d * h * _kv_heads_per_device(cfg, tp)
+
+
+def layer_params_per_device(cfg, tp: int) -> int:
+  """Parameters of one layer on one device: its projections' shares, its biases' and its norms."""
+  d, h, n = cfg.hidden_size, cfg.head_dim, cfg.num_heads
+  biases = n * h // tp + 2 * h * _kv_heads_per_device(cfg, tp) if cfg.attention_bias else 0
+  norms = 2 * d + (2 * h if cfg.qk_norm else 0)
+  return layer_projection_params_per_device(cfg, tp) + biases + norms
 
 
 def layer_scales_per_device(cfg, tp: int) -> int:

@@ -4,8 +4,9 @@ A decode step reads every weight once per token batch, so its time is the weight
 bandwidth; storing the projections in float8 (e4m3) halves those bytes against bfloat16. Only the
 weights change: activations stay in the model's dtype, and `fp8_dot` converts the fp8 weight to the
 activation dtype inside the einsum, where XLA on GPUs can fuse the convert into the GEMM's operand
-load, so that the 8-bit weight is what crosses the memory bus (not yet measured: docs/quantization.md).
-The float32 result is then multiplied by the scale.
+load, so that the 8-bit weight is what crosses the memory bus. The float32 result is then multiplied
+by the scale. On an H100 this made the 8B decode step 1.18-1.36x faster at batch 1-64 and 0.85x at
+256 (docs/quantization.md).
 
 Each output channel gets its own float32 scale (amax over the contracted axes / 448, e4m3's largest
 value). vLLM's online fp8 takes one scale per tensor; a scale per channel costs a few kilobytes and
