@@ -8,7 +8,8 @@ process (gRPC and, where Starlette and uvicorn import, HTTP), waits until it ser
 API in --backends and each rate in --rates runs `tools.bench_serving` in its own process: Poisson
 arrivals at that rate (`inf`: all at once), --num_prompts random prompts of --input_len tokens,
 --output_len output tokens each (`ignore_eos`); each run draws its own prompts (its seed is its
-index), so no run finds an earlier run's prompts in the prefix cache. A run gets a wall-clock share of --budget_s; what
+index), so no run finds an earlier run's prompts in the prefix cache. A run gets a wall-clock share of --budget_s
+(a slow rate sends fewer requests, as many as arrive in 60% of its share: `prompts_for_run`); what
 has finished is written to online.json and online.md under --out_dir as it goes, and the server's
 log to server.log. Prints a table last: per API and rate, request and output token throughput and
 TTFT / TPOT / ITL p50 and p99. tools/plot_e2e.py draws latency against rate from online.json.
@@ -101,13 +102,22 @@ def _stop(server: subprocess.Popen):
     os.killpg(server.pid, signal.SIGKILL)
 
 
+def prompts_for_run(rate: str, share_s: float, num_prompts: int) -> int:
+  """How many requests a run at `rate` sends in its `share_s` seconds: --num_prompts, or fewer where their
+  Poisson arrivals alone would take more than 60% of the share (the rest is for the last requests to finish),
+  so a slow rate gives a shorter valid run instead of one cut before its end."""
+  if rate == "inf":
+    return num_prompts
+  return max(1, min(num_prompts, int(float(rate) * 0.6 * share_s)))
+
+
 def run_client(backend: str, target: str, rate: str, tokenizer_dir: str, vocab: int, out_json: str,
-               timeout_s: float, seed: int) -> dict:
+               timeout_s: float, seed: int, num_prompts: int) -> dict:
   """One bench_serving run. Each run of a server needs its own `seed`: the prompts are drawn from it, and a
   run that sent an earlier run's prompts again would find them in the prefix cache (no prefill at all)."""
   cmd = [sys.executable, "-m", "tools.bench_serving", f"--backend={backend}", f"--target={target}",
          f"--vocab_size={vocab}",
-         f"--num_prompts={FLAGS.num_prompts}", f"--request_rate={rate}", f"--random_input_len={FLAGS.input_len}",
+         f"--num_prompts={num_prompts}", f"--request_rate={rate}", f"--random_input_len={FLAGS.input_len}",
          f"--random_output_len={FLAGS.output_len}", f"--result_json={out_json}", f"--seed={seed}"]
   if backend == "http-chat":
     cmd.append(f"--tokenizer={tokenizer_dir}")
@@ -122,18 +132,19 @@ def run_client(backend: str, target: str, rate: str, tokenizer_dir: str, vocab: 
 
 
 def table(results: dict) -> list[str]:
-  lines = ["| API | rate req/s | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | ITL p50 / p99 ms |",
-           "| --- | --- | --- | --- | --- | --- | --- |"]
+  lines = ["| API | rate req/s | requests | req/s | output tok/s | TTFT p50 / p99 ms | TPOT p50 / p99 ms | "
+           "ITL p50 / p99 ms |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
   for run in results["runs"]:
     s = run["summary"]
     if "error" in s or not s.get("completed"):
       error = s.get("error") or "; ".join(s.get("errors", [])[:1])
-      lines.append(f"| {run['backend']} | {run['rate']} | failed: {error[:100]} | | | | |")
+      lines.append(f"| {run['backend']} | {run['rate']} | {run.get('requests', '')} | failed: {error[:100]} | | | | |")
       continue
     pct = lambda k: f"{s[k]['p50']:.1f} / {s[k]['p99']:.1f}"  # noqa: E731
     failed = f" ({s['failed']} failed)" if s.get("failed") else ""
-    lines.append(f"| {run['backend']} | {run['rate']} | {s['request_throughput']:.2f}{failed} | "
-                 f"{s['output_token_throughput']:.0f} | {pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
+    lines.append(f"| {run['backend']} | {run['rate']} | {run.get('requests', '')} | "
+                 f"{s['request_throughput']:.2f}{failed} | {s['output_token_throughput']:.0f} | "
+                 f"{pct('ttft_ms')} | {pct('tpot_ms')} | {pct('itl_ms')} |")
   return lines
 
 
@@ -142,7 +153,7 @@ def save(results: dict):
     json.dump(results, f, indent=1)
   head = (f"{results['device']}, JAX {results['jax']}, {results['date']}; {FLAGS.preset} "
           f"{'random weights made on the device' if FLAGS.dummy else 'random checkpoint'}; "
-          f"{FLAGS.num_prompts} requests of {FLAGS.input_len}/{FLAGS.output_len} per run; "
+          f"up to {FLAGS.num_prompts} requests of {FLAGS.input_len}/{FLAGS.output_len} per run; "
           f"server flags `{FLAGS.serve_flags}`; server ready in {results.get('server_start_s', float('nan')):.0f} s")
   with open(os.path.join(FLAGS.out_dir, "online.md"), "w") as f:
     f.write("\n".join([head, ""] + table(results)) + "\n")
@@ -186,9 +197,10 @@ def main(argv):
         continue
       target = f"127.0.0.1:{grpc_port}" if backend == "grpc" else f"http://127.0.0.1:{http_port}"
       out_json = os.path.join(tempfile.mkdtemp(), "run.json")
-      summary = run_client(backend, target, rate, model_dir, vocab, out_json, share, seed=i)
+      num_prompts = prompts_for_run(rate, share, FLAGS.num_prompts)
+      summary = run_client(backend, target, rate, model_dir, vocab, out_json, share, seed=i, num_prompts=num_prompts)
       results["runs"].append({"backend": backend, "rate": float(rate) if rate != "inf" else math.inf,
-                              "summary": summary})
+                              "requests": num_prompts, "summary": summary})
       print(table(results)[-1], flush=True)
       save(results)
   finally:

@@ -14,8 +14,9 @@ is built to keep the memory system busy rather than the tensor cores:
 - when M x N tiles are too few to cover the GPU's SMs, K is split over
   several programs (split-K) that write float32 partial sums, and XLA adds
   them (`tuning.fit` picks the split count);
-- rows past M and columns past N are masked (loads read zeros, stores are
-  dropped); K must be a multiple of 16 and is never masked;
+- rows past M and columns past N are masked (x loads read zeros, weight
+  columns past N are left undefined as only their own outputs see them,
+  stores are dropped); K must be a multiple of 16 and is never masked;
 - a weight may be fp8 (float8_e4m3fn or e5m2, weight-only quantization) with
   a float32 scale per output column: the kernel loads the one-byte tiles,
   converts them to x's dtype in registers (exact: every fp8 value is a
@@ -84,10 +85,13 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
   precision = lax.Precision.HIGHEST if x_ref.dtype == jnp.float32 else None
   k0 = i_z * (steps * bk)
 
-  def load(ref_at, mask):
+  def load(ref_at, mask, fill=True):
+    """`fill=False` leaves masked elements undefined (no `other`): right for a weight tile's columns past N,
+    whose outputs are never stored, and needed for fp8, which the Triton lowering cannot fill (it has no
+    cast of an integer splat to float8)."""
     if mask is None:
       return plgpu.load(ref_at)
-    return plgpu.load(ref_at, mask=mask, other=0)
+    return plgpu.load(ref_at, mask=mask, other=0) if fill else plgpu.load(ref_at, mask=mask)
 
   def body(j, accs):
     ks = pl.ds(pl.multiple_of(k0 + j * bk, bk), bk)
@@ -97,11 +101,13 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
     # one-byte tile crosses the memory bus.
     for w_ref, acc_MN in zip(w_refs, accs):
       if transposed:
-        w_NK = load(w_ref.at[cols, ks], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[:, None], (bn, bk)))
+        w_NK = load(w_ref.at[cols, ks], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[:, None], (bn, bk)),
+                    fill=False)
         p_MN = lax.dot_general(x_MK, w_NK.astype(x_MK.dtype), (((1,), (1,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
       else:
-        w_KN = load(w_ref.at[ks, cols], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[None, :], (bk, bn)))
+        w_KN = load(w_ref.at[ks, cols], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[None, :], (bk, bn)),
+                    fill=False)
         p_MN = lax.dot_general(x_MK, w_KN.astype(x_MK.dtype), (((1,), (0,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
       out.append(acc_MN + p_MN)
