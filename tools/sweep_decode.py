@@ -30,6 +30,9 @@ from tools.ceilings import copy_ceilings  # noqa: E402
 _OUT_DIR, _QUICK = bench_kernels._OUT_DIR, bench_kernels._QUICK
 _SHAPES = flags.DEFINE_list("shapes", ["64x2048", "256x1536"], "which shapes (batch x context)")
 _BUDGET_S = flags.DEFINE_float("budget_s", 240.0, "seconds after which no new group starts")
+_PAGES = flags.DEFINE_list("pages", ["16", "32", "64"], "page sizes")
+_TABLE_ONLY = flags.DEFINE_bool("table_only", False, "time the tuning table's tiles only (with an fp8 pool, also "
+                                "with f16_dot), not the sweep's other tiles: a short run")
 
 
 # Decode tiles the decode sweep tries beside the tuning table's own: GPU_SWEEP_DECODE, and wider KV
@@ -50,11 +53,11 @@ def decode_sweep(ceiling):
   rows = []
   shapes = tuple(s for s in (("64x2048", [(1, 2048)] * 64, (1, 2)), ("256x1536", [(1, 1536)] * 256, (1,)))
                  if s[0] in _SHAPES.value)
-  sweep_tiles = DECODE_SWEEP_TILES
+  sweep_tiles = () if _TABLE_ONLY.value else DECODE_SWEEP_TILES
   if _QUICK.value:  # a smoke run on a CPU, in interpret mode
     shapes, sweep_tiles = (("4x128", [(1, 128)] * 4, (1, 2)),), DECODE_SWEEP_TILES[:1]
   for name, seqs, split_list in shapes:
-    for page in (16, 32, 64):
+    for page in map(int, _PAGES.value):
       for fp8 in (False, True):
         if time.perf_counter() - bench_kernels._T0 > _BUDGET_S.value:
           log(f"decode sweep: past the {_BUDGET_S.value:.0f} s budget, {name} p{page} fp8={fp8} not run")
@@ -67,11 +70,13 @@ def decode_sweep(ceiling):
         nbytes = bytes_and_flops(case, kv_itemsize=1 if fp8 else 2)[0]
         table = tuning.gpu_config(case.head_dim, page, case.num_heads // case.num_kv_heads)
         tiles = (table.decode,) + tuple(t for t in sweep_tiles if t != table.decode)
+        if fp8:  # each tile also widening the pool's rows to float16 (tuning.GpuBlocks.f16_dot)
+          tiles += tuple(dataclasses.replace(t, f16_dot=not t.f16_dot) for t in tiles)
         group = []
         for tile in tiles:
           for splits in split_list:
             label = (f"m{tile.block_m} n{tile.block_n} w{tile.num_warps} st{tile.num_stages} splits{splits}"
-                     + (" (table)" if tile == table.decode else ""))
+                     + (" f16" if tile.f16_dot else "") + (" (table)" if tile == table.decode else ""))
             row = dict(case=case.name, variant=label)
             try:
               fn = ours_fn(case, config=dataclasses.replace(table, decode=tile), num_splits=splits, decode_only=True)

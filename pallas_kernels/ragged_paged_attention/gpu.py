@@ -50,6 +50,7 @@ from pallas_kernels.ragged_paged_attention import hopper, reference, tuning
 _MASKED = -1e30  # finite, as in the reference: a fully masked row must not make NaNs
 FP8 = (jnp.dtype(jnp.float8_e4m3fn), jnp.dtype(jnp.float8_e5m2))  # pool dtypes read up to the queries' dtype
 _LOG2E = math.log2(math.e)
+_F16_MAX = 65504.0
 
 
 def supports(q_TNH, kv_pages_PSCH) -> str | None:
@@ -74,7 +75,7 @@ def supports(q_TNH, kv_pages_PSCH) -> str | None:
 
 def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, cu_q_lens_ref,
                       q_ref, kv_ref, *rest, group, block_q, block_m, block_n, page_size, num_splits,
-                      sm_scale, sliding_window, soft_cap, split_out, fused):
+                      sm_scale, sliding_window, soft_cap, split_out, fused, f16_dot=False):
   """One program: query rows of one item x all query heads of one KV head x one KV split.
 
   fused: the refs after the pool are the step's new keys, values and slots
@@ -116,6 +117,10 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
     # stores masked rows back, and a clamped duplicate would overwrite a live one).
     t_in_M = jnp.minimum(t_M, num_tokens - 1)
     q_MH = plgpu.load(q_ref.at[t_in_M[:, None], n_M[:, None], h_1H], mask=row_ok_M[:, None], other=0)
+    # The products' dtype (K, V and P are cast to it): the queries', or float16 for an fp8 pool with
+    # `f16_dot` (see tuning.GpuBlocks).
+    if f16_dot and jnp.dtype(kv_ref.dtype) in FP8 and q_MH.dtype == jnp.bfloat16:
+      q_MH = jnp.clip(q_MH.astype(jnp.float32), -_F16_MAX, _F16_MAX).astype(jnp.float16)
 
     # Positions below ctx_end come from the pool. Fused, the step's own
     # positions [ctx_end, kv_len) come from rows new_row0 + x of k_TKH / v_TKH;
@@ -174,7 +179,7 @@ def _attention_kernel(item_seq_ref, item_q0_ref, kv_lens_ref, page_indices_ref, 
       """Masked rows read as zero. An fp8 pool's are zeroed after the cast up (Triton has no integer
       to fp8 cast for the fill value), before a garbage value can reach the P x V product."""
       if jnp.dtype(kv_ref.dtype) in FP8:
-        return jnp.where(mask, plgpu.load(ref, mask=mask).astype(q_ref.dtype), 0)
+        return jnp.where(mask, plgpu.load(ref, mask=mask).astype(q_MH.dtype), 0)
       return plgpu.load(ref, mask=mask, other=0)
 
     def body(j, carry, masked, source):
@@ -266,7 +271,8 @@ def _launch(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
   kernel = functools.partial(
       _attention_kernel, group=group, block_q=blocks.block_m // group, block_m=blocks.block_m,
       block_n=blocks.block_n, page_size=kv_pages_PSCH.shape[1], num_splits=num_splits, sm_scale=sm_scale,
-      sliding_window=sliding_window, soft_cap=soft_cap, split_out=split_out, fused=fused)
+      sliding_window=sliding_window, soft_cap=soft_cap, split_out=split_out, fused=fused,
+      f16_dot=blocks.f16_dot and jnp.dtype(kv_pages_PSCH.dtype) in FP8)
   whole = pl.BlockSpec()
   args = [item_seq_W, item_q0_W, kv_lens_B, page_indices_BP, cu_q_lens_E, q_TNH, kv_pages_PSCH]
   if fused:
@@ -295,7 +301,8 @@ def _launch(items, q_TNH, kv_pages_PSCH, kv_lens_B, page_indices_BP, cu_q_lens_E
       input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=blocks.num_warps, num_stages=blocks.num_stages),
       interpret=interpret,
-      name=f"ragged_paged_attention{'_write' if fused else ''}_m{blocks.block_m}_n{blocks.block_n}_s{num_splits}",
+      name=(f"ragged_paged_attention{'_write' if fused else ''}_m{blocks.block_m}_n{blocks.block_n}_s{num_splits}"
+            f"{'_f16' if kernel.keywords['f16_dot'] else ''}"),
   )(*args)
   return outs[0] if len(outs) == 1 else tuple(outs)
 

@@ -21,11 +21,20 @@ import dataclasses
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GpuBlocks:
-  """One launch's tiles: `block_m` query rows (tokens x query heads of one KV head), `block_n` KV positions."""
+  """One launch's tiles: `block_m` query rows (tokens x query heads of one KV head), `block_n` KV positions.
+
+  f16_dot: with an fp8 pool, widen its rows to float16 rather than to the queries' bfloat16 and take
+  both products in float16 (queries clipped to float16's range, float32 accumulation). Triton widens
+  e4m3 to float16 in one instruction per two values on Ada and Hopper, and to bfloat16 in three (the
+  same instruction, then two float16-to-bfloat16 converts): the decode loop's conversion work drops
+  by two thirds. float16 keeps more mantissa bits than bfloat16, so only the clip can lose anything,
+  on query values beyond 65,504. Only for bfloat16 queries and fp8 pools; ignored otherwise.
+  """
   block_m: int
   block_n: int
   num_warps: int
   num_stages: int
+  f16_dot: bool = False
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

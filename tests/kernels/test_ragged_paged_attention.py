@@ -8,6 +8,7 @@ NaN. Shapes are small so the interpreters finish in seconds; the tiles are
 shrunk to match, so that sequences span several KV blocks and splits.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -139,6 +140,29 @@ def test_gpu_kernel_reads_an_fp8_pool_under_bf16_queries(name, pool_dtype):
   check(KERNELS["gpu"], case, jnp.bfloat16, head_dim=64)
 
 
+F16_DOT_TILES = tuning.GpuConfig(decode=dataclasses.replace(GPU_TILES.decode, f16_dot=True),
+                                 prefill=dataclasses.replace(GPU_TILES.prefill, f16_dot=True))
+
+
+@pytest.mark.parametrize("pool_dtype", [jnp.float8_e4m3fn, jnp.float8_e5m2])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_gpu_kernel_multiplies_an_fp8_pool_in_float16_when_asked(pool_dtype, num_splits):
+  case = make_case(8, SEQS["mixed"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.bfloat16,
+                   shape=SEQS_SHAPE, pool_dtype=pool_dtype)
+  kernel = functools.partial(gpu.ragged_paged_attention, interpret=True, config=F16_DOT_TILES)
+  check(kernel, case, jnp.bfloat16, head_dim=64, num_splits=num_splits)
+
+
+def test_f16_dot_clips_queries_past_float16s_range_instead_of_making_inf():
+  # Queries of 1e5 overflow float16: clipped, they still give finite scores and the right softmax winner.
+  case = make_case(8, SEQS["decode_only"], num_heads=8, num_kv_heads=2, head_dim=64, page_size=8,
+                   dtype=jnp.bfloat16, shape=SEQS_SHAPE, pool_dtype=jnp.float8_e4m3fn)
+  q = case.q_TNH * 0 + jnp.asarray(1e5, jnp.bfloat16)
+  args = (q,) + tuple(case.args()[1:])
+  out = gpu.ragged_paged_attention(*args, sm_scale=64**-0.5, interpret=True, config=F16_DOT_TILES)
+  assert np.isfinite(np.asarray(out[:case.live_rows], np.float32)).all()
+
+
 def test_gpu_split_k_decode_reads_an_fp8_pool():
   seqs = [(1, 70), (2, 45), (1, 3), (1, 128)]
   case = make_case(9, seqs, num_heads=8, num_kv_heads=2, head_dim=64, page_size=8, dtype=jnp.bfloat16,
@@ -265,6 +289,15 @@ def test_gpu_kernel_with_an_fp8_pool_lowers_to_triton_for_cuda():
   fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, num_splits=2)
   text = jax.jit(fn).trace(q, kv, *meta).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 2
+
+
+def test_gpu_kernel_with_an_fp8_pool_and_f16_dot_lowers_to_triton_for_cuda():
+  q, kv, *meta = _abstract_args(jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct(kv.shape, jnp.float8_e4m3fn)
+  config = dataclasses.replace(tuning.gpu_config(128, 16, 4), decode=dataclasses.replace(tuning._DECODE, f16_dot=True))
+  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, config=config, decode_only=True)
+  text = jax.jit(fn).trace(q, kv, *meta).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "_f16" in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
