@@ -31,18 +31,24 @@ import time
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("preset", "llama-3.1-8b", "model preset (random weights)")
-flags.DEFINE_bool("dummy", True, "random weights made on the device by the server (no checkpoint written)")
-flags.DEFINE_list("backends", ["grpc", "http"], "APIs to load: grpc, http, http-chat")
-flags.DEFINE_list("rates", ["1", "4", "16", "64", "inf"], "request rates in requests/s (inf: all at once)")
-flags.DEFINE_integer("num_prompts", 256, "requests per run")
-flags.DEFINE_integer("input_len", 1000, "prompt tokens")
-flags.DEFINE_integer("output_len", 200, "output tokens per request")
-flags.DEFINE_float("budget_s", 540, "wall-clock budget of the whole run, server start included")
-flags.DEFINE_string("serve_flags", "--max_num_batched_tokens=2048",
-                    "extra `jserve serve` flags, space separated")
-flags.DEFINE_string("out_dir", "/tmp/bench_online", "results directory")
-flags.DEFINE_float("start_timeout_s", 400, "longest wait for the server to serve")
+
+
+def _define_flags():
+  """The script's flags, defined only when it runs as a script: tests import this module beside
+  tools/bench_e2e.py, whose flags share some of these names."""
+  flags.DEFINE_string("preset", "llama-3.1-8b", "model preset (random weights)")
+  flags.DEFINE_bool("dummy", True, "random weights made on the device by the server (no checkpoint written)")
+  flags.DEFINE_list("backends", ["grpc", "http"], "APIs to load: grpc, http, http-chat")
+  flags.DEFINE_list("rates", ["1", "4", "16", "64", "inf"], "request rates in requests/s (inf: all at once)")
+  flags.DEFINE_integer("num_prompts", 256, "requests per run (fewer at slow rates: see prompts_for_run)")
+  flags.DEFINE_integer("input_len", 1000, "prompt tokens")
+  flags.DEFINE_integer("output_len", 200, "output tokens per request")
+  flags.DEFINE_float("budget_s", 540, "wall-clock budget of the whole run, server start included")
+  flags.DEFINE_string("serve_flags", "--max_num_batched_tokens=2048",
+                      "extra `jserve serve` flags, space separated")
+  flags.DEFINE_string("out_dir", "/tmp/bench_online", "results directory")
+  flags.DEFINE_float("start_timeout_s", 400, "longest wait for the server to serve")
+
 
 _START = time.monotonic()
 
@@ -210,4 +216,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)

@@ -35,14 +35,7 @@ _TABLE_ONLY = flags.DEFINE_bool("table_only", False, "time the tuning table's ti
                                 "with f16_dot), not the sweep's other tiles: a short run")
 
 
-# Decode tiles the decode sweep tries beside the tuning table's own: GPU_SWEEP_DECODE, and wider KV
-# blocks, which an fp8 pool (128-byte rows at head dim 128) may want for wide loads.
-DECODE_SWEEP_TILES = tuning.GPU_SWEEP_DECODE + (
-    tuning.GpuBlocks(block_m=16, block_n=64, num_warps=4, num_stages=3),
-    tuning.GpuBlocks(block_m=16, block_n=128, num_warps=4, num_stages=3),
-    tuning.GpuBlocks(block_m=16, block_n=128, num_warps=8, num_stages=3),
-    tuning.GpuBlocks(block_m=16, block_n=256, num_warps=4, num_stages=2),
-)
+DECODE_SWEEP_TILES = tuning.GPU_SWEEP_DECODE_WIDE  # the table's own tiles are tried first, beside these
 
 
 def decode_sweep(ceiling):

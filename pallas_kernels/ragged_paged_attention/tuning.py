@@ -116,6 +116,14 @@ GPU_SWEEP_DECODE = (
     GpuBlocks(block_m=16, block_n=128, num_warps=4, num_stages=2),
     GpuBlocks(block_m=16, block_n=32, num_warps=2, num_stages=4),
 )
+# The decode sweep of tools/sweep_decode.py (and tools/kernel_sass.py's fp8 cases): GPU_SWEEP_DECODE and
+# wider KV blocks, which an fp8 pool (128-byte rows at head dim 128) may want for wide loads.
+GPU_SWEEP_DECODE_WIDE = GPU_SWEEP_DECODE + (
+    GpuBlocks(block_m=16, block_n=64, num_warps=4, num_stages=3),
+    GpuBlocks(block_m=16, block_n=128, num_warps=4, num_stages=3),
+    GpuBlocks(block_m=16, block_n=128, num_warps=8, num_stages=3),
+    GpuBlocks(block_m=16, block_n=256, num_warps=4, num_stages=2),
+)
 GPU_SWEEP_PREFILL = (
     GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=3),
     GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=4),
