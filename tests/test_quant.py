@@ -18,7 +18,8 @@ from jserve.engine.engine import DEFAULT_MODEL_DIR, EngineConfig
 from jserve.engine.memory import _weight_bytes_on
 from jserve.errors import ConfigError
 from jserve.models.llama import forward_dense
-from jserve.models.quant import CONTRACTED_AXES, Fp8Weight, dequantize, fp8_dot, quantize_fp8, quantize_params
+from jserve.models.quant import (CONTRACTED_AXES, Fp8Weight, Fp8WeightNK, dequantize, fp8_dot, quantize_fp8,
+                                 quantize_params)
 from jserve.weights import load_params, save_hf_checkpoint
 from sharding.costs import Layout, Workload, stage_weight_bytes_per_device
 from sharding.planner import get_device, plan
@@ -198,6 +199,21 @@ def test_fp8_engine_keeps_projections_in_one_byte(engines):
   device = jax.devices()[0]
   saved = projection_bytes(deq) - projection_bytes(fp8)
   assert _weight_bytes_on(deq.engine.params, device) - _weight_bytes_on(fp8.engine.params, device) == saved
+
+
+def test_fp8_engine_for_the_kernel_stores_weights_nk_and_generates_the_same(engines):
+  # matmul_impl="auto" (the kernel on a GPU, XLA here) on one device: every projection is stored [N, K]
+  # for the kernel's transposed loads, in the same bytes, and the engine generates what "xla" does.
+  fp8, _ = engines
+  kw = {k: v for k, v in ENGINE.items() if k != "quantization"}
+  auto = LLM(None, quantization="fp8", matmul_impl="auto", **kw)
+  for kn, nk in zip(fp8.engine.params["layers"], auto.engine.params["layers"]):
+    for name in CONTRACTED_AXES:
+      assert isinstance(nk[name], Fp8WeightNK) and nk[name].w_NK.dtype == jnp.float8_e4m3fn
+      assert nk[name].w_NK.size == kn[name].w.size and nk[name].scale.shape == kn[name].scale.shape
+  got = auto.generate(PROMPTS, GREEDY, use_tqdm=False)
+  ref = fp8.generate(PROMPTS, GREEDY, use_tqdm=False)
+  assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
 
 
 def test_planner_predicts_the_fp8_engines_weight_bytes(engines):

@@ -176,7 +176,8 @@ def compile_to_sass(ttir_path: str, num_warps: int, num_stages: int, cc: int) ->
 
 def matmul_cases():
   """The 8B down projection at M=1 (K=14336, N=4096): bfloat16 and fp8 weights, stored [K, N] (`matmul`)
-  and [N, K] (`matmul_nt`), and fp8 with float16 activations. Bytes per iteration: the weight tile."""
+  and [N, K] (`matmul_nt`), and fp8 with float16 activations; the fused gate/up with fp8 weights stored
+  each way. Bytes per iteration: the weight tiles."""
   import jax
   import jax.numpy as jnp
 
@@ -195,7 +196,18 @@ def matmul_cases():
                   (shape((m, k), x_dtype), shape((k, n), w_dtype), scale), tile_bytes))
     cases.append((f"matmul_nt [N, K], {tag}", functools.partial(gpu.matmul_nt, config=cfg),
                   (shape((m, k), x_dtype), shape((n, k), w_dtype), scale), tile_bytes))
-  return [(name, (lambda f: lambda x, w, s: f(x, w, w_scale_N=s))(fn), args, b) for name, fn, args, b in cases]
+  cases = [(name, (lambda f: lambda x, w, s: f(x, w, w_scale_N=s))(fn), args, b) for name, fn, args, b in cases]
+  # The fused gate/up of the 8B shape (K=4096, N=14336 per weight), fp8 weights stored each way: two tiles
+  # per iteration.
+  for transposed in (False, True):
+    cfg = tuning.gpu_config(m, 4096, 14336, gate_up=True, itemsize=2, w_itemsize=1)
+    w = shape((14336, 4096) if transposed else (4096, 14336), jnp.float8_e4m3fn)
+    fn = functools.partial(gpu.gate_up_silu, config=cfg, transposed=transposed)
+    cases.append((f"gate_up {'[N, K]' if transposed else '[K, N]'}, x bfloat16, w float8_e4m3fn",
+                  lambda x, g, u, s, fn=fn: fn(x, g, u, w_gate_scale_N=s, w_up_scale_N=s),
+                  (shape((m, 4096), jnp.bfloat16), w, w, shape((14336,), jnp.float32)),
+                  2 * cfg.block_k * cfg.block_n))
+  return cases
 
 
 def attention_cases():

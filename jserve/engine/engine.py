@@ -30,7 +30,7 @@ from jserve.engine.sampler import PLAIN, request_path
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.startup import StartupClock
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
-from jserve.models.quant import quantize_params
+from jserve.models.quant import kernel_layout, quantize_params
 from jserve.prequantized import CheckpointQuantization, checkpoint_quantization
 from jserve.tokenizer import Tokenizer
 
@@ -154,6 +154,9 @@ class LLMEngine:
     if self.quantization:
       # Before the KV pool is sized: the memory the original weights free goes to the pool.
       self.params = _quantize(self.params, config, stored)
+      if self.mesh is None and config.matmul_impl in ("gpu", "auto"):
+        # The decode matmul kernel reads fp8 weights stored [N, K] (quant.Fp8WeightNK says why).
+        self.params = kernel_layout(self.params)
     clock.lap("weights")
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype)
     num_pages = config.num_pages or size_kv_pool(

@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.config import ModelConfig
-from jserve.models.quant import Fp8Weight, fp8_dot
+from jserve.models.quant import Fp8Weight, Fp8WeightNK, fp8_dot, fp8_dot_nk
 from pallas_kernels import ragged_paged_attention, write_kv_pages
 from pallas_kernels.decode_matmul import MAX_M, decode_matmul, decode_matmul_nt, gate_up_silu
 from sharding.tensor import head_parallel
@@ -179,6 +179,13 @@ def _matmul_kw(impl):
 
 
 def _dot(eq, a, b, impl="xla"):
+  if isinstance(b, Fp8WeightNK):  # fp8 stored for the kernel ([N, K]): its transposed entry point
+    n = len(eq.split(",")[0].replace("...", ""))
+    a_MK = a.reshape(-1, b.w_NK.shape[1])
+    if impl == "xla" or a_MK.shape[0] > MAX_M:
+      return fp8_dot_nk(a, b, n)
+    out = decode_matmul_nt(a_MK, b.w_NK, w_scale_N=b.scale.reshape(-1), **_matmul_kw(impl))
+    return out.reshape(a.shape[:a.ndim - n] + b.scale.shape)
   fp8 = isinstance(b, Fp8Weight)
   if impl == "xla":
     return fp8_dot(eq, a, b) if fp8 else jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
@@ -200,8 +207,14 @@ def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
   fp8 weights take the kernel for decode-sized rows when both are fp8."""
   w_gate, w_up = lp["w_gate"], lp["w_up"]
-  fp8 = isinstance(w_gate, Fp8Weight)
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
+  if isinstance(w_gate, Fp8WeightNK) and isinstance(w_up, Fp8WeightNK) and impl != "xla" and h_MD.shape[0] <= MAX_M:
+    act = gate_up_silu(h_MD, w_gate.w_NK, w_up.w_NK, w_gate_scale_N=w_gate.scale, w_up_scale_N=w_up.scale,
+                       transposed=True, **_matmul_kw(impl))
+    return act.reshape(h_TD.shape[:-1] + act.shape[-1:])
+  if isinstance(w_gate, Fp8WeightNK) or isinstance(w_up, Fp8WeightNK):  # prefill rows, "xla", or a mixed pair
+    return jax.nn.silu(_dot("...D,DF->...F", h_TD, w_gate)) * _dot("...D,DF->...F", h_TD, w_up)
+  fp8 = isinstance(w_gate, Fp8Weight)
   # Either may be fp8 alone (a pre-quantized checkpoint can leave single projections unquantized): the
   # kernel streams two weights of one dtype, so such a pair multiplies through XLA, as do fp8 prefill rows.
   if impl == "xla" or fp8 != isinstance(w_up, Fp8Weight) or (fp8 and h_MD.shape[0] > MAX_M):

@@ -14,10 +14,15 @@ keeps channels of small weights from rounding to a handful of values next to a l
 
 Quantized: the attention projections (wq, wk, wv, wo) and the MLP's (w_gate, w_up, w_down) of every
 layer. Not quantized, as in vLLM: the embedding, the LM head, norms and biases.
+
+For the decode matmul kernel (`matmul_impl="gpu"` or `"auto"`, one device), `kernel_layout` stores each
+`Fp8Weight` as an `Fp8WeightNK`: flattened and transposed to [N, K], the layout the tensor cores read
+8-bit tiles in; `fp8_dot_nk` is its XLA einsum (prefill rows).
 """
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +54,24 @@ class Fp8Weight:
   scale: jax.Array
 
 
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w_NK", "scale"], meta_fields=[])
+@dataclasses.dataclass
+class Fp8WeightNK:
+  """An `Fp8Weight` stored for the decode matmul kernel: output channels first, each one's weights contiguous.
+
+  w_NK: float8 [N, K], N the product of the weight's output axes and K of its contracted ones (the
+    layout of a Hugging Face `nn.Linear` weight). The tensor cores take an 8-bit operand only with its
+    contracted axis contiguous: stored [K, N], the kernel must transpose every tile in shared memory one
+    value at a time, which on Hopper needs about 80% of an SM's issue slots at full bandwidth against 55%
+    from [N, K] (docs/kernels.md, "Machine code without a GPU").
+  scale: float32 of the output axes, as in `Fp8Weight` (so its shape is the output's trailing shape).
+  Made by `kernel_layout` for a single-device engine with `matmul_impl="gpu"`; a mesh keeps `Fp8Weight`.
+  """
+
+  w_NK: jax.Array
+  scale: jax.Array
+
+
 def quantize_fp8(w, num_contracted: int) -> Fp8Weight:
   """Quantizes `w` with a scale per output channel (the amax over its first `num_contracted` axes)."""
   w32 = w.astype(jnp.float32)
@@ -75,6 +98,40 @@ def fp8_dot(eq: str, a, q: Fp8Weight):
   if out.shape[out.ndim - q.scale.ndim:] != q.scale.shape:
     raise ShapeError(f"{eq}: output {out.shape} does not end in the scale's shape {q.scale.shape}")
   return (out * q.scale).astype(a.dtype)
+
+
+def fp8_dot_nk(a, q: Fp8WeightNK, num_contracted: int):
+  """`fp8_dot` for an `Fp8WeightNK`: `a`'s last `num_contracted` axes against the weight's K, in `a`'s dtype,
+  shaped as `a`'s leading axes followed by the weight's output axes."""
+  k = q.w_NK.shape[1]
+  lead = a.shape[:a.ndim - num_contracted]
+  if math.prod(a.shape[a.ndim - num_contracted:]) != k:
+    raise ShapeError(f"a {a.shape}: its last {num_contracted} axes do not hold the weight's K={k}")
+  out = jnp.einsum("MK,NK->MN", a.reshape(-1, k), q.w_NK.astype(a.dtype), preferred_element_type=jnp.float32)
+  return (out * q.scale.reshape(-1)).astype(a.dtype).reshape(lead + q.scale.shape)
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def _to_nk(q: Fp8Weight) -> Fp8WeightNK:
+  num_contracted = q.w.ndim - q.scale.ndim
+  k = math.prod(q.w.shape[:num_contracted])
+  return Fp8WeightNK(jnp.transpose(q.w.reshape(k, -1)), q.scale)
+
+
+def kernel_layout(params: dict) -> dict:
+  """`params` with every layer's `Fp8Weight` stored as an `Fp8WeightNK`, one tensor at a time (each original
+  is donated: memory peaks at one fp8 tensor more). For a single device only: the kernel path runs without a
+  mesh, and a sharded weight would need its shards transposed too. `params` must not be used afterwards."""
+  layers = []
+  for layer in params["layers"]:
+    layer = dict(layer)
+    for name, w in layer.items():
+      if isinstance(w, Fp8Weight):
+        if not isinstance(w.w.sharding, SingleDeviceSharding):
+          raise ValueError(f"{name} is placed as {w.w.sharding}: kernel_layout is for one device")
+        layer[name] = jax.block_until_ready(_to_nk(w))
+    layers.append(layer)
+  return dict(params, layers=layers)
 
 
 def scale_sharding(sharding, ndim: int, num_contracted: int):

@@ -18,6 +18,8 @@ no fp8 weight (see hopper.supports), so impl="hopper" leaves those to XLA. An
 fp8 weight without its scale is a ValueError whatever `impl` says.
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from absl import logging
@@ -107,30 +109,35 @@ def decode_matmul_nt(x_MK, w_NK, *, out_dtype=None, impl="auto", interpret=False
   return reference.matmul_nt(x_MK, w_NK, out_dtype=out_dtype, **scale)
 
 
-def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, impl="auto", interpret=False, w_gate_scale_N=None,
-                 w_up_scale_N=None):
+def gate_up_silu(x_MK, w_gate, w_up, *, out_dtype=None, impl="auto", interpret=False, w_gate_scale_N=None,
+                 w_up_scale_N=None, transposed=False):
   """silu(x @ w_gate) * (x @ w_up) with float32 products and activation, cast once to `out_dtype`.
 
   The kernel streams the same column tile of both weights in one program and
   applies the activation before its only store; XLA computes the same thing
-  from two dots. Each weight may have a scale per column (an fp8 weight must); the kernel takes
+  from two dots. The weights are [K, N], or [N, K] when `transposed` (as `quant.Fp8WeightNK` stores
+  fp8 weights for the kernel). Each may have a scale per column (an fp8 weight must); the kernel takes
   the pair when both weights share shape and dtype and both or neither have scales, else XLA does.
   """
-  _check_scale(w_gate_KN, w_gate_scale_N)
-  _check_scale(w_up_KN, w_up_scale_N)
+  _check_scale(w_gate, w_gate_scale_N, transposed)
+  _check_scale(w_up, w_up_scale_N, transposed)
   scales = dict(w_gate_scale_N=w_gate_scale_N, w_up_scale_N=w_up_scale_N)
-  same = (w_up_KN.shape == w_gate_KN.shape and w_up_KN.dtype == w_gate_KN.dtype
+  same = (w_up.shape == w_gate.shape and w_up.dtype == w_gate.dtype
           and (w_gate_scale_N is None) == (w_up_scale_N is None))
+  fallback = functools.partial(reference.gate_up_silu, x_MK, w_gate, w_up, out_dtype=out_dtype,
+                               transposed=transposed, **scales)
   if impl == "hopper":
-    if same and _use_hopper(x_MK, w_gate_KN, num_weights=2, interpret=interpret) and w_gate_scale_N is None:
+    if (same and not transposed and w_gate_scale_N is None
+        and _use_hopper(x_MK, w_gate, num_weights=2, interpret=interpret)):
       from pallas_kernels.decode_matmul import hopper
-      return hopper.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret)
-    return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, **scales)
-  if same and _use_kernel(impl, x_MK, w_gate_KN, False, gate_up=True, w_scale_N=w_gate_scale_N,
+      return hopper.gate_up_silu(x_MK, w_gate, w_up, out_dtype=out_dtype, interpret=interpret)
+    return fallback()
+  if same and _use_kernel(impl, x_MK, w_gate, transposed, gate_up=True, w_scale_N=w_gate_scale_N,
                           interpret=interpret):
     from pallas_kernels.decode_matmul import gpu
-    return gpu.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, interpret=interpret, **scales)
-  return reference.gate_up_silu(x_MK, w_gate_KN, w_up_KN, out_dtype=out_dtype, **scales)
+    return gpu.gate_up_silu(x_MK, w_gate, w_up, out_dtype=out_dtype, interpret=interpret, transposed=transposed,
+                            **scales)
+  return fallback()
 
 
 __all__ = ["IMPLS", "MAX_M", "decode_matmul", "decode_matmul_nt", "gate_up_silu"]

@@ -27,9 +27,10 @@ is built to keep the memory system busy rather than the tensor cores:
   needs compute capability 8.9 or later (Triton has no e4m3 convert before Ada).
 
 Three entry points share one kernel body: `matmul` (w as [K, N]),
-`matmul_nt` (w as [N, K], the tied LM head that multiplies by the [V, D]
-embedding) and `gate_up_silu` (two weights streamed by the same program,
-silu(x @ w_gate) * (x @ w_up) applied before the only store).
+`matmul_nt` (w as [N, K]: the tied LM head that multiplies by the [V, D]
+embedding, and fp8 weights in `quant.Fp8WeightNK`) and `gate_up_silu` (two
+weights streamed by the same program, [K, N] or [N, K], silu(x @ w_gate) *
+(x @ w_up) applied before the only store).
 
 Axis letters, local to this kernel (the GEMM convention, not jserve/shapes.py's
 KV heads and query heads): M rows of x, K the contracted dim, N output
@@ -149,7 +150,8 @@ def _launch(x_MK, ws, scales, *, n, out_dtype, config, transposed, gate_up, inte
   grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), cfg.num_splits)
   kernel = functools.partial(_matmul_kernel, m=m, n=n, cfg=cfg, steps=steps, transposed=transposed,
                              gate_up=gate_up, split_out=split_out, scaled=bool(scales))
-  fp8 = "_fp8" if ws[0].dtype in FP8_DTYPES else ""  # profiles tell the fp8 launches apart
+  fp8 = "_fp8" if ws[0].dtype in FP8_DTYPES else ""  # profiles tell the fp8 launches apart,
+  nt = "_nt" if transposed else ""  # and those of [N, K] weights
   if split_out:
     out_shape = [jax.ShapeDtypeStruct((cfg.num_splits, m, n), jnp.float32)] * len(ws)
   else:
@@ -162,7 +164,7 @@ def _launch(x_MK, ws, scales, *, n, out_dtype, config, transposed, gate_up, inte
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
-      name=f"decode_matmul{fp8}_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}_z{cfg.num_splits}",
+      name=f"decode_matmul{fp8}{nt}_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}_z{cfg.num_splits}",
   )(x_MK, *ws, *scales)
   if not split_out:
     return outs[0]
@@ -205,19 +207,20 @@ def matmul_nt(x_MK, w_NK, *, out_dtype=None, config=None, interpret=False, w_sca
                  interpret=interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
-def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, config=None, interpret=False, w_gate_scale_N=None,
-                 w_up_scale_N=None):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret", "transposed"))
+def gate_up_silu(x_MK, w_gate, w_up, *, out_dtype=None, config=None, interpret=False, w_gate_scale_N=None,
+                 w_up_scale_N=None, transposed=False):
   """silu(x @ w_gate) * (x @ w_up) in float32, cast once; one program streams the same tile of both weights.
-  The weights share shape and dtype, and both have scales or neither has."""
-  _check(x_MK, w_gate_KN, False, w_gate_scale_N)
-  _check(x_MK, w_up_KN, False, w_up_scale_N)
-  if w_up_KN.shape != w_gate_KN.shape or w_up_KN.dtype != w_gate_KN.dtype:
-    raise ValueError(f"w_gate {w_gate_KN.shape} {w_gate_KN.dtype} and w_up {w_up_KN.shape} {w_up_KN.dtype} differ")
+  The weights are [K, N], or [N, K] when `transposed`; they share shape and dtype, and both have scales or
+  neither has."""
+  _check(x_MK, w_gate, transposed, w_gate_scale_N)
+  _check(x_MK, w_up, transposed, w_up_scale_N)
+  if w_up.shape != w_gate.shape or w_up.dtype != w_gate.dtype:
+    raise ValueError(f"w_gate {w_gate.shape} {w_gate.dtype} and w_up {w_up.shape} {w_up.dtype} differ")
   if (w_gate_scale_N is None) != (w_up_scale_N is None):
     raise ValueError("w_gate_scale_N and w_up_scale_N: give both or neither")
-  n = w_gate_KN.shape[1]
+  n = w_gate.shape[0] if transposed else w_gate.shape[1]
   scales = () if w_gate_scale_N is None else (w_gate_scale_N, w_up_scale_N)
-  return _launch(x_MK, (w_gate_KN, w_up_KN), scales, n=n, out_dtype=out_dtype or x_MK.dtype,
-                 config=config or _config(x_MK, w_gate_KN, n, True), transposed=False, gate_up=True,
+  return _launch(x_MK, (w_gate, w_up), scales, n=n, out_dtype=out_dtype or x_MK.dtype,
+                 config=config or _config(x_MK, w_gate, n, True), transposed=transposed, gate_up=True,
                  interpret=interpret)

@@ -61,12 +61,15 @@ def matmul_nt(x_MK, w_NK, *, out_dtype=None, w_scale_N=None):
   return _scaled(p_MN, w_scale_N).astype(out_dtype)
 
 
-def gate_up_silu(x_MK, w_gate_KN, w_up_KN, *, out_dtype=None, w_gate_scale_N=None, w_up_scale_N=None):
+def gate_up_silu(x_MK, w_gate, w_up, *, out_dtype=None, w_gate_scale_N=None, w_up_scale_N=None,
+                 transposed=False):
   """silu(x @ w_gate) * (x @ w_up), both products (each times its scale) and the activation in float32,
-  cast once at the end."""
+  cast once at the end. The weights are [K, N], or [N, K] when `transposed`."""
   out_dtype = x_MK.dtype if out_dtype is None else out_dtype
-  w_gate_KN = _weight(w_gate_KN, x_MK, w_gate_scale_N, w_gate_KN.shape[1])
-  w_up_KN = _weight(w_up_KN, x_MK, w_up_scale_N, w_up_KN.shape[1])
-  g_MN = _scaled(jnp.dot(x_MK, w_gate_KN, preferred_element_type=jnp.float32), w_gate_scale_N)
-  u_MN = _scaled(jnp.dot(x_MK, w_up_KN, preferred_element_type=jnp.float32), w_up_scale_N)
+  n_axis = 0 if transposed else 1
+  w_gate = _weight(w_gate, x_MK, w_gate_scale_N, w_gate.shape[n_axis])
+  w_up = _weight(w_up, x_MK, w_up_scale_N, w_up.shape[n_axis])
+  eq = "MK,NK->MN" if transposed else "MK,KN->MN"
+  g_MN = _scaled(jnp.einsum(eq, x_MK, w_gate, preferred_element_type=jnp.float32), w_gate_scale_N)
+  u_MN = _scaled(jnp.einsum(eq, x_MK, w_up, preferred_element_type=jnp.float32), w_up_scale_N)
   return (jax.nn.silu(g_MN) * u_MN).astype(out_dtype)

@@ -265,6 +265,25 @@ def test_fp8_fused_gate_up_scales_each_weight_by_its_own_scale(num_splits):
   _check_fp8(out, x_MK, jax.nn.silu(g_MN) * u_MN)
 
 
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_fp8_fused_gate_up_of_nk_weights(num_splits):
+  # Weights stored [N, K] (quant.Fp8WeightNK): the same products, through the transposed loads; N = 80 masks
+  # the last column tile.
+  x_MK, [(g8, g_scale), (u8, u_scale)] = _fp8_operands(9, 128, 80, jnp.bfloat16, seed=15, num_w=2)
+  cfg = dataclasses.replace(SMALL, num_splits=num_splits)
+  g_NK, u_NK = g8.T.copy(), u8.T.copy()
+  out = gpu.gate_up_silu(x_MK, g_NK, u_NK, w_gate_scale_N=g_scale, w_up_scale_N=u_scale, config=cfg,
+                         interpret=True, transposed=True)
+  want = jax.nn.silu(_exact(x_MK, _dequantized(g8, g_scale))) * _exact(x_MK, _dequantized(u8, u_scale))
+  _check_fp8(out, x_MK, want)
+  scales = dict(w_gate_scale_N=g_scale, w_up_scale_N=u_scale)
+  _check_fp8(reference.gate_up_silu(x_MK, g_NK, u_NK, transposed=True, **scales), x_MK, want)
+  # The dispatcher: the kernel when asked, the spec on a CPU and for "hopper" (which takes no fp8).
+  _check_fp8(gate_up_silu(x_MK, g_NK, u_NK, impl="gpu", interpret=True, transposed=True, **scales), x_MK, want)
+  for impl in ("auto", "hopper"):
+    _check_fp8(gate_up_silu(x_MK, g_NK, u_NK, impl=impl, transposed=True, **scales), x_MK, want)
+
+
 def test_fp8_transposed_weight_kernel():
   x_MK, [(w8_KN, scale_N)] = _fp8_operands(7, 128, 200, jnp.bfloat16, seed=13)
   out = gpu.matmul_nt(x_MK, w8_KN.T.copy(), w_scale_N=scale_N, config=SMALL, interpret=True)
@@ -349,6 +368,8 @@ def test_kernel_lowers_for_cuda_with_masked_rows_and_columns(w_dtype):
       _lower_for_cuda(lambda x, w, s: gpu.matmul_nt(x, w, w_scale_N=s), x, w_NK, s),
       _lower_for_cuda(lambda x, g, u, s: gpu.gate_up_silu(x, g, u, w_gate_scale_N=s, w_up_scale_N=s),
                       x, w_KN, w_KN, s),
+      _lower_for_cuda(lambda x, g, u, s: gpu.gate_up_silu(x, g, u, w_gate_scale_N=s, w_up_scale_N=s, transposed=True),
+                      x, w_NK, w_NK, s),
   ]
   for text in texts:
     assert "decode_matmul" in text  # the Pallas call is in the module, not an XLA fallback

@@ -11,7 +11,9 @@ import pytest
 from configs.models import get_model_preset
 from jserve.models import llama
 from jserve.models.llama import StepInputs, compute_logits, forward, init_params
-from jserve.models.quant import Fp8Weight, fp8_dot, quantize_fp8, quantize_params
+from jserve.errors import ShapeError
+from jserve.models.quant import (Fp8Weight, Fp8WeightNK, fp8_dot, fp8_dot_nk, kernel_layout, quantize_fp8,
+                                   quantize_params)
 from tests.kernels.rpa_cases import relative_error
 
 PAGE_SIZE = 8
@@ -45,13 +47,15 @@ def _pallas_calls(jaxpr) -> list[str]:
   return names
 
 
-def forward_errors(preset, dtype, impl, *, fp8=False, launches=None):
+def forward_errors(preset, dtype, impl, *, fp8=False, nk=False, launches=None):
   """One step's logits and new KV pool with `impl` against "xla": (logits error, [KV error per layer]).
-  `fp8`: the layers' projections quantized. `launches`: a list that gets the names of the step's Pallas calls."""
+  `fp8`: the layers' projections quantized; `nk`: and stored for the kernel (`kernel_layout`) in the `impl`
+  run, while "xla" keeps `Fp8Weight`s. `launches`: a list that gets the names of the step's Pallas calls."""
   cfg = get_model_preset(preset)
   params = init_params(cfg, jax.random.key(1), dtype=dtype)
   if fp8:
     params = quantize_params(params, delete_originals=False)
+  kernel_params = kernel_layout(jax.tree.map(jnp.copy, params)) if nk else params
   kv = [jax.random.normal(jax.random.key(2 + i), (5, PAGE_SIZE, 2 * cfg.num_kv_heads, cfg.head_dim), dtype)
         for i in range(cfg.num_layers)]
   inputs = _step(cfg)
@@ -62,9 +66,9 @@ def forward_errors(preset, dtype, impl, *, fp8=False, launches=None):
     return compute_logits(params, x_BD, cfg, matmul_impl=impl), new_kv
 
   if launches is not None:
-    launches += _pallas_calls(jax.make_jaxpr(functools.partial(run, impl=impl))(params, kv).jaxpr)
+    launches += _pallas_calls(jax.make_jaxpr(functools.partial(run, impl=impl))(kernel_params, kv).jaxpr)
   logits_xla, kv_xla = run(params, kv, "xla")
-  logits_kernel, kv_kernel = run(params, kv, impl)
+  logits_kernel, kv_kernel = run(kernel_params, kv, impl)
   # keys and values come out of the q/k/v projections
   return relative_error(logits_kernel, logits_xla), [
       relative_error(np.asarray(a, np.float32), np.asarray(b, np.float32)) for a, b in zip(kv_kernel, kv_xla)]
@@ -90,6 +94,36 @@ def test_forward_with_fp8_weights_on_the_kernel_matches_xlas_fp8_dot(preset, dty
   # took the bfloat16 one.
   assert sum(name.startswith("decode_matmul_fp8") for name in launches) == 2 * 6, launches
   assert len(launches) == 2 * 6 + 1, launches
+
+
+@pytest.mark.parametrize("preset,dtype,tol", [("tiny-llama", jnp.float32, 1e-5), ("tiny-qwen3", jnp.bfloat16, 2e-2)])
+def test_forward_with_fp8_weights_stored_nk_on_the_kernel_matches_xlas_fp8_dot(preset, dtype, tol):
+  # kernel_layout stores each fp8 weight [N, K] (Fp8WeightNK); the kernel then takes its transposed entry
+  # points, and the step computes what fp8_dot does on the [K, N] weights.
+  launches = []
+  logits_error, kv_errors = forward_errors(preset, dtype, "interpret", fp8=True, nk=True, launches=launches)
+  assert logits_error <= tol
+  assert all(e <= tol for e in kv_errors), kv_errors
+  assert sum(name.startswith("decode_matmul_fp8_nt_") for name in launches) == 2 * 6, launches
+
+
+@pytest.mark.parametrize("eq,a_shape,w_shape,num_contracted", [
+    ("...D,DNH->...NH", (7, 64), (64, 4, 16), 1),   # wq
+    ("...NH,NHD->...D", (7, 4, 16), (4, 16, 64), 2),  # wo
+    ("...F,FD->...D", (7, 96), (96, 64), 1),        # w_down
+])
+def test_an_nk_weight_multiplies_as_its_kn_original(eq, a_shape, w_shape, num_contracted):
+  rng = np.random.default_rng(0)
+  a = jnp.asarray(rng.standard_normal(a_shape), jnp.float32)
+  q = quantize_fp8(jnp.asarray(rng.standard_normal(w_shape) * 0.1, jnp.float32), num_contracted)
+  want = np.asarray(fp8_dot(eq, a, q))
+  nk = kernel_layout({"layers": [{"wq": Fp8Weight(jnp.copy(q.w), jnp.copy(q.scale))}]})["layers"][0]["wq"]
+  assert isinstance(nk, Fp8WeightNK) and nk.w_NK.shape == (want.size // a_shape[0], a.size // a_shape[0])
+  np.testing.assert_allclose(np.asarray(fp8_dot_nk(a, nk, num_contracted)), want, rtol=1e-5, atol=1e-6)
+  for impl in ("xla", "interpret"):  # the kernel's transposed entry point, and XLA's einsum
+    np.testing.assert_allclose(np.asarray(llama._dot(eq, a, nk, impl)), want, rtol=1e-5, atol=1e-6)
+  with pytest.raises(ShapeError, match="last 1 axes"):
+    fp8_dot_nk(a[:, :3], nk, 1)
 
 
 def test_fp8_prefill_rows_and_mixed_gate_up_pairs_multiply_through_xla():
