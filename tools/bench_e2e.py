@@ -236,6 +236,14 @@ def matmul_step_s(batch: int, *, weight_bytes: int, bandwidth: float, matmul_par
   return max(weight_bytes / bandwidth, 2 * matmul_params * batch / flop_rate)
 
 
+def step_serial_s(batch: int, context: float, *, kv_per_token: int, **ceilings) -> float:
+  """Seconds of one decode step with its KV reads at the memory bound, then its matmuls at theirs
+  (`matmul_step_s`; `ceilings` as there): kernels that run one after the other cannot overlap
+  compute-bound matmuls with memory-bound attention, so this bound is above the roofline wherever the
+  matmuls are compute-bound."""
+  return batch * context * kv_per_token / ceilings["bandwidth"] + matmul_step_s(batch, **ceilings)
+
+
 def decode_matmul_s(out_lens: list[int], slots: int, **ceilings) -> float:
   """Seconds of all decode steps' matmuls (`matmul_step_s` at each step's batch); `ceilings` as there."""
   ends = slot_ends(out_lens, slots)
@@ -334,6 +342,7 @@ def step_sweep(llm, batches: list[int], contexts: list[int], *, weight_bytes: in
     flop_ms = 2 * matmul_params * batch / flop_rate * 1e3
     return memory_ms, flop_ms
 
+
   compiled = runner.num_compiled()
   fill_pool(runner)
   rng = np.random.default_rng(3)
@@ -371,9 +380,11 @@ def step_sweep(llm, batches: list[int], contexts: list[int], *, weight_bytes: in
         row["burst_step_ms_spread"] = [x / burst_k for x in burst["device_ms_spread"]]
         memory_ms, flop_ms = bounds(run, context + (burst_k - 1) / 2)
       bound_ms = max(memory_ms, flop_ms)
+      serial = step_serial_s(run, context + (burst_k - 1) / 2, kv_per_token=kv_per_token, weight_bytes=weight_bytes,
+                             bandwidth=bandwidth, matmul_params=matmul_params, flop_rate=flop_rate) * 1e3
       row.update(step_ms=step_ms, roofline_ms=memory_ms, flop_bound_ms=flop_ms, bound_ms=bound_ms,
                  bound="memory" if memory_ms >= flop_ms else "flops", fraction=bound_ms / step_ms,
-                 tokens_per_s=run / step_ms * 1e3)
+                 serial_ms=serial, serial_fraction=serial / step_ms, tokens_per_s=run / step_ms * 1e3)
       print(json.dumps(row), flush=True)
       save(out)
   out["compiled_during_sweep"] = runner.num_compiled() - compiled
@@ -412,13 +423,16 @@ def markdown(results: dict) -> list[str]:
     lines += ["", f"Decode step sweep (the engine's runner; KV pool {sweep.get('kv_pool_GiB', nan):.3g} GiB; "
               f"step = {'burst of ' + str(k) + ' steps per call, per step' if k > 1 else 'single step'}; "
               "roofline = (weight bytes + batch x context x KV bytes per token) / copy bandwidth; "
-              "FLOP bound = 2 x matmul params x batch / matmul rate):", "",
-              "| batch | context | step ms | single step ms | roofline ms | FLOP bound ms | fraction | note |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "FLOP bound = 2 x matmul params x batch / matmul rate; serial = KV bytes / copy bandwidth + the "
+              "matmuls' own bound, the larger of weight bytes / bandwidth and FLOPs / rate):", "",
+              "| batch | context | step ms | single step ms | roofline ms | FLOP bound ms | fraction | serial ms | "
+              "fraction | note |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in sweep["rows"]:
       note = r.get("skipped") or (f"capped from {r['capped_from']}: {r['cap_reason']}" if "capped_from" in r else "")
       cells = [f"{r[k]:.2f}" if k in r else "-"
-               for k in ("step_ms", "single_step_ms", "roofline_ms", "flop_bound_ms", "fraction")]
+               for k in ("step_ms", "single_step_ms", "roofline_ms", "flop_bound_ms", "fraction", "serial_ms",
+                         "serial_fraction")]
       lines.append(f"| {r['batch']} | {r['context']} | {' | '.join(cells)} | {note} |")
     if sweep.get("skipped"):
       lines.append(f"sweep skipped: {sweep['skipped']}")

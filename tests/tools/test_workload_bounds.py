@@ -2,7 +2,7 @@
 
 import pytest
 
-from tools.bench_e2e import decode_steps, workload_bounds
+from tools.bench_e2e import decode_steps, markdown, step_serial_s, workload_bounds
 
 
 def test_equal_lengths_by_hand():
@@ -43,3 +43,27 @@ def test_a_compute_bound_decode_batch_adds_its_flops_to_the_serial_bound():
   assert b["serial_s"] == pytest.approx(kv_read / 10**12 + matmuls + prefill)
   # The memory-only serial bound of before would be below it.
   assert b["serial_s"] > (200 * 10**10 + kv_read) / 10**12 + prefill
+
+
+def test_step_serial_bound_adds_compute_bound_matmuls_to_the_kv_reads():
+  # The 8B shape at batch 256, context 1,024 on the H200 of the twelfth session: 34.4 GB of KV at
+  # 4,237 GB/s (8.11 ms), then 3.84 TFLOP at 764 TFLOP/s (5.03 ms; the weight reads, 3.54 ms, are less).
+  ceilings = dict(weight_bytes=15_009_849_344, bandwidth=4.237e12, matmul_params=7.5e9, flop_rate=7.636e14)
+  serial = step_serial_s(256, 1024, kv_per_token=131072, **ceilings)
+  assert serial == pytest.approx(256 * 1024 * 131072 / 4.237e12 + 2 * 7.5e9 * 256 / 7.636e14)
+  assert 13.0e-3 < serial < 13.3e-3
+  # At batch 1 the matmuls are memory-bound: the bound is the roofline, weights plus KV.
+  assert step_serial_s(1, 1024, kv_per_token=131072, **ceilings) == pytest.approx(
+      (15_009_849_344 + 1024 * 131072) / 4.237e12)
+
+
+def test_step_sweep_table_gives_the_serial_bound_and_its_fraction():
+  row = dict(batch=256, context=1024, step_ms=16.13, single_step_ms=16.96, roofline_ms=11.68, flop_bound_ms=5.03,
+             fraction=0.72, serial_ms=13.14, serial_fraction=0.81)
+  results = dict(device="H200", jax="0.11.2", date="2026-12-07", preset="llama-3.1-8b",
+                 ceiling=dict(best_GBps=4237.0, matmul_TFLOPs=764.0, matmul_n=8192),
+                 step_sweep=dict(num_decode_steps=8, kv_pool_GiB=98.8, rows=[row]))
+  lines = markdown(results)
+  header = next(line for line in lines if line.startswith("| batch | context"))
+  assert header.split("|")[8:10] == [" serial ms ", " fraction "]
+  assert "| 256 | 1024 | 16.13 | 16.96 | 11.68 | 5.03 | 0.72 | 13.14 | 0.81 |  |" in lines
