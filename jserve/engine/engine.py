@@ -413,8 +413,7 @@ class LLMEngine:
     positions = {}
     for i, req in enumerate(batch.requests):
       req.num_computed_tokens += steps  # the input token and the first steps - 1 sampled ones
-      if req.request_id in self.runner._next_start:
-        self.runner._next_start[req.request_id] += steps - 1
+      self.runner.slot_table.advance(req.request_id, steps - 1)
       positions[i] = req.num_tokens
       req.all_token_ids += [PLACEHOLDER] * steps
       req.pending_row = i  # the last step's token, which the next call reads on the device

@@ -23,6 +23,7 @@ from absl import logging
 
 from jserve.config import ModelConfig
 from jserve.engine.request import BIAS_TABLE_SIZE, Request
+from jserve.engine.slot_table import SlotTable
 from jserve.engine.sampler import SamplingInputs, SlotState, host_path, write_slots
 from jserve.engine import multihost
 from jserve.engine.placement import default_device
@@ -37,7 +38,6 @@ from sharding.pipeline import split_params
 from sharding.rules import kv_cache_shardings, make_kv_caches, replicated
 
 MIN_TOKEN_BUCKET = 16
-SLOT_WRITE_ROWS = 8  # slot rows written per call when requests with penalties or biases arrive
 
 
 def token_buckets(max_num_batched_tokens: int) -> list[int]:
@@ -149,10 +149,7 @@ class ModelRunner:
       self.slots = self._device_put(slots, self._home)
     self._channel = None  # the leader's LeaderChannel when the mesh spans processes (set by the engine)
     self._last_x_TD = None  # a follower's last step's hidden states, for a prompt-logprob command
-    self._slot_of: dict[str, int] = {}
-    self._next_start: dict[str, int] = {}  # where a tracked request's next step starts; else it restarted
-    self._free_slots = list(range(self.num_slots))
-    self._pending_writes: list[tuple] = []
+    self.slot_table = SlotTable(self.num_slots, cfg.vocab_size)
     self._mask_future = None
     mask_SW = np.zeros((rc.max_num_seqs, (cfg.vocab_size + 31) // 32), np.int32)
     self._mask_SW = self._device_put(mask_SW, self._home)
@@ -292,72 +289,12 @@ class ModelRunner:
   # --- slots ----------------------------------------------------------------------------------
   def release(self, request_id: str):
     """Forgets a finished or aborted request's slot."""
-    self._next_start.pop(request_id, None)
-    slot = self._slot_of.pop(request_id, None)
-    if slot is not None:
-      self._free_slots.append(slot)
-
-  def _slot_for(self, req: Request, start: int, batch_ids: set) -> int:
-    """The request's slot, (re)written from its tokens before `start` when it is new or restarted."""
-    rid = req.request_id
-    slot = self._slot_of.get(rid)
-    if slot is not None and self._next_start.get(rid) == start:
-      return slot
-    if slot is None:
-      if not self._free_slots:
-        # Slots of preempted requests are reclaimed; those come back through the restart path.
-        victim = next(r for r in self._slot_of if r not in batch_ids)
-        self._next_start.pop(victim, None)
-        self._free_slots.append(self._slot_of.pop(victim))
-      slot = self._free_slots.pop()
-      self._slot_of[rid] = slot
-    self._pending_writes.append((slot, req, start))
-    return slot
-
-  def _slot_rows(self, req: Request, start: int):
-    vocab = self.cfg.vocab_size
-    p = req.params
-    prompt_V = np.zeros(vocab, np.uint8)
-    prompt_V[np.asarray(req.all_token_ids[:min(start, req.num_prompt_tokens)], np.int64)] = 1
-    counts_V = np.bincount(np.asarray(req.all_token_ids[req.num_prompt_tokens:start], np.int64),
-                           minlength=vocab).astype(np.int32)
-    ids_J = np.zeros(BIAS_TABLE_SIZE, np.int32)
-    vals_J = np.zeros(BIAS_TABLE_SIZE, np.float32)
-    stop_J = np.zeros(BIAS_TABLE_SIZE, np.bool_)
-    entries = list((p.logit_bias or {}).items())
-    bias_n = len(entries)
-    if p.min_tokens > 0:
-      stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(req.eos_token_ids))
-      entries += [(t, float("-inf")) for t in sorted(stops)]
-    entries = entries[:BIAS_TABLE_SIZE]
-    ids_J[:len(entries)] = [t for t, _ in entries]
-    vals_J[:len(entries)] = [v for _, v in entries]
-    stop_J[bias_n:len(entries)] = True
-    return prompt_V, counts_V, ids_J, vals_J, stop_J
+    self.slot_table.release(request_id)
 
   def _flush_slot_writes(self, force: bool = False):
-    if not self._pending_writes and not force:
-      return
-    vocab = self.cfg.vocab_size
-    writes, self._pending_writes = self._pending_writes, []
-    for i in range(0, max(len(writes), 1), SLOT_WRITE_ROWS):
-      group = writes[i:i + SLOT_WRITE_ROWS]
-      slots_B = np.full(SLOT_WRITE_ROWS, self.num_slots + 1, np.int32)  # past the table: dropped
-      prompt_BV = np.zeros((SLOT_WRITE_ROWS, vocab), np.uint8)
-      counts_BV = np.zeros((SLOT_WRITE_ROWS, vocab), np.int32)
-      ids_BJ = np.zeros((SLOT_WRITE_ROWS, BIAS_TABLE_SIZE), np.int32)
-      vals_BJ = np.zeros((SLOT_WRITE_ROWS, BIAS_TABLE_SIZE), np.float32)
-      stop_BJ = np.zeros((SLOT_WRITE_ROWS, BIAS_TABLE_SIZE), np.bool_)
-      for j, (slot, req, start) in enumerate(group):
-        slots_B[j] = slot
-        prompt_BV[j], counts_BV[j], ids_BJ[j], vals_BJ[j], stop_BJ[j] = self._slot_rows(req, start)
-      self._run_slot_write((slots_B, prompt_BV, counts_BV, ids_BJ, vals_BJ, stop_BJ))
-
-  def _slot_write_template(self):
-    vocab, rows = self.cfg.vocab_size, SLOT_WRITE_ROWS
-    return (np.zeros(rows, np.int32), np.zeros((rows, vocab), np.uint8), np.zeros((rows, vocab), np.int32),
-            np.zeros((rows, BIAS_TABLE_SIZE), np.int32), np.zeros((rows, BIAS_TABLE_SIZE), np.float32),
-            np.zeros((rows, BIAS_TABLE_SIZE), np.bool_))
+    """Writes the slot rows of the requests that started or restarted (`SlotTable.take_writes`)."""
+    for args in self.slot_table.take_writes(force):
+      self._run_slot_write(args)
 
   def _run_slot_write(self, args):
     if self._channel is not None:
@@ -459,8 +396,7 @@ class ModelRunner:
       plan.prompt_rows[req.request_id] = (offset, last - start, start + 1)
     if not _tracked(req):
       return
-    slot = self._slot_for(req, start, batch_ids)
-    self._next_start[req.request_id] = end
+    slot = self.slot_table.slot_for(req, start, end, batch_ids)
     s.slot_B[i] = slot
     s.use_bias_B[i] = bool(p.logit_bias) or p.min_tokens > 0
     # Under a grammar the grammar decides where the output ends; banning EOS could leave no token allowed.
@@ -534,7 +470,7 @@ class ModelRunner:
           self.params, self.kv_caches, self.slots, self._mask_SW, self._last_S, self._put(buf_N), layout=layout,
           path=path)
     elif command == multihost.SLOTS:
-      self._run_slot_write(unpack_host(buf_N, pack_host_inputs(self._slot_write_template())[1]))
+      self._run_slot_write(unpack_host(buf_N, pack_host_inputs(self.slot_table.write_template())[1]))
     elif command == multihost.MASK:
       self._set_mask(buf_N.reshape(self._mask_SW.shape))
     elif command == multihost.PROMPT:
