@@ -19,9 +19,11 @@ from jserve.config import ModelConfig, load_model_config
 from jserve.engine import multihost
 from jserve.engine.engine_config import (CPU_DEFAULT_BATCHED_TOKENS, DEFAULT_COMPILATION_CACHE, DEFAULT_MODEL_DIR,
                                         KV_CACHE_DTYPES, EngineConfig, resolve_kv_cache_dtype)
+from jserve.engine.groups import CompletionGroup
 from jserve.engine.kv_cache import KVCacheManager
 from jserve.engine.memory import size_kv_pool
-from jserve.engine.placement import engine_mesh, load_engine_params, stage_count, tensor_size
+from jserve.engine.placement import (engine_mesh, load_engine_params, quantize_engine_params, stage_count,
+                                     tensor_size)
 from jserve.engine.outputs import OutputProcessor
 from jserve.engine.request import (MAX_EOS_TOKEN_IDS, PLACEHOLDER, FinishReason, Request, RequestOutput,
                                    RequestStatus, SamplingParams)
@@ -30,8 +32,7 @@ from jserve.engine.sampler import PLAIN, request_path
 from jserve.engine.scheduler import Scheduler, SchedulerConfig
 from jserve.engine.startup import StartupClock
 from jserve.errors import CapacityError, ConfigError, InvalidRequestError
-from jserve.models.quant import kernel_layout, quantize_params
-from jserve.prequantized import CheckpointQuantization, checkpoint_quantization
+from jserve.prequantized import checkpoint_quantization
 from jserve.tokenizer import Tokenizer
 
 # EngineConfig and its defaults live in engine_config.py; they are imported from here too (the public name).
@@ -49,17 +50,6 @@ class _KVCacheManager(KVCacheManager):
     return super().find_cached_prefix(req)
 
 
-@dataclasses.dataclass
-class _Group:
-  """The n completions of one user request, each a child `Request`."""
-
-  n: int
-  stream: bool
-  deferred: list  # children that wait for the first child's prompt pages (prefix caching shares them)
-  finals: dict = dataclasses.field(default_factory=dict)  # index -> final CompletionOutput
-  prompt_logprobs: list | None = None
-
-
 def _sampler_paths(setting: str) -> str:
   if setting == "auto":
     return "host" if jax.default_backend() == "gpu" else "device"
@@ -74,29 +64,6 @@ def _enable_compilation_cache(path: str | None):
   # Every program, however quick to compile: a warm start should compile nothing (on an H200, 18 of the
   # 8B engine's 33 programs fell under the default 0.5 s and were compiled again at every start, 10 s).
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-
-
-def _quantize(params: dict, config: EngineConfig, stored: CheckpointQuantization | None) -> dict:
-  """`quantize_params` for a full-precision checkpoint, logged with the weights' bytes before and after
-  and the seconds it took; a pre-quantized checkpoint's weights are used as stored, and the log says so."""
-  if stored is not None:
-    # quantization="fp8" agrees with the checkpoint: what its quantizer left unquantized stays so.
-    why = ("quantization=None takes the checkpoint's" if config.quantization is None
-           else f"quantization={config.quantization!r}: the checkpoint is quantized already")
-    logging.info("quantization=fp8 from the checkpoint (%s; %s): weights %.1f MB", stored.describe(), why,
-                 sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 1e6)
-  else:
-    start = time.monotonic()
-    before = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    params = quantize_params(params)
-    after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-    logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
-                 after / 1e6, time.monotonic() - start)
-  if config.matmul_impl == "hopper":
-    logging.warning("quantization=fp8: the fp8 projections multiply through XLA with matmul_impl='hopper' (the "
-                    "Hopper matmul kernel takes no fp8 weights; 'gpu' or 'auto' takes them through the Triton "
-                    "kernel); on one device the LM head still uses it")
-  return params
 
 
 class LLMEngine:
@@ -153,10 +120,7 @@ class LLMEngine:
     jax.block_until_ready(self.params)  # else the weights' last transfers are timed as compiling
     if self.quantization:
       # Before the KV pool is sized: the memory the original weights free goes to the pool.
-      self.params = _quantize(self.params, config, stored)
-      if self.mesh is None and config.matmul_impl in ("gpu", "auto"):
-        # The decode matmul kernel reads fp8 weights stored [N, K] (quant.Fp8WeightNK says why).
-        self.params = kernel_layout(self.params)
+      self.params = quantize_engine_params(self.params, config, stored, self.mesh)
     clock.lap("weights")
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype)
     num_pages = config.num_pages or size_kv_pool(
@@ -195,7 +159,7 @@ class LLMEngine:
       self.runner._channel = multihost.LeaderChannel()
     self.outputs = OutputProcessor(self.tokenizer)
     self.requests: dict[str, Request] = {}
-    self._groups: dict[str, _Group] = {}  # user request id -> its children, when n > 1
+    self._groups: dict[str, CompletionGroup] = {}  # user request id -> its children, when n > 1
     self._grammar = None  # a GrammarBackend, made when the first structured request arrives
     self._num_constrained = 0  # live requests with a grammar: while any, steps do not overlap
     self._in_flight = None  # the dispatched step whose results the host has not read
@@ -252,7 +216,7 @@ class LLMEngine:
     if len(children) > 1:
       # With prefix caching the others wait for the first child's prompt pages, then share them.
       deferred = children[1:] if self.config.enable_prefix_caching else []
-      self._groups[request_id] = _Group(n=len(children), stream=stream, deferred=deferred)
+      self._groups[request_id] = CompletionGroup(n=len(children), stream=stream, deferred=deferred)
     for req in children:
       self.requests[req.request_id] = req
       self.outputs.add(req, stream=stream)
@@ -498,16 +462,7 @@ class LLMEngine:
     once, when all its completions are done."""
     if req.parent_id is None:
       return out
-    group = self._groups[req.parent_id]
-    group.prompt_logprobs = group.prompt_logprobs or out.prompt_logprobs
-    if out.finished:
-      group.finals[req.index] = out.outputs[0]
-    done = len(group.finals) == group.n
+    parent_out, done = self._groups[req.parent_id].collect(req, out)
     if done:
       del self._groups[req.parent_id]
-    if group.stream:
-      return dataclasses.replace(out, request_id=req.parent_id, finished=done)
-    if not done:
-      return None
-    return dataclasses.replace(out, request_id=req.parent_id, finished=True, prompt_logprobs=group.prompt_logprobs,
-                               outputs=[group.finals[i] for i in range(group.n)])
+    return parent_out

@@ -16,17 +16,20 @@ a 70B shape that has no checkpoint on disk.
 
 import functools
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
 from jserve.convert import ORBAX_SUBDIR, has_orbax_params
 from jserve.errors import CheckpointError, ConfigError
 from jserve.models.llama import is_spec, param_specs
-from jserve.prequantized import checkpoint_quantization
+from jserve.models.quant import kernel_layout, quantize_params
+from jserve.prequantized import CheckpointQuantization, checkpoint_quantization
 from jserve.weights import load_params, resolve_dtype
 from sharding import rules
 from sharding.errors import ShardingError
@@ -155,3 +158,30 @@ def tensor_size(mesh: Mesh | None) -> int:
 
 def stage_count(mesh: Mesh | None) -> int:
   return 1 if mesh is None else mesh.shape[STAGE]
+
+
+def quantize_engine_params(params: dict, config, stored: CheckpointQuantization | None, mesh: Mesh | None) -> dict:
+  """`quantize_params` for a full-precision checkpoint, logged with the weights' bytes before and after
+  and the seconds it took; a pre-quantized checkpoint's weights are used as stored, and the log says so.
+  `config`: the engine's `EngineConfig`. On one device (`mesh` None) with the decode matmul kernel
+  (`matmul_impl` "gpu" or "auto"), the fp8 weights are then stored [N, K] for it (`quant.kernel_layout`)."""
+  if stored is not None:
+    # quantization="fp8" agrees with the checkpoint: what its quantizer left unquantized stays so.
+    why = ("quantization=None takes the checkpoint's" if config.quantization is None
+           else f"quantization={config.quantization!r}: the checkpoint is quantized already")
+    logging.info("quantization=fp8 from the checkpoint (%s; %s): weights %.1f MB", stored.describe(), why,
+                 sum(x.nbytes for x in jax.tree_util.tree_leaves(params)) / 1e6)
+  else:
+    start = time.monotonic()
+    before = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    params = quantize_params(params)
+    after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+    logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
+                 after / 1e6, time.monotonic() - start)
+  if mesh is None and config.matmul_impl in ("gpu", "auto"):
+    params = kernel_layout(params)
+  if config.matmul_impl == "hopper":
+    logging.warning("quantization=fp8: the fp8 projections multiply through XLA with matmul_impl='hopper' (the "
+                    "Hopper matmul kernel takes no fp8 weights; 'gpu' or 'auto' takes them through the Triton "
+                    "kernel); on one device the LM head still uses it")
+  return params
