@@ -137,6 +137,9 @@ def plot_step_sweep(data: dict, title: str, path: str) -> bool:
       top.plot(b, [r.get("single_step_ms", math.nan) for r in mine], "s:", alpha=0.6, label="single step")
     top.plot(b, [r.get("roofline_ms", math.nan) for r in mine], "k--", label="memory roofline")
     top.plot(b, [r.get("flop_bound_ms", math.nan) for r in mine], "k:", label="FLOP bound")
+    if any("serial_ms" in r for r in mine):  # bench_e2e rows from the twelfth session on
+      top.plot(b, [r.get("serial_ms", math.nan) for r in mine], "k-.", alpha=0.7,
+               label="serial bound (KV reads, then matmuls)")
     for r in mine:
       top.annotate(f"{r.get('fraction', math.nan):.2f}" + (f"\n(capped from {r['capped_from']})"
                                                           if "capped_from" in r else ""),

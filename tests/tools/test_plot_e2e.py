@@ -60,3 +60,23 @@ def test_command_line_writes_the_anchor_and_latency_plots(tmp_path):
   written = out.stdout.split()
   assert written == [str(tmp_path / "p_anchor.png"), str(tmp_path / "p_latency.png")], out.stdout + out.stderr
   assert all((tmp_path / f).stat().st_size > 0 for f in ("p_anchor.png", "p_latency.png"))
+
+
+def test_step_sweep_plot_draws_the_serial_bound_where_the_rows_have_it(monkeypatch, tmp_path):
+  plt = plot_e2e._plt()
+  drawn = []
+  real_subplots = plt.subplots
+  monkeypatch.setattr(plt, "subplots", lambda *a, **kw: drawn.append(real_subplots(*a, **kw)) or drawn[-1])
+  monkeypatch.setattr(plot_e2e, "_plt", lambda: plt)
+  rows = [dict(batch=64, context=1024, step_ms=7.51, roofline_ms=5.58, flop_bound_ms=1.26, bound_ms=5.58,
+               fraction=0.74, serial_ms=5.58, tokens_per_s=8522.0),
+          dict(batch=256, context=1024, step_ms=16.13, roofline_ms=11.68, flop_bound_ms=5.03, bound_ms=11.68,
+               fraction=0.72, serial_ms=13.14, tokens_per_s=15871.0)]
+  for with_serial in (True, False):
+    mine = [dict(r) if with_serial else {k: v for k, v in r.items() if k != "serial_ms"} for r in rows]
+    assert plot_e2e.plot_step_sweep({"step_sweep": {"rows": mine}}, "8B", str(tmp_path / "s.png"))
+    _, axes = drawn[-1]
+    lines = {line.get_label(): list(line.get_ydata()) for line in axes[0][0].get_lines()}
+    assert ("serial bound (KV reads, then matmuls)" in lines) == with_serial
+    if with_serial:
+      assert lines["serial bound (KV reads, then matmuls)"] == [5.58, 13.14]
