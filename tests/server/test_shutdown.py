@@ -59,8 +59,10 @@ def test_full_waiting_queue_is_refused_at_once(server):
   async def main():
     async with grpc.aio.insecure_channel(server.grpc_address) as channel:
       stub = pb_grpc.GenerationStub(channel)
-      # 240-token requests take 16 of the 64 KV pages each: 4 run, the rest wait.
-      calls = [stub.Generate(_request(), metadata=AUTH) for _ in range(MAX_WAITING + 16)]
+      # 240-token requests take 16 of the 64 KV pages each: 4 run, the rest wait. 64 more than the queue
+      # holds: running ones finish (and waiting ones start) while the rest are still being sent, and on a
+      # slow machine 12 spare requests were too few for the queue ever to fill; the surplus is refused.
+      calls = [stub.Generate(_request(), metadata=AUTH) for _ in range(MAX_WAITING + 64)]
       firsts = [asyncio.ensure_future(c.read()) for c in calls]
       await _wait_waiting(server, MAX_WAITING)
       probes = [stub.Generate(_request(), metadata=AUTH) for _ in range(16)]
