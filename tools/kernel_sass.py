@@ -24,6 +24,7 @@ Writes <out_dir>/<case>.ttir, .ptx and .sass per kernel, kernel_sass.json and ke
 
 import collections
 import dataclasses
+import datetime
 import functools
 import json
 import os
@@ -259,9 +260,20 @@ def attention_tile_cases():
 GROUPS = {"matmul": matmul_cases, "attention": attention_cases, "attention_tiles": attention_tile_cases}
 
 
-def markdown(rows: list[dict], cc: int) -> list[str]:
-  lines = [f"Compute capability {cc / 10:.1f}; counts are static instructions of the machine code (one warp's "
-           "view); the streaming loop is the loop body that issues the tiles' async copies.", "",
+def run_meta(cc: int) -> dict:
+  """Where and with what the report was made: this machine (no GPU is used), JAX, Triton, the target, the date."""
+  import platform
+
+  import jax
+  import triton
+  return dict(machine=f"{platform.machine()} CPU, {jax.default_backend()} backend (no GPU used)",
+              jax=jax.__version__, triton=triton.__version__, cc=cc, date=datetime.date.today().isoformat())
+
+
+def markdown(rows: list[dict], meta: dict) -> list[str]:
+  lines = [f"Device: {meta['machine']}; JAX {meta['jax']}; Triton {meta['triton']}; {meta['date']}. Compiled for "
+           f"compute capability {meta['cc'] / 10:.1f}; counts are static instructions of the machine code (one "
+           "warp's view); the streaming loop is the loop body that issues the tiles' async copies.", "",
            "| case | kernel | warps / stages | shared KiB | instructions | streaming loop | bytes per iteration | "
            "warp instructions per byte | issue share at H200 bandwidth | top opcodes of the loop |",
            "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -283,7 +295,7 @@ def markdown(rows: list[dict], cc: int) -> list[str]:
 def main(argv):
   del argv
   os.makedirs(FLAGS.out_dir, exist_ok=True)
-  rows = []
+  rows, meta = [], run_meta(FLAGS.cc)
   for group in FLAGS.cases:
     if group not in GROUPS:
       raise app.UsageError(f"--cases: {group!r} is not one of {', '.join(GROUPS)}")
@@ -308,8 +320,8 @@ def main(argv):
         rows.append(row)
         print(f"{case}: {kernel['name']}: {row['summary']['instructions']} instructions", flush=True)
   with open(os.path.join(FLAGS.out_dir, "kernel_sass.json"), "w") as f:
-    json.dump(dict(cc=FLAGS.cc, rows=rows), f, indent=1)
-  text = "\n".join(markdown(rows, FLAGS.cc))
+    json.dump(dict(meta=meta, rows=rows), f, indent=1)
+  text = "\n".join(markdown(rows, meta))
   with open(os.path.join(FLAGS.out_dir, "kernel_sass.md"), "w") as f:
     f.write(text + "\n")
   print(text)

@@ -64,3 +64,10 @@ def test_capture_returns_each_pallas_kernel_with_its_warps_and_stages():
   assert (kernel["num_warps"], kernel["num_stages"]) == (4, 3)
   assert kernel["ttir"].startswith("module @decode_matmul_fp8") and "tt.dot" in kernel["ttir"]
   assert "f8E4M3FN" in kernel["ttir"]  # the one-byte weight reaches the kernel as such
+
+
+def test_report_names_the_machine_jax_triton_and_date_it_was_made_with():
+  meta = dict(machine="x86_64 CPU, cpu backend (no GPU used)", jax="0.10.2", triton="3.9.0", cc=90, date="2026-12-07")
+  head = kernel_sass.markdown([], meta)[0]
+  assert head.startswith("Device: x86_64 CPU, cpu backend (no GPU used); JAX 0.10.2; Triton 3.9.0; 2026-12-07.")
+  assert "compute capability 9.0" in head
