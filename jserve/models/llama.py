@@ -178,52 +178,54 @@ def _matmul_kw(impl):
   return dict(impl=impl)
 
 
+def _xla_dot(eq, a, b, num_contracted):
+  """`einsum(eq, a, b)` in `a`'s dtype for any projection weight: an array, an `Fp8Weight` or an `Fp8WeightNK`."""
+  if isinstance(b, Fp8WeightNK):
+    return fp8_dot_nk(a, b, num_contracted)
+  if isinstance(b, Fp8Weight):
+    return fp8_dot(eq, a, b)
+  return jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def _kernel_operand(b, k: int):
+  """A projection weight as the decode matmul kernel takes it: (its 2-D weight, its flattened scale or None,
+  whether that weight is stored [N, K]). The scale covers the weight's output axes in order, so it
+  flattens as they do ([N, H] -> [N * H])."""
+  if isinstance(b, Fp8WeightNK):
+    return b.w_NK, b.scale.reshape(-1), True
+  if isinstance(b, Fp8Weight):
+    return b.w.reshape(k, -1), b.scale.reshape(-1), False
+  return b.reshape(k, -1), None, False
+
+
 def _dot(eq, a, b, impl="xla"):
-  if isinstance(b, Fp8WeightNK):  # fp8 stored for the kernel ([N, K]): its transposed entry point
-    n = len(eq.split(",")[0].replace("...", ""))
-    a_MK = a.reshape(-1, b.w_NK.shape[1])
-    if impl == "xla" or a_MK.shape[0] > MAX_M:
-      return fp8_dot_nk(a, b, n)
-    out = decode_matmul_nt(a_MK, b.w_NK, w_scale_N=b.scale.reshape(-1), **_matmul_kw(impl))
-    return out.reshape(a.shape[:a.ndim - n] + b.scale.shape)
-  fp8 = isinstance(b, Fp8Weight)
-  if impl == "xla":
-    return fp8_dot(eq, a, b) if fp8 else jnp.einsum(eq, a, b, preferred_element_type=jnp.float32).astype(a.dtype)
   # Every projection's equation is "...<a's named axes>,<same axes><out axes>": flatten to 2-D.
   n = len(eq.split(",")[0].replace("...", ""))
-  k = math.prod(a.shape[len(a.shape) - n:])
+  k = math.prod(a.shape[a.ndim - n:])
   a_MK = a.reshape(-1, k)
-  if not fp8:
-    out = decode_matmul(a_MK, b.reshape(k, -1), **_matmul_kw(impl))
-    return out.reshape(a.shape[:len(a.shape) - n] + b.shape[n:])
-  if a_MK.shape[0] > MAX_M:
-    return fp8_dot(eq, a, b)  # prefill rows: XLA's einsum, exactly as with "xla"
-  # The scale covers the weight's output axes in order, so it flattens as they do ([N, H] -> [N * H]).
-  out = decode_matmul(a_MK, b.w.reshape(k, -1), w_scale_N=b.scale.reshape(-1), **_matmul_kw(impl))
-  return out.reshape(a.shape[:len(a.shape) - n] + b.w.shape[n:])
+  fp8 = isinstance(b, (Fp8Weight, Fp8WeightNK))
+  if impl == "xla" or (fp8 and a_MK.shape[0] > MAX_M):
+    return _xla_dot(eq, a, b, n)  # fp8 prefill rows too: XLA's einsum, exactly as with "xla"
+  w, scale, nk = _kernel_operand(b, k)
+  out = (decode_matmul_nt if nk else decode_matmul)(a_MK, w, w_scale_N=scale, **_matmul_kw(impl))
+  return out.reshape(a.shape[:a.ndim - n] + (b.scale.shape if fp8 else b.shape[n:]))
 
 
 def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
-  fp8 weights take the kernel for decode-sized rows when both are fp8."""
+  fp8 weights take the kernel for decode-sized rows when both are fp8 and stored alike."""
   w_gate, w_up = lp["w_gate"], lp["w_up"]
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
-  if isinstance(w_gate, Fp8WeightNK) and isinstance(w_up, Fp8WeightNK) and impl != "xla" and h_MD.shape[0] <= MAX_M:
-    act = gate_up_silu(h_MD, w_gate.w_NK, w_up.w_NK, w_gate_scale_N=w_gate.scale, w_up_scale_N=w_up.scale,
-                       transposed=True, **_matmul_kw(impl))
-    return act.reshape(h_TD.shape[:-1] + act.shape[-1:])
-  if isinstance(w_gate, Fp8WeightNK) or isinstance(w_up, Fp8WeightNK):  # prefill rows, "xla", or a mixed pair
-    return jax.nn.silu(_dot("...D,DF->...F", h_TD, w_gate)) * _dot("...D,DF->...F", h_TD, w_up)
-  fp8 = isinstance(w_gate, Fp8Weight)
+  fp8 = isinstance(w_gate, (Fp8Weight, Fp8WeightNK))
   # Either may be fp8 alone (a pre-quantized checkpoint can leave single projections unquantized): the
-  # kernel streams two weights of one dtype, so such a pair multiplies through XLA, as do fp8 prefill rows.
-  if impl == "xla" or fp8 != isinstance(w_up, Fp8Weight) or (fp8 and h_MD.shape[0] > MAX_M):
+  # kernel streams two weights of one dtype and layout, so such a pair multiplies through XLA, as do fp8
+  # prefill rows.
+  stored_alike = (fp8 == isinstance(w_up, (Fp8Weight, Fp8WeightNK))
+                  and isinstance(w_gate, Fp8WeightNK) == isinstance(w_up, Fp8WeightNK))
+  if impl == "xla" or not stored_alike or (fp8 and h_MD.shape[0] > MAX_M):
     return jax.nn.silu(_dot("...D,DF->...F", h_TD, w_gate)) * _dot("...D,DF->...F", h_TD, w_up)
-  if fp8:
-    act = gate_up_silu(h_MD, w_gate.w, w_up.w, w_gate_scale_N=w_gate.scale, w_up_scale_N=w_up.scale,
-                       **_matmul_kw(impl))
-  else:
-    act = gate_up_silu(h_MD, w_gate, w_up, **_matmul_kw(impl))
+  (g, g_scale, nk), (u, u_scale, _) = (_kernel_operand(w, h_MD.shape[1]) for w in (w_gate, w_up))
+  act = gate_up_silu(h_MD, g, u, w_gate_scale_N=g_scale, w_up_scale_N=u_scale, transposed=nk, **_matmul_kw(impl))
   return act.reshape(h_TD.shape[:-1] + act.shape[-1:])
 
 

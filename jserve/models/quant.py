@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 
 from jserve.errors import ShapeError
+from pallas_kernels.decode_matmul.reference import matmul_nt
 
 QUANTIZATIONS = ("fp8",)  # EngineConfig.quantization: None, or one of these
 FP8_DTYPE = jnp.float8_e4m3fn
@@ -107,8 +108,9 @@ def fp8_dot_nk(a, q: Fp8WeightNK, num_contracted: int):
   lead = a.shape[:a.ndim - num_contracted]
   if math.prod(a.shape[a.ndim - num_contracted:]) != k:
     raise ShapeError(f"a {a.shape}: its last {num_contracted} axes do not hold the weight's K={k}")
-  out = jnp.einsum("MK,NK->MN", a.reshape(-1, k), q.w_NK.astype(a.dtype), preferred_element_type=jnp.float32)
-  return (out * q.scale.reshape(-1)).astype(a.dtype).reshape(lead + q.scale.shape)
+  # The decode matmul's spec is this product: the weight widened to a's dtype, float32 accumulation, the scale.
+  out = matmul_nt(a.reshape(-1, k), q.w_NK, w_scale_N=q.scale.reshape(-1))
+  return out.reshape(lead + q.scale.shape)
 
 
 @functools.partial(jax.jit, donate_argnums=0)
