@@ -211,10 +211,10 @@ def matmul_cases():
   return cases
 
 
-def attention_cases():
-  """The 8B decode attention (32 query heads, 8 KV heads, head dim 128, pages of 16), decode-only calls:
-  a bfloat16 pool, an fp8 pool widened to bfloat16, and an fp8 pool with `f16_dot`. Bytes per
-  iteration: one block of K and V rows."""
+def _attention_case(name: str, pool_dtype, decode_tile):
+  """A decode-only call of the 8B attention (32 query heads, 8 KV heads, head dim 128, pages of 16, batch
+  256) over a pool of `pool_dtype`, with `decode_tile` as its decode launch. Bytes per iteration: one
+  block of K and V rows."""
   import jax
   import jax.numpy as jnp
 
@@ -222,39 +222,34 @@ def attention_cases():
   shape = jax.ShapeDtypeStruct
   q = shape((256, 32, 128), jnp.bfloat16)
   meta = (shape((256,), jnp.int32), shape((256, 128), jnp.int32), shape((257,), jnp.int32), shape((1,), jnp.int32))
-  table = tuning.gpu_config(128, 16, 4)
-  cases = []
-  for pool, f16 in ((jnp.bfloat16, False), (jnp.float8_e4m3fn, False), (jnp.float8_e4m3fn, True)):
-    cfg = dataclasses.replace(table, decode=dataclasses.replace(table.decode, f16_dot=f16))
-    fn = functools.partial(gpu.ragged_paged_attention, sm_scale=128**-0.5, config=cfg, decode_only=True,
-                           num_splits=1)
-    itemsize = jnp.dtype(pool).itemsize
-    name = f"attention decode, {jnp.dtype(pool).name} pool" + (", f16_dot" if f16 else "")
-    cases.append((name, fn, (q, shape((4096, 16, 16, 128), pool), *meta), 2 * cfg.decode.block_n * 128 * itemsize))
-  return cases
+  cfg = dataclasses.replace(tuning.gpu_config(128, 16, 4), decode=decode_tile)
+  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=128**-0.5, config=cfg, decode_only=True, num_splits=1)
+  pool = shape((4096, 16, 16, 128), pool_dtype)
+  return name, fn, (q, pool, *meta), 2 * decode_tile.block_n * 128 * jnp.dtype(pool_dtype).itemsize
+
+
+def attention_cases():
+  """The 8B decode attention at the table's tiles: a bfloat16 pool, an fp8 pool widened to bfloat16, and an
+  fp8 pool with `f16_dot`."""
+  import jax.numpy as jnp
+
+  from pallas_kernels.ragged_paged_attention import tuning
+  table = tuning.gpu_config(128, 16, 4).decode
+  return [_attention_case(f"attention decode, {jnp.dtype(pool).name} pool" + (", f16_dot" if f16 else ""), pool,
+                          dataclasses.replace(table, f16_dot=f16))
+          for pool, f16 in ((jnp.bfloat16, False), (jnp.float8_e4m3fn, False), (jnp.float8_e4m3fn, True))]
 
 
 def attention_tile_cases():
-  """The fp8-pool decode attention of `attention_cases` at every decode tile tools/sweep_decode.py tries, widened
-  to bfloat16 and with `f16_dot`: which tiles could stream at the bandwidth, before a GPU times them."""
-  import jax
+  """The fp8-pool decode attention at every decode tile tools/sweep_decode.py tries, widened to bfloat16 and
+  with `f16_dot`: which tiles could stream at the bandwidth, before a GPU times them."""
   import jax.numpy as jnp
 
-  from pallas_kernels.ragged_paged_attention import gpu, tuning
-  shape = jax.ShapeDtypeStruct
-  q = shape((256, 32, 128), jnp.bfloat16)
-  meta = (shape((256,), jnp.int32), shape((256, 128), jnp.int32), shape((257,), jnp.int32), shape((1,), jnp.int32))
-  table = tuning.gpu_config(128, 16, 4)
-  cases = []
-  for tile in dict.fromkeys((table.decode,) + tuning.GPU_SWEEP_DECODE_WIDE):
-    for f16 in (False, True):
-      cfg = dataclasses.replace(table, decode=dataclasses.replace(tile, f16_dot=f16))
-      fn = functools.partial(gpu.ragged_paged_attention, sm_scale=128**-0.5, config=cfg, decode_only=True,
-                             num_splits=1)
-      name = (f"attention fp8, m{tile.block_m} n{tile.block_n} w{tile.num_warps} st{tile.num_stages}"
-              + (", f16_dot" if f16 else ""))
-      cases.append((name, fn, (q, shape((4096, 16, 16, 128), jnp.float8_e4m3fn), *meta), 2 * tile.block_n * 128))
-  return cases
+  from pallas_kernels.ragged_paged_attention import tuning
+  tiles = dict.fromkeys((tuning.gpu_config(128, 16, 4).decode,) + tuning.GPU_SWEEP_DECODE_WIDE)
+  return [_attention_case(f"attention fp8, m{t.block_m} n{t.block_n} w{t.num_warps} st{t.num_stages}"
+                          + (", f16_dot" if f16 else ""), jnp.float8_e4m3fn, dataclasses.replace(t, f16_dot=f16))
+          for t in tiles for f16 in (False, True)]
 
 
 GROUPS = {"matmul": matmul_cases, "attention": attention_cases, "attention_tiles": attention_tile_cases}
