@@ -164,7 +164,8 @@ def quantize_engine_params(params: dict, config, stored: CheckpointQuantization 
   """`quantize_params` for a full-precision checkpoint, logged with the weights' bytes before and after
   and the seconds it took; a pre-quantized checkpoint's weights are used as stored, and the log says so.
   `config`: the engine's `EngineConfig`. On one device (`mesh` None) with the decode matmul kernel
-  (`matmul_impl` "gpu" or "auto"), the fp8 weights are then stored [N, K] for it (`quant.kernel_layout`)."""
+  (`matmul_impl` "gpu"), the fp8 weights are then stored [N, K] for it (`quant.kernel_layout`); "auto"
+  keeps them [K, N], since it multiplies fp8 weights through XLA on every measured shape."""
   if stored is not None:
     # quantization="fp8" agrees with the checkpoint: what its quantizer left unquantized stays so.
     why = ("quantization=None takes the checkpoint's" if config.quantization is None
@@ -178,7 +179,7 @@ def quantize_engine_params(params: dict, config, stored: CheckpointQuantization 
     after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
                  after / 1e6, time.monotonic() - start)
-  if mesh is None and config.matmul_impl in ("gpu", "auto"):
+  if mesh is None and config.matmul_impl == "gpu":
     params = kernel_layout(params)
   if config.matmul_impl == "hopper":
     logging.warning("quantization=fp8: the fp8 projections multiply through XLA with matmul_impl='hopper' (the "

@@ -15,7 +15,7 @@ keeps channels of small weights from rounding to a handful of values next to a l
 Quantized: the attention projections (wq, wk, wv, wo) and the MLP's (w_gate, w_up, w_down) of every
 layer. Not quantized, as in vLLM: the embedding, the LM head, norms and biases.
 
-For the decode matmul kernel (`matmul_impl="gpu"` or `"auto"`, one device), `kernel_layout` stores each
+For the decode matmul kernel (`matmul_impl="gpu"`, one device), `kernel_layout` stores each
 `Fp8Weight` as an `Fp8WeightNK`: flattened and transposed to [N, K], the layout the tensor cores read
 8-bit tiles in; `fp8_dot_nk` is its XLA einsum (prefill rows).
 """

@@ -105,10 +105,26 @@ GPU_TABLE: dict[tuple[int, int, int], GpuConfig | None] = {
 GPU_TABLE_GATE_UP: dict[tuple[int, int, int], GpuConfig | None] = {}
 
 # The same for fp8 weights (float8 with a scale per column, converted to x's dtype in registers): the
-# bfloat16 measurements above do not carry over (half the weight bytes, a convert per element), so
-# these start empty. NOT YET MEASURED: `tools/bench_matmul.py --weights=fp8` prints them.
-GPU_TABLE_FP8: dict[tuple[int, int, int], GpuConfig | None] = {}
-GPU_TABLE_GATE_UP_FP8: dict[tuple[int, int, int], GpuConfig | None] = {}
+# bfloat16 measurements above do not carry over (half the weight bytes, a convert per element).
+# Measured on one H100, JAX 0.11.2, 2026-12-07 (docs/benchmarks/raw/h100_2026-12-07_run13_matmul_fp8.md):
+# XLA's dot (the weight widened inside its fusion) beat the kernel on every unfused 8B shape by
+# 1.5-1.8x. The fused gate_up entry at M=16 won against XLA's fused-shape dot (1.18 against 1.08
+# TB/s) but not against the model's XLA path, one dot over the concatenated gate_up weight (1.61), so
+# it is None too. An fp8 shape with no entry goes to XLA under "auto" (see `xla_is_faster`).
+GPU_TABLE_FP8: dict[tuple[int, int, int], GpuConfig | None] = {
+    (16, 4096, 28672): None,  # 8B fp8 gate_up: 1.01 TB/s, XLA 1.61, cuBLAS 0.27 (torch widens through memory)
+    (64, 4096, 28672): None,  # 8B fp8 gate_up: 1.02 TB/s, XLA 1.82, cuBLAS 0.26
+    (16, 14336, 4096): None,  # 8B fp8 down: 0.89 TB/s, XLA 1.56, cuBLAS 0.26
+    (64, 14336, 4096): None,  # 8B fp8 down: 0.99 TB/s, XLA 1.49, cuBLAS 0.26
+    (16, 4096, 6144): None,  # 8B fp8 qkv: 0.62 TB/s, XLA 1.12, cuBLAS 0.25
+    (64, 4096, 6144): None,  # 8B fp8 qkv: 0.71 TB/s, XLA 1.30, cuBLAS 0.24
+    (16, 4096, 4096): None,  # 8B fp8 o: 0.68 TB/s, XLA 1.07, cuBLAS 0.25
+    (64, 4096, 4096): None,  # 8B fp8 o: 0.72 TB/s, XLA 1.10, cuBLAS 0.24
+}
+GPU_TABLE_GATE_UP_FP8: dict[tuple[int, int, int], GpuConfig | None] = {
+    (16, 4096, 14336): None,  # 8B fp8 gate_up fused: 1.18 TB/s, XLA fused shape 1.08, XLA one dot 1.61
+    (64, 4096, 14336): None,  # 8B fp8 gate_up fused: 1.46 TB/s, XLA 1.47
+}
 
 # The candidates `tools/bench_matmul.py` tries per M bucket (each with the
 # automatic split count; the bench also tries the best one at half and twice
@@ -159,9 +175,14 @@ def _table(gate_up: bool, fp8: bool) -> dict:
 
 
 def xla_is_faster(m: int, k: int, n: int, *, gate_up: bool = False, fp8: bool = False) -> bool:
-  """True where the table (of fp8 weights when `fp8`) says XLA's dot beat the kernel on this shape."""
+  """True where the table (of fp8 weights when `fp8`) says XLA's dot beat the kernel on this shape.
+
+  fp8 weights go to the kernel only where their table names a tile: on every shape measured so far
+  XLA's dot was faster (see GPU_TABLE_FP8), so an unmeasured one is not assumed otherwise."""
   table = _table(gate_up, fp8)
   key = (m_bucket(m), k, n)
+  if fp8:
+    return table.get(key) is None
   return key in table and table[key] is None
 
 

@@ -91,8 +91,11 @@ class GpuConfig:
 # and four stages: 160 us on decode 64 x 2048 against 224-337 us for the other
 # candidates (a decode program is latency-bound, so more stages in flight per
 # warp beat more warps). Prefill: 128 x 64 tiles with four warps (2013 us on
-# 4 x 4096) beat eight warps (2498 us) and 128 x 128 (2352 us).
-_DECODE = GpuBlocks(block_m=16, block_n=64, num_warps=2, num_stages=4)
+# 4 x 4096) beat eight warps (2498 us) and 128 x 128 (2352 us). `f16_dot`
+# (fp8 pools only): on an H100 (tools/sweep_decode.py, 2026-12-07, page 16)
+# 116 us against 148 us on decode 64 x 2048 and 318 us against 388 us on
+# 256 x 1536, the fp8 pool's decode at 77-85% of the copy rate instead of 60-69%.
+_DECODE = GpuBlocks(block_m=16, block_n=64, num_warps=2, num_stages=4, f16_dot=True)
 _PREFILL = GpuBlocks(block_m=128, block_n=64, num_warps=4, num_stages=3)
 
 

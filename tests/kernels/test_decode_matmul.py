@@ -339,11 +339,14 @@ def test_fp8_tiles_move_the_weight_bytes_of_bfloat16_tiles_and_fit_shared_memory
       # Twice as deep, unless shared memory cut it back (never below bfloat16's depth).
       assert bf16.block_k <= fp8.block_k <= 2 * bf16.block_k
   assert tuning.gpu_config(16, 4096, 6144, w_itemsize=1).block_k == 2 * tuning.gpu_config(16, 4096, 6144).block_k
-  # fp8 weights have tables of their own: a bfloat16 measurement of XLA winning does not carry over.
+  # fp8 weights have tables of their own: a bfloat16 measurement of XLA winning does not carry over,
+  # and an fp8 shape takes the kernel only where its table names a tile (XLA won every measured one).
   monkeypatch.setitem(tuning.GPU_TABLE, (16, 128, 64), None)
-  assert tuning.xla_is_faster(3, 128, 64) and not tuning.xla_is_faster(3, 128, 64, fp8=True)
-  monkeypatch.setitem(tuning.GPU_TABLE_FP8, (16, 128, 64), None)
-  assert tuning.xla_is_faster(3, 128, 64, fp8=True)
+  assert tuning.xla_is_faster(3, 128, 64) and tuning.xla_is_faster(3, 128, 64, fp8=True)
+  assert not tuning.xla_is_faster(3, 128, 96) and tuning.xla_is_faster(3, 128, 96, fp8=True)
+  monkeypatch.setitem(tuning.GPU_TABLE_FP8, (16, 128, 96), tuning._DEFAULTS[16])
+  assert not tuning.xla_is_faster(3, 128, 96, fp8=True)
+  assert tuning.xla_is_faster(3, 4096, 6144, fp8=True)  # the measured 8B table
   for bucket, cands in tuning.GPU_SWEEP_FP8.items():
     assert cands[0].block_k == 2 * tuning.GPU_SWEEP[bucket][0].block_k
 

@@ -293,11 +293,18 @@ def test_gpu_kernel_with_an_fp8_pool_lowers_to_triton_for_cuda():
 
 def test_gpu_kernel_with_an_fp8_pool_and_f16_dot_lowers_to_triton_for_cuda():
   q, kv, *meta = _abstract_args(jnp.bfloat16)
-  kv = jax.ShapeDtypeStruct(kv.shape, jnp.float8_e4m3fn)
-  config = dataclasses.replace(tuning.gpu_config(128, 16, 4), decode=dataclasses.replace(tuning._DECODE, f16_dot=True))
-  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, config=config, decode_only=True)
-  text = jax.jit(fn).trace(q, kv, *meta).lower(lowering_platforms=("cuda",)).as_text()
+  fp8 = jax.ShapeDtypeStruct(kv.shape, jnp.float8_e4m3fn)
+  # The table's own decode tiles (no config passed) take f16_dot for an fp8 pool, as measured on an
+  # H100 (tuning._DECODE); a bfloat16 pool ignores it.
+  fn = functools.partial(gpu.ragged_paged_attention, sm_scale=0.1, decode_only=True)
+  text = jax.jit(fn).trace(q, fp8, *meta).lower(lowering_platforms=("cuda",)).as_text()
   assert text.count("__gpu$xla.gpu.triton") == 1 and "_f16" in text
+  text = jax.jit(fn).trace(q, kv, *meta).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "_f16" not in text
+  config = dataclasses.replace(tuning.gpu_config(128, 16, 4), decode=dataclasses.replace(tuning._DECODE, f16_dot=False))
+  off = functools.partial(fn, config=config)
+  text = jax.jit(off).trace(q, fp8, *meta).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("__gpu$xla.gpu.triton") == 1 and "_f16" not in text
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
