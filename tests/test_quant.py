@@ -16,6 +16,7 @@ from jserve import LLM
 from jserve.config import load_model_config
 from jserve.engine.engine import DEFAULT_MODEL_DIR, EngineConfig
 from jserve.engine.memory import _weight_bytes_on
+from jserve.engine.placement import quantize_engine_params
 from jserve.errors import ConfigError
 from jserve.models.llama import forward_dense
 from jserve.models.quant import (CONTRACTED_AXES, Fp8Weight, Fp8WeightNK, dequantize, fp8_dot, quantize_fp8,
@@ -201,19 +202,27 @@ def test_fp8_engine_keeps_projections_in_one_byte(engines):
   assert _weight_bytes_on(deq.engine.params, device) - _weight_bytes_on(fp8.engine.params, device) == saved
 
 
-def test_fp8_engine_for_the_kernel_stores_weights_nk_and_generates_the_same(engines):
-  # matmul_impl="auto" (the kernel on a GPU, XLA here) on one device: every projection is stored [N, K]
-  # for the kernel's transposed loads, in the same bytes, and the engine generates what "xla" does.
+def test_fp8_weights_are_stored_nk_for_the_kernel_only(engines):
+  # matmul_impl="auto" multiplies fp8 weights through XLA on every measured shape (decode_matmul's
+  # GPU_TABLE_FP8), so it keeps them [K, N] and generates what "xla" does.
   fp8, _ = engines
   kw = {k: v for k, v in ENGINE.items() if k != "quantization"}
   auto = LLM(None, quantization="fp8", matmul_impl="auto", **kw)
-  for kn, nk in zip(fp8.engine.params["layers"], auto.engine.params["layers"]):
-    for name in CONTRACTED_AXES:
-      assert isinstance(nk[name], Fp8WeightNK) and nk[name].w_NK.dtype == jnp.float8_e4m3fn
-      assert nk[name].w_NK.size == kn[name].w.size and nk[name].scale.shape == kn[name].scale.shape
+  assert all(type(layer[name]) is Fp8Weight for layer in auto.engine.params["layers"] for name in CONTRACTED_AXES)
   got = auto.generate(PROMPTS, GREEDY, use_tqdm=False)
   ref = fp8.generate(PROMPTS, GREEDY, use_tqdm=False)
   assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in ref]
+  # "gpu" (the Triton kernel, which a CPU engine refuses) stores every projection [N, K] for the kernel's
+  # transposed loads, in the same bytes.
+  params = jax.tree.map(jnp.copy, fp8.engine.params)
+  nk_params = quantize_engine_params(params, EngineConfig(quantization="fp8", matmul_impl="gpu"), None, None)
+  for kn, nk in zip(fp8.engine.params["layers"], nk_params["layers"]):
+    for name in CONTRACTED_AXES:
+      assert isinstance(nk[name], Fp8WeightNK) and nk[name].w_NK.dtype == jnp.float8_e4m3fn
+      assert nk[name].w_NK.size == kn[name].w.size and nk[name].scale.shape == kn[name].scale.shape
+      k = int(np.prod(kn[name].w.shape[:CONTRACTED_AXES[name]]))
+      np.testing.assert_array_equal(np.asarray(nk[name].w_NK, np.float32),
+                                    np.asarray(kn[name].w, np.float32).reshape(k, -1).T)
 
 
 def test_planner_predicts_the_fp8_engines_weight_bytes(engines):

@@ -3,7 +3,7 @@
 from absl import flags
 
 from jserve.engine.engine_config import KV_CACHE_DTYPES, EngineConfig
-from jserve.models.quant import QUANTIZATIONS
+from jserve.models.quant import ACTIVATION_QUANTIZATIONS, QUANTIZATIONS
 
 FLAGS = flags.FLAGS
 
@@ -14,6 +14,9 @@ flags.DEFINE_enum("kv_cache_dtype", "auto", list(KV_CACHE_DTYPES),
 flags.DEFINE_enum("quantization", "none", ["none", *QUANTIZATIONS],
                   "fp8: projection weights in float8 (e4m3) with a scale per output channel; half the weight bytes. "
                   "A pre-quantized fp8 checkpoint is read as stored either way")
+flags.DEFINE_enum("activation_quantization", "none", ["none", *ACTIVATION_QUANTIZATIONS],
+                  "fp8: with fp8 weights, each projection also quantizes its input per token (w8a8) and "
+                  "multiplies on fp8 tensor cores; one device")
 flags.DEFINE_integer("max_model_len", None, "longest prompt + output in tokens (default: the model's limit)")
 flags.DEFINE_integer("max_num_seqs", 256, "most sequences in one step")
 flags.DEFINE_integer("max_num_batched_tokens", None,
@@ -68,6 +71,7 @@ def engine_config() -> EngineConfig:
   return EngineConfig(
       model=FLAGS.model, dtype=FLAGS.dtype, kv_cache_dtype=FLAGS.kv_cache_dtype,
       quantization=None if FLAGS.quantization == "none" else FLAGS.quantization, max_model_len=FLAGS.max_model_len,
+      activation_quantization=None if FLAGS.activation_quantization == "none" else FLAGS.activation_quantization,
       max_num_seqs=FLAGS.max_num_seqs,
       max_num_batched_tokens=FLAGS.max_num_batched_tokens, page_size=FLAGS.page_size,
       enable_prefix_caching=FLAGS.enable_prefix_caching, gpu_memory_utilization=FLAGS.gpu_memory_utilization,

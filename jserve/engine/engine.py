@@ -90,6 +90,9 @@ class LLMEngine:
     # random full-precision ones whatever the checkpoint holds, quantized only if asked.
     stored = None if config.load_format == "dummy" else checkpoint_quantization(model_dir)
     self.quantization = "fp8" if stored is not None else config.quantization
+    if config.activation_quantization and not self.quantization:
+      raise ConfigError(f"activation_quantization={config.activation_quantization!r} needs fp8 weights: set "
+                        "quantization='fp8' or serve an fp8 checkpoint")
     self.tokenizer = Tokenizer(model_dir)
     cfg = self.model_config
     self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from jserve.engine.placement import LOAD_FORMATS
 from jserve.errors import ConfigError
-from jserve.models.quant import QUANTIZATIONS
+from jserve.models.quant import ACTIVATION_QUANTIZATIONS, QUANTIZATIONS
 from jserve.weights import resolve_dtype
 from pallas_kernels.decode_matmul import IMPLS as MATMUL_IMPLS
 
@@ -47,6 +47,11 @@ class EngineConfig:
   # bytes a decode step reads, and the memory freed goes to the KV pool (jserve/models/quant.py).
   # A pre-quantized fp8 checkpoint is read as stored with None or "fp8" (jserve/prequantized.py).
   quantization: str | None = None
+  # fp8 activations too (w8a8; needs fp8 weights, from `quantization="fp8"` or an fp8 checkpoint, on one
+  # device): None, or "fp8": every projection quantizes its input per token to e4m3 with a dynamic scale
+  # and multiplies fp8 by fp8 on the tensor cores, twice bfloat16's FLOP rate on Ada and Hopper, for
+  # compute-bound steps (prefill chunks, large decode batches). See jserve/models/quant.py.
+  activation_quantization: str | None = None
   max_model_len: int | None = None
   max_num_seqs: int = 256
   max_num_batched_tokens: int | None = None  # 8192 on accelerators, 512 on CPU
@@ -104,6 +109,16 @@ class EngineConfig:
     if self.quantization is not None and self.quantization not in QUANTIZATIONS:
       raise ConfigError(f"quantization={self.quantization!r}: use None (no quantization) or one of "
                         f"{', '.join(QUANTIZATIONS)}")
+    if self.activation_quantization is not None:
+      if self.activation_quantization not in ACTIVATION_QUANTIZATIONS:
+        raise ConfigError(f"activation_quantization={self.activation_quantization!r}: use None (activations in "
+                          f"dtype) or one of {', '.join(ACTIVATION_QUANTIZATIONS)}")
+      if self.matmul_impl == "gpu":
+        raise ConfigError("activation_quantization='fp8' with matmul_impl='gpu': the Triton decode matmul takes "
+                          "16-bit activations; use 'xla' or 'auto'")
+      if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
+        raise ConfigError("activation_quantization='fp8' runs on one device for now: set tensor_parallel_size "
+                          "and pipeline_parallel_size to 1")
     if self.load_format not in LOAD_FORMATS:
       raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 

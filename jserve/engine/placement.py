@@ -28,7 +28,7 @@ from jserve.config import ModelConfig
 from jserve.convert import ORBAX_SUBDIR, has_orbax_params
 from jserve.errors import CheckpointError, ConfigError
 from jserve.models.llama import is_spec, param_specs
-from jserve.models.quant import kernel_layout, quantize_params
+from jserve.models.quant import activation_layout, kernel_layout, quantize_params
 from jserve.prequantized import CheckpointQuantization, checkpoint_quantization
 from jserve.weights import load_params, resolve_dtype
 from sharding import rules
@@ -165,7 +165,9 @@ def quantize_engine_params(params: dict, config, stored: CheckpointQuantization 
   and the seconds it took; a pre-quantized checkpoint's weights are used as stored, and the log says so.
   `config`: the engine's `EngineConfig`. On one device (`mesh` None) with the decode matmul kernel
   (`matmul_impl` "gpu"), the fp8 weights are then stored [N, K] for it (`quant.kernel_layout`); "auto"
-  keeps them [K, N], since it multiplies fp8 weights through XLA on every measured shape."""
+  keeps them [K, N], since it multiplies fp8 weights through XLA on every measured shape. With
+  `activation_quantization="fp8"` (one device) they are stored [N, K] as `Fp8WeightA8`s instead, whose
+  products quantize the activations too."""
   if stored is not None:
     # quantization="fp8" agrees with the checkpoint: what its quantizer left unquantized stays so.
     why = ("quantization=None takes the checkpoint's" if config.quantization is None
@@ -179,7 +181,14 @@ def quantize_engine_params(params: dict, config, stored: CheckpointQuantization 
     after = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
     logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
                  after / 1e6, time.monotonic() - start)
-  if mesh is None and config.matmul_impl == "gpu":
+  if config.activation_quantization == "fp8":
+    if mesh is not None:
+      raise ConfigError("activation_quantization='fp8' runs on one device without a mesh for now (not across "
+                        "processes or on a tensor or pipeline mesh)")
+    params = activation_layout(params)
+    logging.info("activation_quantization=fp8: projections multiply fp8 activations (a scale per token) by "
+                 "fp8 weights stored [N, K]")
+  elif mesh is None and config.matmul_impl == "gpu":
     params = kernel_layout(params)
   if config.matmul_impl == "hopper":
     logging.warning("quantization=fp8: the fp8 projections multiply through XLA with matmul_impl='hopper' (the "

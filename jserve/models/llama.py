@@ -18,7 +18,8 @@ jserve/models/quant.py, or an fp8 checkpoint's, jserve/prequantized.py) instead 
 `_gate_up` multiply those through `quant.fp8_dot` (an XLA einsum) with `matmul_impl="xla"` and for
 prefill-sized rows; decode-sized rows with another `matmul_impl` go to the decode matmul kernel with
 the fp8 weight and its scale (the Triton kernel converts the weight in registers; the Hopper one
-takes no fp8 and leaves it to XLA).
+takes no fp8 and leaves it to XLA). A `quant.Fp8WeightA8` (`activation_quantization="fp8"`) multiplies
+through `quant.fp8_dot_a8`, fp8 activations by fp8 weights, whatever the rows and `matmul_impl`.
 """
 
 import dataclasses
@@ -31,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.config import ModelConfig
-from jserve.models.quant import Fp8Weight, Fp8WeightNK, fp8_dot, fp8_dot_nk
+from jserve.models.quant import Fp8Weight, Fp8WeightA8, Fp8WeightNK, fp8_dot, fp8_dot_a8, fp8_dot_nk
 from pallas_kernels import ragged_paged_attention, write_kv_pages
 from pallas_kernels.decode_matmul import MAX_M, decode_matmul, decode_matmul_nt, gate_up_silu
 from sharding.tensor import head_parallel
@@ -179,7 +180,9 @@ def _matmul_kw(impl):
 
 
 def _xla_dot(eq, a, b, num_contracted):
-  """`einsum(eq, a, b)` in `a`'s dtype for any projection weight: an array, an `Fp8Weight` or an `Fp8WeightNK`."""
+  """`einsum(eq, a, b)` in `a`'s dtype for any projection weight: an array or one of quant's fp8 weights."""
+  if isinstance(b, Fp8WeightA8):
+    return fp8_dot_a8(a, b, num_contracted)
   if isinstance(b, Fp8WeightNK):
     return fp8_dot_nk(a, b, num_contracted)
   if isinstance(b, Fp8Weight):
@@ -204,8 +207,9 @@ def _dot(eq, a, b, impl="xla"):
   k = math.prod(a.shape[a.ndim - n:])
   a_MK = a.reshape(-1, k)
   fp8 = isinstance(b, (Fp8Weight, Fp8WeightNK))
-  if impl == "xla" or (fp8 and a_MK.shape[0] > MAX_M):
-    return _xla_dot(eq, a, b, n)  # fp8 prefill rows too: XLA's einsum, exactly as with "xla"
+  # fp8 prefill rows too: XLA's einsum, exactly as with "xla"; and fp8 activations (the kernels take 16-bit ones).
+  if impl == "xla" or (fp8 and a_MK.shape[0] > MAX_M) or isinstance(b, Fp8WeightA8):
+    return _xla_dot(eq, a, b, n)
   w, scale, nk = _kernel_operand(b, k)
   out = (decode_matmul_nt if nk else decode_matmul)(a_MK, w, w_scale_N=scale, **_matmul_kw(impl))
   return out.reshape(a.shape[:a.ndim - n] + (b.scale.shape if fp8 else b.shape[n:]))
@@ -222,7 +226,8 @@ def _gate_up(h_TD, lp: dict, impl):
   # prefill rows.
   stored_alike = (fp8 == isinstance(w_up, (Fp8Weight, Fp8WeightNK))
                   and isinstance(w_gate, Fp8WeightNK) == isinstance(w_up, Fp8WeightNK))
-  if impl == "xla" or not stored_alike or (fp8 and h_MD.shape[0] > MAX_M):
+  a8 = isinstance(w_gate, Fp8WeightA8) or isinstance(w_up, Fp8WeightA8)
+  if impl == "xla" or not stored_alike or a8 or (fp8 and h_MD.shape[0] > MAX_M):
     return jax.nn.silu(_dot("...D,DF->...F", h_TD, w_gate)) * _dot("...D,DF->...F", h_TD, w_up)
   (g, g_scale, nk), (u, u_scale, _) = (_kernel_operand(w, h_MD.shape[1]) for w in (w_gate, w_up))
   act = gate_up_silu(h_MD, g, u, w_gate_scale_N=g_scale, w_up_scale_N=u_scale, transposed=nk, **_matmul_kw(impl))

@@ -1,4 +1,4 @@
-"""FP8 weight-only quantization (w8a16), applied to a loaded params tree (vLLM's `--quantization fp8`).
+"""FP8 quantization of a loaded params tree: weights (w8a16, vLLM's `--quantization fp8`), activations optionally.
 
 A decode step reads every weight once per token batch, so its time is the weight bytes over memory
 bandwidth; storing the projections in float8 (e4m3) halves those bytes against bfloat16. Only the
@@ -18,6 +18,14 @@ layer. Not quantized, as in vLLM: the embedding, the LM head, norms and biases.
 For the decode matmul kernel (`matmul_impl="gpu"`, one device), `kernel_layout` stores each
 `Fp8Weight` as an `Fp8WeightNK`: flattened and transposed to [N, K], the layout the tensor cores read
 8-bit tiles in; `fp8_dot_nk` is its XLA einsum (prefill rows).
+
+fp8 activations too (w8a8, `EngineConfig.activation_quantization="fp8"`, one device): `activation_layout`
+stores each `Fp8Weight` as an `Fp8WeightA8`, [N, K] like `Fp8WeightNK`, and `fp8_dot_a8` quantizes each
+row of the activations (each token) to e4m3 with its own float32 scale at every projection, then
+multiplies fp8 by fp8 with float32 accumulation: on GPUs with fp8 tensor cores (Ada, Hopper) twice the
+bfloat16 FLOP rate, for compute-bound steps (prefill chunks, large decode batches), where weight-only
+fp8 is no faster than bfloat16. This is llm-compressor's FP8-Dynamic scheme (weights per channel,
+activations per token, dynamic); vLLM's online fp8 takes one dynamic scale per activation tensor.
 """
 
 import dataclasses
@@ -32,6 +40,7 @@ from jserve.errors import ShapeError
 from pallas_kernels.decode_matmul.reference import matmul_nt
 
 QUANTIZATIONS = ("fp8",)  # EngineConfig.quantization: None, or one of these
+ACTIVATION_QUANTIZATIONS = ("fp8",)  # EngineConfig.activation_quantization: None, or one of these
 FP8_DTYPE = jnp.float8_e4m3fn
 FP8_MAX = float(jnp.finfo(FP8_DTYPE).max)  # 448
 # Each quantized layer parameter -> how many of its leading axes the projection contracts (the
@@ -67,6 +76,21 @@ class Fp8WeightNK:
     from [N, K] (docs/kernels.md, "Machine code without a GPU").
   scale: float32 of the output axes, as in `Fp8Weight` (so its shape is the output's trailing shape).
   Made by `kernel_layout` for a single-device engine with `matmul_impl="gpu"`; a mesh keeps `Fp8Weight`.
+  """
+
+  w_NK: jax.Array
+  scale: jax.Array
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w_NK", "scale"], meta_fields=[])
+@dataclasses.dataclass
+class Fp8WeightA8:
+  """An `Fp8Weight` whose products quantize the activations too (`fp8_dot_a8`): fp8 by fp8 on the tensor cores.
+
+  w_NK: float8 [N, K], as `Fp8WeightNK.w_NK`: fp8 tensor-core GEMMs (cuBLASLt's, Triton's) read both
+    operands with the contracted axis contiguous, so stored [K, N] XLA would transpose it every call.
+  scale: float32 of the output axes, as in `Fp8Weight`.
+  Made by `activation_layout` for a single-device engine with `activation_quantization="fp8"`.
   """
 
   w_NK: jax.Array
@@ -113,27 +137,59 @@ def fp8_dot_nk(a, q: Fp8WeightNK, num_contracted: int):
   return out.reshape(lead + q.scale.shape)
 
 
-@functools.partial(jax.jit, donate_argnums=0)
-def _to_nk(q: Fp8Weight) -> Fp8WeightNK:
+def quantize_rows(a_MK):
+  """(a_MK in float8 e4m3, its float32 scale per row [M]): each row scaled by its own amax / 448, as
+  `quantize_fp8` scales a weight's output channel; an all-zero row (a padding token) stays zeros."""
+  a32 = a_MK.astype(jnp.float32)
+  scale_M = jnp.maximum(jnp.max(jnp.abs(a32), axis=-1) / FP8_MAX, jnp.finfo(jnp.float32).tiny)
+  return jnp.clip(a32 / scale_M[:, None], -FP8_MAX, FP8_MAX).astype(FP8_DTYPE), scale_M
+
+
+def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
+  """`fp8_dot_nk` with the activations quantized too: each row of `a` (flattened to [M, K]) to e4m3 with a
+  scale of its own, an fp8 by fp8 product accumulated in float32, then both scales; in `a`'s dtype, shaped
+  as `a`'s leading axes followed by the weight's output axes."""
+  k = q.w_NK.shape[1]
+  lead = a.shape[:a.ndim - num_contracted]
+  if math.prod(a.shape[a.ndim - num_contracted:]) != k:
+    raise ShapeError(f"a {a.shape}: its last {num_contracted} axes do not hold the weight's K={k}")
+  a8_MK, a_scale_M = quantize_rows(a.reshape(-1, k))
+  out = jax.lax.dot_general(a8_MK, q.w_NK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+  out = out * a_scale_M[:, None] * q.scale.reshape(1, -1)
+  return out.astype(a.dtype).reshape(lead + q.scale.shape)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnums=1)
+def _to_nk(q: Fp8Weight, cls=Fp8WeightNK):
   num_contracted = q.w.ndim - q.scale.ndim
   k = math.prod(q.w.shape[:num_contracted])
-  return Fp8WeightNK(jnp.transpose(q.w.reshape(k, -1)), q.scale)
+  return cls(jnp.transpose(q.w.reshape(k, -1)), q.scale)
 
 
-def kernel_layout(params: dict) -> dict:
-  """`params` with every layer's `Fp8Weight` stored as an `Fp8WeightNK`, one tensor at a time (each original
-  is donated: memory peaks at one fp8 tensor more). For a single device only: the kernel path runs without a
-  mesh, and a sharded weight would need its shards transposed too. `params` must not be used afterwards."""
+def _store_nk(params: dict, cls, what: str) -> dict:
+  """`params` with every layer's `Fp8Weight` transposed to [N, K] as a `cls`, one tensor at a time (each
+  original is donated: memory peaks at one fp8 tensor more). One device only: a sharded weight would need
+  its shards transposed too. `params` must not be used afterwards."""
   layers = []
   for layer in params["layers"]:
     layer = dict(layer)
     for name, w in layer.items():
       if isinstance(w, Fp8Weight):
         if not isinstance(w.w.sharding, SingleDeviceSharding):
-          raise ValueError(f"{name} is placed as {w.w.sharding}: kernel_layout is for one device")
-        layer[name] = jax.block_until_ready(_to_nk(w))
+          raise ValueError(f"{name} is placed as {w.w.sharding}: {what} is for one device")
+        layer[name] = jax.block_until_ready(_to_nk(w, cls))
     layers.append(layer)
   return dict(params, layers=layers)
+
+
+def kernel_layout(params: dict) -> dict:
+  """Every layer's `Fp8Weight` stored as an `Fp8WeightNK`, for the decode matmul kernel (see `_store_nk`)."""
+  return _store_nk(params, Fp8WeightNK, "kernel_layout")
+
+
+def activation_layout(params: dict) -> dict:
+  """Every layer's `Fp8Weight` stored as an `Fp8WeightA8`: its products then quantize the activations too."""
+  return _store_nk(params, Fp8WeightA8, "activation_layout")
 
 
 def scale_sharding(sharding, ndim: int, num_contracted: int):

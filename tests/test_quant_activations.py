@@ -1,0 +1,143 @@
+"""fp8 activations (`activation_quantization="fp8"`, w8a8): each token's input to a projection rounds to e4m3
+with a scale of its own, the product is the fp8 by fp8 one (checked against ml_dtypes' e4m3 rounding and a
+float64 matmul), and the model and engine stay close to transformers' unquantized model."""
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+
+from jserve import LLM, SamplingParams
+from jserve.config import load_model_config
+from jserve.engine.engine import DEFAULT_MODEL_DIR, EngineConfig
+from jserve.errors import ConfigError
+from jserve.models.llama import forward_dense
+from jserve.models.quant import (CONTRACTED_AXES, Fp8WeightA8, activation_layout, fp8_dot_a8, quantize_fp8,
+                                 quantize_params, quantize_rows)
+from jserve.weights import load_params
+from tests.quant_tp_worker import ENGINE, PROMPTS
+from tests.test_quant import _channels_of_many_magnitudes, _cli, _close_to, _token_ids
+
+
+def _rows_of_many_magnitudes(m, k, seed=2):
+  """Activations whose rows (tokens) span six orders of magnitude: more than e4m3's range from 448 down to
+  its smallest normal (2^-6), so one scale for all of them would flush the small rows."""
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-5, 1, size=(m, 1))).astype(np.float32)
+
+
+def _a8_layer(w, num_contracted):
+  q = quantize_fp8(jnp.asarray(w), num_contracted)
+  return q, activation_layout({"layers": [{"w": jax.tree.map(jnp.copy, q)}]})["layers"][0]["w"]
+
+
+@pytest.mark.parametrize("a_shape,w_shape,num_contracted", [
+    ((2, 5, 64), (64, 4, 16), CONTRACTED_AXES["wq"]),
+    ((7, 4, 16), (4, 16, 64), CONTRACTED_AXES["wo"]),
+    ((9, 96), (96, 80), CONTRACTED_AXES["w_down"]),
+])
+def test_fp8_dot_a8_is_the_float64_product_of_per_token_e4m3_activations_and_the_weight(a_shape, w_shape,
+                                                                                         num_contracted):
+  k = int(np.prod(w_shape[:num_contracted]))
+  a = _rows_of_many_magnitudes(int(np.prod(a_shape)) // k, k).reshape(a_shape)
+  q, a8 = _a8_layer(_channels_of_many_magnitudes(w_shape, num_contracted), num_contracted)
+  assert isinstance(a8, Fp8WeightA8) and a8.w_NK.shape == (int(np.prod(w_shape)) // k, k)
+  got = np.asarray(fp8_dot_a8(jnp.asarray(a), a8, num_contracted))
+  assert got.shape == a_shape[:len(a_shape) - num_contracted] + w_shape[num_contracted:]
+  # The reference: ml_dtypes rounds each row, scaled by its amax / 448, to e4m3; float64 multiplies.
+  a_MK = a.reshape(-1, k).astype(np.float64)
+  row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
+  a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  w_KN = np.asarray(q.w, np.float64).reshape(k, -1)
+  ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
+  # Within float32 rounding of each row's own largest output (rows differ by six orders of magnitude).
+  row_error = np.abs(got.reshape(ref.shape) - ref).max(axis=1) / np.abs(ref).max(axis=1)
+  assert row_error.max() < 1e-5, row_error.max()
+  assert fp8_dot_a8(jnp.asarray(a, jnp.bfloat16), a8, num_contracted).dtype == jnp.bfloat16
+
+
+def test_each_token_keeps_its_own_precision_and_a_zero_token_stays_zero():
+  a = _rows_of_many_magnitudes(32, 128)
+  a[5] = 0.0  # a padding token
+  q, a8 = _a8_layer(_channels_of_many_magnitudes((128, 64), 1), 1)
+  exact = a.astype(np.float64) @ (np.asarray(q.w, np.float64) * np.asarray(q.scale, np.float64))
+  got = np.asarray(fp8_dot_a8(jnp.asarray(a), a8, 1))
+  assert np.all(got[5] == 0) and np.isfinite(got).all()
+
+  def row_errors(out):
+    live = np.arange(32) != 5
+    return (np.abs(out - exact).max(axis=1) / np.abs(exact).max(axis=1).clip(1e-30))[live]
+
+  assert row_errors(got).max() < 0.08  # e4m3's 3 mantissa bits, every row alike
+  # Guards the bound: one scale for the whole tensor (its amax / 448) leaves the small rows a few
+  # subnormal steps of e4m3 or none, far outside it.
+  one_scale = np.abs(a).max() / 448
+  a_e4m3 = (a / one_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * one_scale
+  per_tensor = a_e4m3 @ (np.asarray(q.w, np.float64) * np.asarray(q.scale, np.float64))
+  assert row_errors(per_tensor).max() > 0.5
+  a8_MK, scale_M = quantize_rows(jnp.asarray(a))
+  assert a8_MK.dtype == jnp.float8_e4m3fn and scale_M.shape == (32,)
+  assert float(np.abs(np.asarray(a8_MK, np.float32)).max()) == 448  # each row's amax maps to e4m3's largest
+
+
+@pytest.fixture(scope="module")
+def logits():
+  """The default model's logits over the test text (float32): fp8 weights, fp8 weights and activations, and
+  transformers' unquantized model."""
+  import torch
+  import transformers
+  cfg = load_model_config(DEFAULT_MODEL_DIR)
+  ids = jnp.asarray([_token_ids()])
+  q = quantize_params(load_params(DEFAULT_MODEL_DIR, cfg, "float32"))
+  run = jax.jit(lambda p: forward_dense(p, ids, cfg)[0])
+  out = {"fp8": run(q)}
+  out["w8a8"] = run(activation_layout(q))
+  hf = transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
+  with torch.no_grad():
+    out["transformers"] = hf(torch.tensor(np.asarray(ids))).logits[0].numpy()
+  return {k: np.asarray(v) for k, v in out.items()}
+
+
+def test_w8a8_model_stays_close_to_transformers(logits):
+  assert len(logits["transformers"]) > 100
+  assert not np.array_equal(logits["w8a8"], logits["fp8"])  # the activations did change
+  assert _close_to(logits["w8a8"], logits["transformers"])
+  assert _close_to(logits["w8a8"], logits["fp8"])
+
+
+def test_w8a8_engine_generates_what_the_w8a8_model_does():
+  kw = {k: v for k, v in ENGINE.items() if k != "quantization"}
+  llm = LLM(None, quantization="fp8", activation_quantization="fp8", **kw)
+  params = llm.engine.params
+  assert all(isinstance(layer[name], Fp8WeightA8) for layer in params["layers"] for name in CONTRACTED_AXES)
+  assert {str(layer[name].w_NK.dtype) for layer in params["layers"] for name in CONTRACTED_AXES} == {"float8_e4m3fn"}
+  greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+  got = llm.generate(PROMPTS, greedy, use_tqdm=False)
+  # The reference: greedy decoding by the dense forward (no KV pool, no paging, no chunking) over the
+  # engine's own weights, each step over the whole sequence so far.
+  cfg = llm.engine.model_config
+  run = jax.jit(lambda ids: forward_dense(params, ids, cfg)[0][-1].argmax())
+  for out in got:
+    ids = list(out.prompt_token_ids)
+    for _ in range(8):
+      ids.append(int(run(jnp.asarray([ids]))))
+    assert list(out.outputs[0].token_ids) == ids[len(out.prompt_token_ids):]
+
+
+def test_activation_quantization_config_errors():
+  with pytest.raises(ConfigError, match=r"activation_quantization='int8': use None"):
+    EngineConfig(activation_quantization="int8")
+  with pytest.raises(ConfigError, match=r"matmul_impl='gpu': the Triton decode matmul takes 16-bit activations"):
+    EngineConfig(quantization="fp8", activation_quantization="fp8", matmul_impl="gpu")
+  with pytest.raises(ConfigError, match=r"runs on one device for now"):
+    EngineConfig(quantization="fp8", activation_quantization="fp8", tensor_parallel_size=2)
+  with pytest.raises(ConfigError, match=r"needs fp8 weights: set quantization='fp8'"):
+    LLM(None, activation_quantization="fp8", **{k: v for k, v in ENGINE.items() if k != "quantization"})
+
+
+def test_activation_quantization_flag_reaches_the_engine_config():
+  code = ("import sys; from jserve.cli.flags import FLAGS, engine_config; FLAGS(sys.argv); "
+          "print(engine_config().activation_quantization)")
+  assert _cli("-c", code, "--activation_quantization=fp8").stdout.split() == ["fp8"]
+  assert _cli("-c", code).stdout.split() == ["None"]
