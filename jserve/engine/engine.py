@@ -21,9 +21,9 @@ from jserve.engine.engine_config import (CPU_DEFAULT_BATCHED_TOKENS, DEFAULT_COM
                                         KV_CACHE_DTYPES, EngineConfig, resolve_kv_cache_dtype)
 from jserve.engine.groups import CompletionGroup
 from jserve.engine.kv_cache import KVCacheManager
-from jserve.engine.memory import size_kv_pool
-from jserve.engine.placement import (engine_mesh, load_engine_params, quantize_engine_params, stage_count,
-                                     tensor_size)
+from jserve.engine.memory import check_kv_pool, size_kv_pool
+from jserve.engine.placement import (engine_mesh, load_engine_params, quantize_engine_params, replica_devices,
+                                     stage_count, tensor_size)
 from jserve.engine.outputs import OutputProcessor
 from jserve.engine.request import (MAX_EOS_TOKEN_IDS, PLACEHOLDER, FinishReason, Request, RequestOutput,
                                    RequestStatus, SamplingParams)
@@ -85,6 +85,7 @@ class LLMEngine:
     _enable_compilation_cache(config.compilation_cache_dir)
     model_dir = config.model_dir
     self.model_config: ModelConfig = load_model_config(model_dir)
+    cfg = self.model_config
     # A pre-quantized checkpoint says how its weights are stored (an unsupported one is refused here):
     # quantization=None reads it so, as vLLM reads the config's; "fp8" agrees. Dummy weights are
     # random full-precision ones whatever the checkpoint holds, quantized only if asked.
@@ -94,29 +95,10 @@ class LLMEngine:
       raise ConfigError(f"activation_quantization={config.activation_quantization!r} needs fp8 weights: set "
                         "quantization='fp8' or serve an fp8 checkpoint")
     self.tokenizer = Tokenizer(model_dir)
-    cfg = self.model_config
-    self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
-      raise ConfigError(f"max_model_len={config.max_model_len} exceeds the model's "
-                        f"max_position_embeddings={cfg.max_position_embeddings}")
-    budget = config.max_num_batched_tokens
-    if budget is None:
-      # A CPU step of thousands of tokens takes seconds; small buckets also compile quicker.
-      budget = CPU_DEFAULT_BATCHED_TOKENS if jax.default_backend() == "cpu" else 8192
-    self.max_num_batched_tokens = max(budget, config.max_num_seqs)
-    self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
-    if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
-      raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
+    self._set_limits(config, cfg)
     logging.info("loading %s from %s", cfg.architecture, model_dir)
     self.num_processes = jax.process_count()
-    if self.num_processes > 1:
-      # One engine over every process's devices (see jserve/engine/multihost.py).
-      if config.pipeline_parallel_size > 1:
-        raise ConfigError("pipeline_parallel_size > 1 across processes is not supported; use tensor parallelism")
-      if config.tensor_parallel_size != jax.device_count():
-        raise ConfigError(f"with {self.num_processes} processes the engine spans all {jax.device_count()} devices: "
-                          f"set tensor_parallel_size={jax.device_count()}")
-      devices = jax.devices()
+    devices = replica_devices(config, devices, self.num_processes)
     self.mesh = engine_mesh(cfg, config.tensor_parallel_size, devices, config.pipeline_parallel_size)
     clock.lap("config")
     self.params = load_engine_params(model_dir, cfg, config.dtype, self.mesh, config.load_format)
@@ -130,14 +112,7 @@ class LLMEngine:
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,
         max_num_batched_tokens=self.max_num_batched_tokens, tp=tensor_size(self.mesh), pp=stage_count(self.mesh))
-    pages_per_max_seq = -(-self.max_model_len // config.page_size)
-    if num_pages - 1 < pages_per_max_seq:
-      raise CapacityError(
-          f"the KV pool holds {(num_pages - 1) * config.page_size} tokens, less than one sequence of "
-          f"max_model_len={self.max_model_len}; lower max_model_len or give the KV cache more memory")
-    logging.info("KV pool: %d pages of %d tokens = %d tokens; %.1f sequences of max_model_len=%d fit",
-                 num_pages - 1, config.page_size, (num_pages - 1) * config.page_size,
-                 (num_pages - 1) / pages_per_max_seq, self.max_model_len)
+    check_kv_pool(num_pages, config.page_size, self.max_model_len)
     self.kv = _KVCacheManager(num_pages, config.page_size, config.enable_prefix_caching)
     self.scheduler = Scheduler(SchedulerConfig(
         max_num_seqs=config.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
@@ -169,6 +144,21 @@ class LLMEngine:
     self._seed_rng = np.random.default_rng(config.seed)
     self._ids = itertools.count()
     self.num_steps = 0
+
+  def _set_limits(self, config: EngineConfig, cfg: ModelConfig):
+    """max_model_len, the step's token budget and the EOS ids, each checked against the model."""
+    self.max_model_len = min(config.max_model_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    if config.max_model_len and config.max_model_len > cfg.max_position_embeddings:
+      raise ConfigError(f"max_model_len={config.max_model_len} exceeds the model's "
+                        f"max_position_embeddings={cfg.max_position_embeddings}")
+    budget = config.max_num_batched_tokens
+    if budget is None:
+      # A CPU step of thousands of tokens takes seconds; small buckets also compile quicker.
+      budget = CPU_DEFAULT_BATCHED_TOKENS if jax.default_backend() == "cpu" else 8192
+    self.max_num_batched_tokens = max(budget, config.max_num_seqs)
+    self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids | set(cfg.eos_token_ids))
+    if len(self.eos_token_ids) > MAX_EOS_TOKEN_IDS:
+      raise ConfigError(f"the model has {len(self.eos_token_ids)} EOS token ids; at most {MAX_EOS_TOKEN_IDS}")
 
   # --- requests -------------------------------------------------------------------------------
   def add_request(self, request_id: str | None, prompt: str | list[int] | None,

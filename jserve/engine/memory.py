@@ -66,3 +66,16 @@ def size_kv_pool(cfg: ModelConfig, params, *, page_size: int, kv_dtype, gpu_memo
         raise CapacityError(f"no memory left for the KV cache: device has {total / 2**30:.1f} GiB, weights "
                             f"take {weights / 2**30:.1f} GiB; raise gpu_memory_utilization or use more devices")
   return max(budget // page_bytes, 0)
+
+
+def check_kv_pool(num_pages: int, page_size: int, max_model_len: int) -> None:
+  """Refuses a pool (of `num_pages` including the reserved page 0) that cannot hold one sequence of
+  `max_model_len`, and logs how many it holds."""
+  pages_per_max_seq = -(-max_model_len // page_size)
+  if num_pages - 1 < pages_per_max_seq:
+    raise CapacityError(
+        f"the KV pool holds {(num_pages - 1) * page_size} tokens, less than one sequence of "
+        f"max_model_len={max_model_len}; lower max_model_len or give the KV cache more memory")
+  logging.info("KV pool: %d pages of %d tokens = %d tokens; %.1f sequences of max_model_len=%d fit",
+               num_pages - 1, page_size, (num_pages - 1) * page_size, (num_pages - 1) / pages_per_max_seq,
+               max_model_len)

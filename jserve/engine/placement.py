@@ -36,6 +36,19 @@ from sharding.errors import ShardingError
 from sharding.mesh import STAGE, TENSOR, MeshShape, make_mesh
 
 
+def replica_devices(config, devices, num_processes: int):
+  """The replica's devices: those given, or with several processes all of them, for one engine over every
+  process's devices, tensor parallel only (see jserve/engine/multihost.py). `config`: the `EngineConfig`."""
+  if num_processes == 1:
+    return devices
+  if config.pipeline_parallel_size > 1:
+    raise ConfigError("pipeline_parallel_size > 1 across processes is not supported; use tensor parallelism")
+  if config.tensor_parallel_size != jax.device_count():
+    raise ConfigError(f"with {num_processes} processes the engine spans all {jax.device_count()} devices: "
+                      f"set tensor_parallel_size={jax.device_count()}")
+  return jax.devices()
+
+
 def engine_mesh(cfg: ModelConfig, tensor_parallel_size: int, devices=None, pipeline_parallel_size: int = 1
                 ) -> Mesh | None:
   """The replica's mesh (data=1, stage=pp, tensor=tp) over the first pp * tp of `devices` (default:
