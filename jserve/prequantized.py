@@ -14,8 +14,11 @@ A scale per tensor is broadcast to one per output channel, so `Fp8Weight` has on
 checkpoint held, and the same one as online quantization (jserve/models/quant.py).
 
 Activation settings (`input_activations`, `activation_scheme`, `input_scale` and k/v scale tensors)
-are ignored: jserve multiplies the activations in the model's dtype (weight-only, w8a16), which is the
-checkpoint's fp8 weights with no activation rounding added, so at least as accurate as fp8 x fp8.
+are ignored: by default jserve multiplies the activations in the model's dtype (weight-only, w8a16),
+which is the checkpoint's fp8 weights with no activation rounding added, so at least as accurate as
+fp8 x fp8. `EngineConfig.activation_quantization="fp8"` rounds them to fp8 with jserve's own dynamic
+scale per token (the scheme of a "dynamic", per-token checkpoint such as llm-compressor's FP8-Dynamic);
+a static checkpoint's `input_scale`s are not used either way.
 
 Everything else is refused with a `CheckpointError` before any tensor is read: block-wise fp8
 (`weight_block_size`, as in Qwen3-FP8 and DeepSeek-V3), integer formats (awq, gptq, bitsandbytes,
