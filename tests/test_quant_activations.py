@@ -115,13 +115,15 @@ def test_w8a8_engine_generates_what_the_w8a8_model_does():
   greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
   got = llm.generate(PROMPTS, greedy, use_tqdm=False)
   # The reference: greedy decoding by the dense forward (no KV pool, no paging, no chunking) over the
-  # engine's own weights, each step over the whole sequence so far.
+  # engine's own weights, each step over the whole sequence so far, padded at the end to one length (the
+  # model is causal, so the padding changes no earlier position).
   cfg = llm.engine.model_config
-  run = jax.jit(lambda ids: forward_dense(params, ids, cfg)[0][-1].argmax())
+  length = max(len(out.prompt_token_ids) for out in got) + 8
+  run = jax.jit(lambda ids, last: forward_dense(params, ids, cfg)[0][last].argmax())
   for out in got:
     ids = list(out.prompt_token_ids)
     for _ in range(8):
-      ids.append(int(run(jnp.asarray([ids]))))
+      ids.append(int(run(jnp.asarray([ids + [0] * (length - len(ids))]), len(ids) - 1)))
     assert list(out.outputs[0].token_ids) == ids[len(out.prompt_token_ids):]
 
 
