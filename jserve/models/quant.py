@@ -128,13 +128,17 @@ def fp8_dot(eq: str, a, q: Fp8Weight):
 def fp8_dot_nk(a, q: Fp8WeightNK, num_contracted: int):
   """`fp8_dot` for an `Fp8WeightNK`: `a`'s last `num_contracted` axes against the weight's K, in `a`'s dtype,
   shaped as `a`'s leading axes followed by the weight's output axes."""
-  k = q.w_NK.shape[1]
-  lead = a.shape[:a.ndim - num_contracted]
+  a_MK, lead = _rows(a, q.w_NK.shape[1], num_contracted)
+  # The decode matmul's spec is this product: the weight widened to a's dtype, float32 accumulation, the scale.
+  out = matmul_nt(a_MK, q.w_NK, w_scale_N=q.scale.reshape(-1))
+  return out.reshape(lead + q.scale.shape)
+
+
+def _rows(a, k: int, num_contracted: int):
+  """(`a` flattened to [M, K], its leading axes): its last `num_contracted` axes must hold the weight's K."""
   if math.prod(a.shape[a.ndim - num_contracted:]) != k:
     raise ShapeError(f"a {a.shape}: its last {num_contracted} axes do not hold the weight's K={k}")
-  # The decode matmul's spec is this product: the weight widened to a's dtype, float32 accumulation, the scale.
-  out = matmul_nt(a.reshape(-1, k), q.w_NK, w_scale_N=q.scale.reshape(-1))
-  return out.reshape(lead + q.scale.shape)
+  return a.reshape(-1, k), a.shape[:a.ndim - num_contracted]
 
 
 def quantize_rows(a_MK):
@@ -149,11 +153,8 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
   """`fp8_dot_nk` with the activations quantized too: each row of `a` (flattened to [M, K]) to e4m3 with a
   scale of its own, an fp8 by fp8 product accumulated in float32, then both scales; in `a`'s dtype, shaped
   as `a`'s leading axes followed by the weight's output axes."""
-  k = q.w_NK.shape[1]
-  lead = a.shape[:a.ndim - num_contracted]
-  if math.prod(a.shape[a.ndim - num_contracted:]) != k:
-    raise ShapeError(f"a {a.shape}: its last {num_contracted} axes do not hold the weight's K={k}")
-  a8_MK, a_scale_M = quantize_rows(a.reshape(-1, k))
+  a_MK, lead = _rows(a, q.w_NK.shape[1], num_contracted)
+  a8_MK, a_scale_M = quantize_rows(a_MK)
   out = jax.lax.dot_general(a8_MK, q.w_NK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
   out = out * a_scale_M[:, None] * q.scale.reshape(1, -1)
   return out.astype(a.dtype).reshape(lead + q.scale.shape)
