@@ -108,6 +108,10 @@ class LLMEngine:
       self.params = quantize_engine_params(self.params, config, stored, self.mesh)
     clock.lap("weights")
     kv_dtype = resolve_kv_cache_dtype(config.kv_cache_dtype, config.dtype)
+    # What the model-info answers say beside the weights' quantization: the pool's element type as numpy
+    # names it ("bfloat16", "float8_e4m3fn"), and "fp8" when the projections' inputs are rounded too.
+    self.kv_cache_dtype = kv_dtype.name
+    self.activation_quantization = config.activation_quantization
     num_pages = config.num_pages or size_kv_pool(
         cfg, self.params, page_size=config.page_size, kv_dtype=kv_dtype,
         gpu_memory_utilization=config.gpu_memory_utilization, kv_cache_gib=config.kv_cache_gib,

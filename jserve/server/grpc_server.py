@@ -71,6 +71,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         vocab_size=cfg.vocab_size, dtype=ec.dtype, page_size=ec.page_size, num_kv_pages=engine.kv.num_usable_pages,
         max_num_seqs=ec.max_num_seqs, max_num_batched_tokens=engine.max_num_batched_tokens,
         eos_token_ids=sorted(engine.eos_token_ids), quantization=engine.quantization or "",
+        activation_quantization=engine.activation_quantization or "", kv_cache_dtype=engine.kv_cache_dtype,
         sharding=pb.ShardingPlan(
             tensor_parallel_size=ec.tensor_parallel_size, pipeline_parallel_size=ec.pipeline_parallel_size,
             data_parallel_size=1, num_devices=ec.tensor_parallel_size * ec.pipeline_parallel_size,

@@ -163,9 +163,12 @@ async def _models(request: Request):
   card = {"id": ctx.model_name, "object": "model", "created": request.app.state.started, "owned_by": "jserve"}
   if engine is not None:
     # Beside OpenAI's fields, as vLLM's card has max_model_len: what a client may need to know of the
-    # weights it talks to ("fp8", or None when they are not quantized).
+    # weights it talks to ("fp8", or None when they are not quantized), the projections' inputs ("fp8" for
+    # w8a8, else None) and the KV cache's element type.
     card["max_model_len"] = engine.max_model_len
     card["quantization"] = engine.quantization
+    card["activation_quantization"] = engine.activation_quantization
+    card["kv_cache_dtype"] = engine.kv_cache_dtype
   if request.path_params.get("model") is not None:
     ctx.check_model(request.path_params["model"])
     return JSONResponse(card)

@@ -39,7 +39,8 @@ class _Tokenizer:
 
 class FakeEngine:
   def __init__(self, max_num_seqs: int = 4, step_s: float = 0.001, fail_at_step: int | None = None,
-               quantization: str | None = None):
+               quantization: str | None = None, activation_quantization: str | None = None,
+               kv_cache_dtype: str = "float32"):
     self.max_num_seqs = max_num_seqs
     self.step_s = step_s
     self.fail_at_step = fail_at_step
@@ -55,6 +56,8 @@ class FakeEngine:
     self.max_num_batched_tokens = 64
     self.eos_token_ids = frozenset()
     self.quantization = quantization
+    self.activation_quantization = activation_quantization
+    self.kv_cache_dtype = kv_cache_dtype
     self.num_steps = 0
     self.aborted: list[str] = []
 

@@ -82,6 +82,7 @@ def test_model_info(stub):
   assert info.sharding.tensor_parallel_size == 1 and info.sharding.platform == "cpu"
   assert info.num_kv_pages == 64 and info.page_size == 16
   assert info.quantization == ""  # float32 weights (fp8: test_model_info.py)
+  assert info.activation_quantization == "" and info.kv_cache_dtype == "float32"  # the model's dtype
 
 
 def test_metrics_rpc_serves_what_http_serves(stub, server):

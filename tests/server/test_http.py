@@ -80,6 +80,7 @@ def test_models_health_metrics(client, server):
   assert client.models.retrieve("tiny").id == "tiny"
   card = httpx2.get(f"{server.http_url}/v1/models/tiny", headers={"Authorization": f"Bearer {API_KEY}"}).json()
   assert card["max_model_len"] == 256 and card["quantization"] is None  # fp8: test_model_info.py
+  assert card["activation_quantization"] is None and card["kv_cache_dtype"] == "float32"
   assert httpx2.get(f"{server.http_url}/health").json() == {"status": "ok"}
   m = scrape(server)
   assert m["jserve_kv_cache_total_pages"] == 64

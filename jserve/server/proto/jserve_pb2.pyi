@@ -184,7 +184,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model_name", "architecture", "max_model_len", "vocab_size", "dtype", "sharding", "page_size", "num_kv_pages", "max_num_seqs", "max_num_batched_tokens", "eos_token_ids", "quantization")
+    __slots__ = ("model_name", "architecture", "max_model_len", "vocab_size", "dtype", "sharding", "page_size", "num_kv_pages", "max_num_seqs", "max_num_batched_tokens", "eos_token_ids", "quantization", "activation_quantization", "kv_cache_dtype")
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class ModelInfo(_message.Message):
     MAX_NUM_BATCHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EOS_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
+    KV_CACHE_DTYPE_FIELD_NUMBER: _ClassVar[int]
     model_name: str
     architecture: str
     max_model_len: int
@@ -209,7 +211,9 @@ class ModelInfo(_message.Message):
     max_num_batched_tokens: int
     eos_token_ids: _containers.RepeatedScalarFieldContainer[int]
     quantization: str
-    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., sharding: _Optional[_Union[ShardingPlan, _Mapping]] = ..., page_size: _Optional[int] = ..., num_kv_pages: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., quantization: _Optional[str] = ...) -> None: ...
+    activation_quantization: str
+    kv_cache_dtype: str
+    def __init__(self, model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., dtype: _Optional[str] = ..., sharding: _Optional[_Union[ShardingPlan, _Mapping]] = ..., page_size: _Optional[int] = ..., num_kv_pages: _Optional[int] = ..., max_num_seqs: _Optional[int] = ..., max_num_batched_tokens: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., quantization: _Optional[str] = ..., activation_quantization: _Optional[str] = ..., kv_cache_dtype: _Optional[str] = ...) -> None: ...
 
 class ShardingPlan(_message.Message):
     __slots__ = ("tensor_parallel_size", "pipeline_parallel_size", "data_parallel_size", "num_devices", "platform", "device_kind")
