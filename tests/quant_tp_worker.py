@@ -8,6 +8,9 @@ quantized weights and their scales, whether layer 0's fp8 values and scales equa
 same weights quantized on one device (wo and w_down are split along the axes their amax reduces),
 and the weight bytes on each device with its pipeline stage (for the planner's count).
 
+It also runs fp8 activations (w8a8) at pipeline 2 x tensor 2 and on one device, and reports the
+tokens of each and where the [N, K] weights lie.
+
 Given a pre-quantized fp8 checkpoint, it also serves that at tensor 4 (the default model's 2 KV heads
 widened to 4, and their scales with them) and on one device, with `quantization=None`, and reports
 the same, layer 0's weights compared with the checkpoint read onto one device.
@@ -54,6 +57,7 @@ def main():
       same[param] = bool(np.array_equal(np.asarray(q.w, np.float32), np.asarray(ref.w, np.float32))
                          and np.array_equal(np.asarray(q.scale), np.asarray(ref.scale)))
     report[name] = _describe(llm, outs, same)
+  report["w8a8"] = _w8a8()
   if len(sys.argv) > 1:
     report["fp8 checkpoint"] = _checkpoint(sys.argv[1])
   print(json.dumps({"num_devices": jax.device_count(), **report}))
@@ -80,6 +84,23 @@ def _describe(llm, outs, same) -> dict:
       "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w.devices()),
       "device_weight_bytes": _device_bytes(llm),
       "first_stage_devices": sorted(d.id for d in layer["wo"].w.devices()),
+  }
+
+
+def _w8a8() -> dict:
+  """fp8 activations (w8a8) at pipeline 2 x tensor 2 against one device: tokens, and where each [N, K]
+  weight and its scale lie."""
+  one, llm = (LLM(None, activation_quantization="fp8", pipeline_parallel_size=n, tensor_parallel_size=n, **ENGINE)
+              for n in (1, 2))
+  layer = llm.engine.params["layers"][0]
+  return {
+      "tokens": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)],
+      "one_device_tokens": [o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY, use_tqdm=False)],
+      "types": sorted({type(layer[param]).__name__ for param in CONTRACTED_AXES}),
+      "specs": {param: [spec_of(layer[param].w_NK), spec_of(layer[param].scale)] for param in CONTRACTED_AXES},
+      "shard_shapes": {param: list(layer[param].w_NK.addressable_shards[0].data.shape) for param in CONTRACTED_AXES},
+      "first_stage_devices": sorted(d.id for d in layer["wo"].w_NK.devices()),
+      "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w_NK.devices()),
   }
 
 

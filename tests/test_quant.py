@@ -295,6 +295,21 @@ def test_a_tensor_parallel_fp8_checkpoint_serves_what_one_device_does(parallel_r
   assert got["scale_devices"] == [0, 1, 2, 3]
 
 
+def test_fp8_activations_on_a_pipeline_and_tensor_mesh_generate_what_one_device_does(parallel_report):
+  # Each device transposes its own shards to [N, K]: the column-parallel projections split N, the
+  # row-parallel wo and w_down split K, whose per-token amax XLA then reduces across the devices.
+  got = parallel_report["w8a8"]
+  assert got["tokens"] == got["one_device_tokens"]
+  assert got["types"] == ["Fp8WeightA8"]
+  cfg = load_model_config(DEFAULT_MODEL_DIR)
+  d, n, h, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
+  assert got["specs"]["wq"] == [["tensor", None], ["tensor", None]] and got["shard_shapes"]["wq"] == [n * h // 2, d]
+  assert got["specs"]["w_gate"] == [["tensor", None], ["tensor"]] and got["shard_shapes"]["w_gate"] == [f // 2, d]
+  assert got["specs"]["wo"] == [[None, "tensor"], [None]] and got["shard_shapes"]["wo"] == [d, n * h // 2]
+  assert got["specs"]["w_down"] == [[None, "tensor"], [None]] and got["shard_shapes"]["w_down"] == [d, f // 2]
+  assert got["first_stage_devices"] == [0, 1] and got["last_layer_devices"] == [2, 3]
+
+
 def _cli(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300, cwd=ROOT)

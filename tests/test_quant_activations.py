@@ -132,8 +132,8 @@ def test_activation_quantization_config_errors():
     EngineConfig(activation_quantization="int8")
   with pytest.raises(ConfigError, match=r"matmul_impl='gpu': the Triton decode matmul takes 16-bit activations"):
     EngineConfig(quantization="fp8", activation_quantization="fp8", matmul_impl="gpu")
-  with pytest.raises(ConfigError, match=r"runs on one device for now"):
-    EngineConfig(quantization="fp8", activation_quantization="fp8", tensor_parallel_size=2)
+  # Any layout: tensor and pipeline meshes are tests/test_quant.py's.
+  EngineConfig(quantization="fp8", activation_quantization="fp8", tensor_parallel_size=2, pipeline_parallel_size=2)
   with pytest.raises(ConfigError, match=r"needs fp8 weights: set quantization='fp8'"):
     LLM(None, activation_quantization="fp8", **{k: v for k, v in ENGINE.items() if k != "quantization"})
 

@@ -16,7 +16,7 @@ flags.DEFINE_enum("quantization", "none", ["none", *QUANTIZATIONS],
                   "A pre-quantized fp8 checkpoint is read as stored either way")
 flags.DEFINE_enum("activation_quantization", "none", ["none", *ACTIVATION_QUANTIZATIONS],
                   "fp8: with fp8 weights, each projection also quantizes its input per token (w8a8) and "
-                  "multiplies on fp8 tensor cores; one device")
+                  "multiplies on fp8 tensor cores")
 flags.DEFINE_integer("max_model_len", None, "longest prompt + output in tokens (default: the model's limit)")
 flags.DEFINE_integer("max_num_seqs", 256, "most sequences in one step")
 flags.DEFINE_integer("max_num_batched_tokens", None,

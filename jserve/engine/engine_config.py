@@ -47,8 +47,8 @@ class EngineConfig:
   # bytes a decode step reads, and the memory freed goes to the KV pool (jserve/models/quant.py).
   # A pre-quantized fp8 checkpoint is read as stored with None or "fp8" (jserve/prequantized.py).
   quantization: str | None = None
-  # fp8 activations too (w8a8; needs fp8 weights, from `quantization="fp8"` or an fp8 checkpoint, on one
-  # device): None, or "fp8": every projection quantizes its input per token to e4m3 with a dynamic scale
+  # fp8 activations too (w8a8; needs fp8 weights, from `quantization="fp8"` or an fp8 checkpoint): None,
+  # or "fp8": every projection quantizes its input per token to e4m3 with a dynamic scale
   # and multiplies fp8 by fp8 on the tensor cores, twice bfloat16's FLOP rate on Ada and Hopper, for
   # compute-bound steps (prefill chunks, large decode batches). See jserve/models/quant.py.
   activation_quantization: str | None = None
@@ -116,9 +116,6 @@ class EngineConfig:
       if self.matmul_impl == "gpu":
         raise ConfigError("activation_quantization='fp8' with matmul_impl='gpu': the Triton decode matmul takes "
                           "16-bit activations; use 'xla' or 'auto'")
-      if self.tensor_parallel_size * self.pipeline_parallel_size > 1:
-        raise ConfigError("activation_quantization='fp8' runs on one device for now: set tensor_parallel_size "
-                          "and pipeline_parallel_size to 1")
     if self.load_format not in LOAD_FORMATS:
       raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 

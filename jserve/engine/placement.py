@@ -179,8 +179,8 @@ def quantize_engine_params(params: dict, config, stored: CheckpointQuantization 
   `config`: the engine's `EngineConfig`. On one device (`mesh` None) with the decode matmul kernel
   (`matmul_impl` "gpu"), the fp8 weights are then stored [N, K] for it (`quant.kernel_layout`); "auto"
   keeps them [K, N], since it multiplies fp8 weights through XLA on every measured shape. With
-  `activation_quantization="fp8"` (one device) they are stored [N, K] as `Fp8WeightA8`s instead, whose
-  products quantize the activations too."""
+  `activation_quantization="fp8"` they are stored [N, K] as `Fp8WeightA8`s instead, on any layout (each
+  device transposes its own shards), whose products quantize the activations too."""
   if stored is not None:
     # quantization="fp8" agrees with the checkpoint: what its quantizer left unquantized stays so.
     why = ("quantization=None takes the checkpoint's" if config.quantization is None
@@ -195,9 +195,6 @@ def quantize_engine_params(params: dict, config, stored: CheckpointQuantization 
     logging.info("quantization=%s: weights %.1f MB -> %.1f MB in %.1f s", config.quantization, before / 1e6,
                  after / 1e6, time.monotonic() - start)
   if config.activation_quantization == "fp8":
-    if mesh is not None:
-      raise ConfigError("activation_quantization='fp8' runs on one device without a mesh for now (not across "
-                        "processes or on a tensor or pipeline mesh)")
     params = activation_layout(params)
     logging.info("activation_quantization=fp8: projections multiply fp8 activations (a scale per token) by "
                  "fp8 weights stored [N, K]")

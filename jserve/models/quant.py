@@ -19,7 +19,7 @@ For the decode matmul kernel (`matmul_impl="gpu"`, one device), `kernel_layout` 
 `Fp8Weight` as an `Fp8WeightNK`: flattened and transposed to [N, K], the layout the tensor cores read
 8-bit tiles in; `fp8_dot_nk` is its XLA einsum (prefill rows).
 
-fp8 activations too (w8a8, `EngineConfig.activation_quantization="fp8"`, one device): `activation_layout`
+fp8 activations too (w8a8, `EngineConfig.activation_quantization="fp8"`, any layout): `activation_layout`
 stores each `Fp8Weight` as an `Fp8WeightA8`, [N, K] like `Fp8WeightNK`, and `fp8_dot_a8` quantizes each
 row of the activations (each token) to e4m3 with its own float32 scale at every projection, then
 multiplies fp8 by fp8 with float32 accumulation: on GPUs with fp8 tensor cores (Ada, Hopper) twice the
@@ -90,7 +90,8 @@ class Fp8WeightA8:
   w_NK: float8 [N, K], as `Fp8WeightNK.w_NK`: fp8 tensor-core GEMMs (cuBLASLt's, Triton's) read both
     operands with the contracted axis contiguous, so stored [K, N] XLA would transpose it every call.
   scale: float32 of the output axes, as in `Fp8Weight`.
-  Made by `activation_layout` for a single-device engine with `activation_quantization="fp8"`.
+  Made by `activation_layout` for an engine with `activation_quantization="fp8"`, on any layout (a sharded
+  weight as [N, K] shards: `nk_sharding`).
   """
 
   w_NK: jax.Array
@@ -160,37 +161,58 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
   return out.astype(a.dtype).reshape(lead + q.scale.shape)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnums=1)
-def _to_nk(q: Fp8Weight, cls=Fp8WeightNK):
+def _to_nk(q: Fp8Weight, cls):
   num_contracted = q.w.ndim - q.scale.ndim
   k = math.prod(q.w.shape[:num_contracted])
   return cls(jnp.transpose(q.w.reshape(k, -1)), q.scale)
 
 
-def _store_nk(params: dict, cls, what: str) -> dict:
+def nk_sharding(sharding, ndim: int, num_contracted: int):
+  """Where a weight placed as `sharding` goes once flattened to [N, K]: each of the two groups of axes
+  (output, contracted) keeps the mesh axis of its first axis, the only one of a group that may be split
+  (a tensor-parallel projection splits its heads or its hidden units, never head_dim), so the flattening
+  moves no data between devices."""
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  if not isinstance(sharding, NamedSharding):
+    raise AssertionError(f"cannot store a weight sharded as {sharding} as [N, K]")
+  spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+  groups = spec[num_contracted:], spec[:num_contracted]
+  for group in groups:
+    if any(axis is not None for axis in group[1:]):
+      raise ValueError(f"a weight sharded as {sharding.spec} splits an inner axis: it cannot be stored as [N, K] "
+                       "without moving data between devices")
+  return NamedSharding(sharding.mesh, PartitionSpec(groups[0][0], groups[1][0]))
+
+
+def _store_nk(params: dict, cls) -> dict:
   """`params` with every layer's `Fp8Weight` transposed to [N, K] as a `cls`, one tensor at a time (each
-  original is donated: memory peaks at one fp8 tensor more). One device only: a sharded weight would need
-  its shards transposed too. `params` must not be used afterwards."""
+  original is donated: memory peaks at one fp8 tensor more), each kept on its devices: a tensor-parallel
+  weight as [N, K] shards of the shards it had (`nk_sharding`), the scale as it was. `params` must not be
+  used afterwards."""
+  programs = {}  # one jit per distinct (shape, placement), shared by all layers
   layers = []
   for layer in params["layers"]:
     layer = dict(layer)
     for name, w in layer.items():
       if isinstance(w, Fp8Weight):
-        if not isinstance(w.w.sharding, SingleDeviceSharding):
-          raise ValueError(f"{name} is placed as {w.w.sharding}: {what} is for one device")
-        layer[name] = jax.block_until_ready(_to_nk(w, cls))
+        key = (w.w.shape, w.scale.shape, w.w.sharding)
+        if key not in programs:
+          out = cls(nk_sharding(w.w.sharding, w.w.ndim, w.w.ndim - w.scale.ndim), w.scale.sharding)
+          programs[key] = jax.jit(functools.partial(_to_nk, cls=cls), donate_argnums=0, out_shardings=out)
+        layer[name] = jax.block_until_ready(programs[key](w))
     layers.append(layer)
   return dict(params, layers=layers)
 
 
 def kernel_layout(params: dict) -> dict:
   """Every layer's `Fp8Weight` stored as an `Fp8WeightNK`, for the decode matmul kernel (see `_store_nk`)."""
-  return _store_nk(params, Fp8WeightNK, "kernel_layout")
+  return _store_nk(params, Fp8WeightNK)
 
 
 def activation_layout(params: dict) -> dict:
   """Every layer's `Fp8Weight` stored as an `Fp8WeightA8`: its products then quantize the activations too."""
-  return _store_nk(params, Fp8WeightA8, "activation_layout")
+  return _store_nk(params, Fp8WeightA8)
 
 
 def scale_sharding(sharding, ndim: int, num_contracted: int):

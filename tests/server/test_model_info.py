@@ -1,6 +1,6 @@
 """The served model's description says how its weights, the projections' inputs and the KV cache are
-stored: gRPC GetModelInfo through the generated stub and HTTP /v1/models, in-process over the fake engine (no compile). test_grpc.py and test_http.py
-check the unquantized answer of a real server."""
+stored: gRPC GetModelInfo through the generated stub and HTTP /v1/models, in-process over the fake engine
+(no compile). test_grpc.py and test_http.py check the unquantized answer of a real server."""
 
 import asyncio
 
