@@ -41,6 +41,22 @@ _registered: set = set()
 _lock = threading.Lock()
 
 
+def compiler_options() -> dict | None:
+  """XLA options every step program compiles with (the runner's and pipeline stages' jits, and the
+  programs read back from this cache).
+
+  GPU: no dot merging. XLA's dot merger joins dots that share an operand by concatenating their other
+  operands. With fp8 activations the q, k and v projections read one quantized activation, as do gate
+  and up, so it copied their weights into one operand every step, and in the decode burst's loop, whose
+  weights do not change, it hoisted the copies out: every layer's at once, a 4.26 GiB buffer on the 8B
+  shape that ran an H100 out of memory (docs/benchmarks/e2e.md, fourteenth session). Every projection
+  stays a product of its own stored weight.
+  """
+  if jax.devices()[0].platform == "gpu":
+    return {"xla_gpu_dot_merger_threshold_mb": 0}
+  return None
+
+
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
   """sha256 of the source of jserve and its kernels: a changed line makes every stored program stale."""
@@ -216,7 +232,7 @@ class ProgramCache:
         with open(tmp, "wb") as f:
           f.write(exported.serialize())
         os.replace(tmp, path)  # readers see a whole file or none
-      return jax.jit(exported.call, donate_argnums=self._donate)
+      return jax.jit(exported.call, donate_argnums=self._donate, compiler_options=compiler_options())
     except Exception as e:  # noqa: BLE001 - the plain jit still works; say once why the cache does not
       self._failed = True
       logging.warning("program cache off for %s: %s: %s", self._name, type(e).__name__, str(e)[:300])

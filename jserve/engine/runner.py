@@ -28,7 +28,7 @@ from jserve.engine.step_batch import BatchBuilder, StepPlan
 from jserve.engine.sampler import SamplingInputs, SlotState, host_path, write_slots
 from jserve.engine import multihost
 from jserve.engine.placement import default_device
-from jserve.engine.programs import ProgramCache
+from jserve.engine.programs import ProgramCache, compiler_options
 from jserve.engine.stages import PipelineStep
 from jserve.engine.step import (TokenInputs, _decode_burst, _last_stage, _prompt_logprobs, _step, pack_host_inputs,
                                 unpack_host)
@@ -148,13 +148,15 @@ class ModelRunner:
     else:
       self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh,
                                              matmul_impl=rc.matmul_impl),
-                           donate_argnums=(1, 2), static_argnames=("layout", "path"), **step_shardings)
+                           donate_argnums=(1, 2), static_argnames=("layout", "path"),
+                           compiler_options=compiler_options(), **step_shardings)
     self._burst = None
     if rc.num_decode_steps > 1 and self.can_overlap and not self.multiprocess:
       self._burst = jax.jit(functools.partial(_decode_burst, num_steps=rc.num_decode_steps, cfg=cfg,
                                               attn_impl=rc.attn_impl, page_size=rc.page_size, mesh=mesh,
                                               matmul_impl=rc.matmul_impl),
                             donate_argnums=(1, 2), static_argnames=("layout", "path"),
+                            compiler_options=compiler_options(),
                             **({} if mesh is None else {"out_shardings": (
                                 replicated(mesh), kv_cache_shardings(cfg, mesh), replicated(mesh), replicated(mesh))}))
     if rc.program_cache_dir and mesh is None:

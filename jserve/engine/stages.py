@@ -22,6 +22,7 @@ import jax
 from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
+from jserve.engine.programs import compiler_options
 from jserve.models.llama import forward_layers
 from sharding.mesh import stage_meshes
 from sharding.rules import kv_cache_sharding, layer_stages, replicated
@@ -50,10 +51,11 @@ class PipelineStep:
       # Output shardings pinned (the hidden state replicated, each pool by KV heads) so that a step
       # never sees inputs placed differently from the compiled ones.
       fn = functools.partial(_lead_stage, first=s == 0, cfg=cfg, attn_impl=attn_impl, mesh=m)
-      self._lead.append(jax.jit(fn, donate_argnums=(1,),
+      self._lead.append(jax.jit(fn, donate_argnums=(1,), compiler_options=compiler_options(),
                                 out_shardings=(replicated(m), [kv_cache_sharding(m)] * len(r))))
     m = self.meshes[-1]
     self._last = jax.jit(functools.partial(last_stage, mesh=m), donate_argnums=(1, 3),
+                         compiler_options=compiler_options(),
                          out_shardings=(replicated(m), replicated(m), [kv_cache_sharding(m)] * len(self.layers[-1]),
                                         replicated(m)))
 
