@@ -31,6 +31,7 @@ import threading
 
 import jax
 import jaxlib
+import numpy as np
 from absl import logging
 from jax import export
 
@@ -41,19 +42,32 @@ _registered: set = set()
 _lock = threading.Lock()
 
 
+# GPU: no dot merging. XLA's dot merger joins dots that share an operand by concatenating their other
+# operands. With fp8 activations the q, k and v projections read one quantized activation, as do gate
+# and up; in the decode burst's loop, whose weights do not change, such concatenations of weights
+# would be hoisted out of the loop for every layer at once. The w8a8 burst of the 8B shape ran an
+# H100 out of memory on a 4.26 GiB buffer, the size of every layer's wq, wk, wv, w_gate and w_up in
+# fp8 (4.25 GiB); that the merger made it is inferred from the size, not yet confirmed on a GPU
+# (docs/benchmarks/e2e.md, fourteenth session). Every projection stays a product of its own weight.
+GPU_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+def supported(options: dict) -> bool:
+  """Whether this jaxlib's XLA knows every one of `options` (an unknown one fails every compile)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=options).lower(np.float32(0)).compile()
+  except Exception as e:  # noqa: BLE001 - XLA names the option it does not know
+    logging.warning("XLA compile options %s not taken: %s", options, str(e)[:200])
+    return False
+  return True
+
+
+@functools.lru_cache(maxsize=1)
 def compiler_options() -> dict | None:
   """XLA options every step program compiles with (the runner's and pipeline stages' jits, and the
-  programs read back from this cache).
-
-  GPU: no dot merging. XLA's dot merger joins dots that share an operand by concatenating their other
-  operands. With fp8 activations the q, k and v projections read one quantized activation, as do gate
-  and up, so it copied their weights into one operand every step, and in the decode burst's loop, whose
-  weights do not change, it hoisted the copies out: every layer's at once, a 4.26 GiB buffer on the 8B
-  shape that ran an H100 out of memory (docs/benchmarks/e2e.md, fourteenth session). Every projection
-  stays a product of its own stored weight.
-  """
-  if jax.devices()[0].platform == "gpu":
-    return {"xla_gpu_dot_merger_threshold_mb": 0}
+  programs read back from this cache): `GPU_COMPILER_OPTIONS` on a GPU whose XLA knows them, else none."""
+  if jax.devices()[0].platform == "gpu" and supported(GPU_COMPILER_OPTIONS):
+    return GPU_COMPILER_OPTIONS
   return None
 
 

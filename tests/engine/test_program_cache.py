@@ -148,3 +148,11 @@ def test_a_stored_program_on_a_gpu_loads_the_kernel_runtimes_first(tmp_path, mon
   monkeypatch.setattr(programs, "_deserialize", lambda data: order.append("read") or deserialize(data))
   _check(_cache(tmp_path)(*_args(), scale=3), 3)
   assert order == ["runtimes", "read"]
+
+
+def test_the_gpu_compile_options_are_known_to_this_xla():
+  # XLA's debug options are one list for every backend: an option this jaxlib knows, its GPU backend
+  # takes too, and an unknown one would fail every step program's compile, so it is probed first.
+  assert programs.supported(programs.GPU_COMPILER_OPTIONS)
+  assert not programs.supported({"xla_gpu_no_such_option": 0})
+  assert programs.compiler_options() is None  # the CPU: none
