@@ -14,7 +14,7 @@ from jserve.engine.engine import DEFAULT_MODEL_DIR, EngineConfig
 from jserve.errors import ConfigError
 from jserve.models.llama import forward_dense
 from jserve.models.quant import (CONTRACTED_AXES, Fp8WeightA8, activation_layout, fp8_dot_a8, quantize_fp8,
-                                 quantize_params, quantize_rows)
+                                 quantize_params, quantize_rows, quantizes_activations)
 from jserve.weights import load_params
 from tests.quant_tp_worker import ENGINE, PROMPTS
 from tests.test_quant import _channels_of_many_magnitudes, _cli, _close_to, _token_ids
@@ -92,7 +92,10 @@ def logits():
   q = quantize_params(load_params(DEFAULT_MODEL_DIR, cfg, "float32"))
   run = jax.jit(lambda p: forward_dense(p, ids, cfg)[0])
   out = {"fp8": run(q)}
-  out["w8a8"] = run(activation_layout(q))
+  assert not quantizes_activations(q)  # what the runner asks before it picks its compile options
+  a8 = activation_layout(q)
+  assert quantizes_activations(a8)
+  out["w8a8"] = run(a8)
   hf = transformers.AutoModelForCausalLM.from_pretrained(DEFAULT_MODEL_DIR, dtype=torch.float32)
   with torch.no_grad():
     out["transformers"] = hf(torch.tensor(np.asarray(ids))).logits[0].numpy()

@@ -42,13 +42,15 @@ _registered: set = set()
 _lock = threading.Lock()
 
 
-# GPU: no dot merging. XLA's dot merger joins dots that share an operand by concatenating their other
-# operands. With fp8 activations the q, k and v projections read one quantized activation, as do gate
-# and up; in the decode burst's loop, whose weights do not change, such concatenations of weights
-# would be hoisted out of the loop for every layer at once. The w8a8 burst of the 8B shape ran an
-# H100 out of memory on a 4.26 GiB buffer, the size of every layer's wq, wk, wv, w_gate and w_up in
-# fp8 (4.25 GiB); that the merger made it is inferred from the size, not yet confirmed on a GPU
-# (docs/benchmarks/e2e.md, fourteenth session). Every projection stays a product of its own weight.
+# GPU with fp8 activations: no dot merging. XLA's dot merger joins dots that share an operand by
+# concatenating their other operands. With fp8 activations the q, k and v projections read one
+# quantized activation, as do gate and up; in the decode burst's loop, whose weights do not change,
+# such concatenations of weights would be hoisted out of the loop for every layer at once. The w8a8
+# burst of the 8B shape ran an H100 out of memory on a 4.26 GiB buffer, the size of every layer's wq,
+# wk, wv, w_gate and w_up in fp8 (4.25 GiB); that the merger made it is inferred from the size, not
+# yet confirmed on a GPU (docs/benchmarks/e2e.md, fourteenth session). Every projection stays a
+# product of its own weight. Other engines compile as they were measured: what the option does to
+# them is not measured yet.
 GPU_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 
@@ -62,11 +64,12 @@ def supported(options: dict) -> bool:
   return True
 
 
-@functools.lru_cache(maxsize=1)
-def compiler_options() -> dict | None:
-  """XLA options every step program compiles with (the runner's and pipeline stages' jits, and the
-  programs read back from this cache): `GPU_COMPILER_OPTIONS` on a GPU whose XLA knows them, else none."""
-  if jax.devices()[0].platform == "gpu" and supported(GPU_COMPILER_OPTIONS):
+@functools.lru_cache(maxsize=2)
+def compiler_options(fp8_activations: bool) -> dict | None:
+  """XLA options the step programs compile with (the runner's and pipeline stages' jits, and the programs
+  read back from this cache): `GPU_COMPILER_OPTIONS` for an engine with fp8 activations on a GPU whose
+  XLA knows them, else none."""
+  if fp8_activations and jax.devices()[0].platform == "gpu" and supported(GPU_COMPILER_OPTIONS):
     return GPU_COMPILER_OPTIONS
   return None
 
@@ -148,15 +151,18 @@ def _aval_key(x) -> str:
 class ProgramCache:
   """A jitted function's programs, one per (static arguments, input avals), stored as exported modules.
 
-  Called as the jitted function is: `cache(*args, **static)`. `donate_argnums` as for that function.
+  Called as the jitted function is: `cache(*args, **static)`. `donate_argnums` and `compiler_options`
+  as for that function.
   """
 
-  def __init__(self, fn, *, name: str, key: str, directory: str, donate_argnums: tuple[int, ...] = ()):
+  def __init__(self, fn, *, name: str, key: str, directory: str, donate_argnums: tuple[int, ...] = (),
+               compiler_options: dict | None = None):
     self._fn = fn
     self._name = name
     self._key = key
     self._dir = directory
     self._donate = donate_argnums
+    self._options = compiler_options
     self._programs: dict = {}
     self._prepared: dict = {}  # compiled by `prepare`, not yet called
     self.loaded = 0  # programs read back from files (the rest were exported here)
@@ -246,7 +252,7 @@ class ProgramCache:
         with open(tmp, "wb") as f:
           f.write(exported.serialize())
         os.replace(tmp, path)  # readers see a whole file or none
-      return jax.jit(exported.call, donate_argnums=self._donate, compiler_options=compiler_options())
+      return jax.jit(exported.call, donate_argnums=self._donate, compiler_options=self._options)
     except Exception as e:  # noqa: BLE001 - the plain jit still works; say once why the cache does not
       self._failed = True
       logging.warning("program cache off for %s: %s: %s", self._name, type(e).__name__, str(e)[:300])

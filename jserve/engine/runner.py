@@ -33,6 +33,7 @@ from jserve.engine.stages import PipelineStep
 from jserve.engine.step import (TokenInputs, _decode_burst, _last_stage, _prompt_logprobs, _step, pack_host_inputs,
                                 unpack_host)
 from jserve.models.llama import StepInputs, param_specs
+from jserve.models.quant import quantizes_activations
 from sharding import distributed
 from sharding.mesh import STAGE
 from sharding.pipeline import split_params
@@ -103,6 +104,7 @@ class ModelRunner:
     self.mesh = mesh
     self.num_stages = 1 if mesh is None else mesh.shape[STAGE]
     self.buckets = token_buckets(rc.max_num_batched_tokens)
+    options = compiler_options(quantizes_activations(params))
     self.num_slots = rc.max_num_seqs
     slots = SlotState.zeros(self.num_slots, cfg.vocab_size, BIAS_TABLE_SIZE)
     if mesh is None:
@@ -126,7 +128,7 @@ class ModelRunner:
       if self.num_stages > 1:
         self.params = split_params(params, param_specs(cfg), mesh)
         self._pipeline = PipelineStep(cfg, mesh, functools.partial(_last_stage, cfg=cfg, attn_impl=rc.attn_impl),
-                                      rc.attn_impl)
+                                      rc.attn_impl, compiler_options=options)
         self._home = self._pipeline.home
       # A mesh over the devices of several processes (see jserve/engine/multihost.py): host arrays
       # become global arrays through `distributed.put_global`, each process filling its own devices.
@@ -149,24 +151,24 @@ class ModelRunner:
       self._step = jax.jit(functools.partial(_step, cfg=cfg, attn_impl=rc.attn_impl, mesh=mesh,
                                              matmul_impl=rc.matmul_impl),
                            donate_argnums=(1, 2), static_argnames=("layout", "path"),
-                           compiler_options=compiler_options(), **step_shardings)
+                           compiler_options=options, **step_shardings)
     self._burst = None
     if rc.num_decode_steps > 1 and self.can_overlap and not self.multiprocess:
       self._burst = jax.jit(functools.partial(_decode_burst, num_steps=rc.num_decode_steps, cfg=cfg,
                                               attn_impl=rc.attn_impl, page_size=rc.page_size, mesh=mesh,
                                               matmul_impl=rc.matmul_impl),
                             donate_argnums=(1, 2), static_argnames=("layout", "path"),
-                            compiler_options=compiler_options(),
+                            compiler_options=options,
                             **({} if mesh is None else {"out_shardings": (
                                 replicated(mesh), kv_cache_shardings(cfg, mesh), replicated(mesh), replicated(mesh))}))
     if rc.program_cache_dir and mesh is None:
       key = repr((cfg, dataclasses.replace(rc, program_cache_dir=None), jax.config.jax_enable_x64,
                   jax.config.jax_default_matmul_precision))
       self._step = ProgramCache(self._step, name="step", key=key, directory=rc.program_cache_dir,
-                                donate_argnums=(1, 2))
+                                donate_argnums=(1, 2), compiler_options=options)
       if self._burst is not None:
         self._burst = ProgramCache(self._burst, name="burst", key=key, directory=rc.program_cache_dir,
-                                   donate_argnums=(1, 2))
+                                   donate_argnums=(1, 2), compiler_options=options)
     # Prompt logprobs, compiled per token bucket on first use (most deployments never ask for them).
     self._prompt_logprobs = jax.jit(functools.partial(_prompt_logprobs, cfg=cfg))
     self._write_slots = jax.jit(write_slots, donate_argnums=(0,),

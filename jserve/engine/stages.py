@@ -22,7 +22,6 @@ import jax
 from jax.sharding import Mesh
 
 from jserve.config import ModelConfig
-from jserve.engine.programs import compiler_options
 from jserve.models.llama import forward_layers
 from sharding.mesh import stage_meshes
 from sharding.rules import kv_cache_sharding, layer_stages, replicated
@@ -41,9 +40,11 @@ class PipelineStep:
   `last_stage(params, kv_caches, x_TD, slots, mask_SW, inputs, sampling, tokens, *, mesh)` is the
   runner's: the last stage's layers, logits and sampling. `slots` and `mask_SW` live on the last
   stage (replicated); step inputs come as host arrays and are put on each stage's devices.
+  `compiler_options`: XLA's, for every stage's jit (`programs.compiler_options`).
   """
 
-  def __init__(self, cfg: ModelConfig, mesh: Mesh, last_stage: Callable, attn_impl: str):
+  def __init__(self, cfg: ModelConfig, mesh: Mesh, last_stage: Callable, attn_impl: str,
+               compiler_options: dict | None = None):
     self.meshes = stage_meshes(mesh)
     self.layers = layer_stages(cfg.num_layers, len(self.meshes))
     self._lead = []
@@ -51,11 +52,11 @@ class PipelineStep:
       # Output shardings pinned (the hidden state replicated, each pool by KV heads) so that a step
       # never sees inputs placed differently from the compiled ones.
       fn = functools.partial(_lead_stage, first=s == 0, cfg=cfg, attn_impl=attn_impl, mesh=m)
-      self._lead.append(jax.jit(fn, donate_argnums=(1,), compiler_options=compiler_options(),
+      self._lead.append(jax.jit(fn, donate_argnums=(1,), compiler_options=compiler_options,
                                 out_shardings=(replicated(m), [kv_cache_sharding(m)] * len(r))))
     m = self.meshes[-1]
     self._last = jax.jit(functools.partial(last_stage, mesh=m), donate_argnums=(1, 3),
-                         compiler_options=compiler_options(),
+                         compiler_options=compiler_options,
                          out_shardings=(replicated(m), replicated(m), [kv_cache_sharding(m)] * len(self.layers[-1]),
                                         replicated(m)))
 

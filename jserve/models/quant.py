@@ -215,6 +215,11 @@ def activation_layout(params: dict) -> dict:
   return _store_nk(params, Fp8WeightA8)
 
 
+def quantizes_activations(params: dict) -> bool:
+  """Whether `params`' projections multiply fp8 activations (`activation_layout` stored them so)."""
+  return any(isinstance(w, Fp8WeightA8) for layer in params["layers"] for w in layer.values())
+
+
 def scale_sharding(sharding, ndim: int, num_contracted: int):
   """The scale's placement: the weight's, with the contracted axes dropped from its PartitionSpec (also
   where jserve/weights.py puts the scales of a pre-quantized checkpoint)."""

@@ -155,4 +155,4 @@ def test_the_gpu_compile_options_are_known_to_this_xla():
   # takes too, and an unknown one would fail every step program's compile, so it is probed first.
   assert programs.supported(programs.GPU_COMPILER_OPTIONS)
   assert not programs.supported({"xla_gpu_no_such_option": 0})
-  assert programs.compiler_options() is None  # the CPU: none
+  assert programs.compiler_options(True) is None and programs.compiler_options(False) is None  # CPU: none
