@@ -54,7 +54,17 @@ def test_fp8_dot_a8_is_the_float64_product_of_per_token_e4m3_activations_and_the
   # Within float32 rounding of each row's own largest output (rows differ by six orders of magnitude).
   row_error = np.abs(got.reshape(ref.shape) - ref).max(axis=1) / np.abs(ref).max(axis=1)
   assert row_error.max() < 1e-5, row_error.max()
-  assert fp8_dot_a8(jnp.asarray(a, jnp.bfloat16), a8, num_contracted).dtype == jnp.bfloat16
+  # bfloat16 activations: the product comes out of the GEMM in bfloat16 and is scaled after, two
+  # roundings to 8 bits (float32 accumulation: one accumulated in bfloat16 would be off by far more).
+  a_bf16 = jnp.asarray(a, jnp.bfloat16)
+  got = fp8_dot_a8(a_bf16, a8, num_contracted)
+  assert got.dtype == jnp.bfloat16
+  a_MK = np.asarray(a_bf16, np.float64).reshape(-1, k)
+  row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
+  a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
+  row_error = np.abs(np.asarray(got, np.float64).reshape(ref.shape) - ref).max(axis=1) / np.abs(ref).max(axis=1)
+  assert row_error.max() < 2 * 2.0**-8, row_error.max()
 
 
 def test_each_token_keeps_its_own_precision_and_a_zero_token_stays_zero():
