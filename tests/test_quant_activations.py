@@ -156,3 +156,17 @@ def test_activation_quantization_flag_reaches_the_engine_config():
           "print(engine_config().activation_quantization)")
   assert _cli("-c", code, "--activation_quantization=fp8").stdout.split() == ["fp8"]
   assert _cli("-c", code).stdout.split() == ["None"]
+
+
+def test_only_an_engine_with_fp8_activations_compiles_its_steps_with_the_fp8_options(monkeypatch):
+  # On a GPU the runner asks programs.compiler_options for XLA's options (no dot merger) with whether
+  # the weights take fp8 activations. Here an option no XLA knows stands in for them: the w8a8 engine's
+  # first step compile must meet it, and an engine with fp8 weights alone must not.
+  from jserve.engine import runner
+  asked = []
+  monkeypatch.setattr(runner, "compiler_options",
+                      lambda fp8: asked.append(fp8) or ({"xla_no_such_option": 0} if fp8 else None))
+  with pytest.raises(Exception, match="No such compile option: 'xla_no_such_option'"):
+    LLM(None, activation_quantization="fp8", **ENGINE)
+  LLM(None, **ENGINE)  # fp8 weights only: compiles without it
+  assert asked == [True, False]
