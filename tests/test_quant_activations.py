@@ -65,6 +65,17 @@ def test_fp8_dot_a8_is_the_float64_product_of_per_token_e4m3_activations_and_the
   ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
   row_error = np.abs(np.asarray(got, np.float64).reshape(ref.shape) - ref).max(axis=1) / np.abs(ref).max(axis=1)
   assert row_error.max() < 2 * 2.0**-8, row_error.max()
+  # float16 activations: the unscaled fp8 sum (up to 448 x 448 per term) is beyond float16's range, so
+  # it must not come out of the GEMM in float16; the scaled result is within float16's rounding.
+  a_f16 = jnp.asarray(a, jnp.float16)
+  got = np.asarray(fp8_dot_a8(a_f16, a8, num_contracted), np.float64).reshape(ref.shape)
+  a_MK = np.asarray(a_f16, np.float64).reshape(-1, k)
+  row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
+  a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+  ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
+  live = np.abs(ref).max(axis=1) > 1e-3  # rows float16 keeps normal (it flushes the smallest to subnormals)
+  row_error = np.abs(got - ref).max(axis=1)[live] / np.abs(ref).max(axis=1)[live]
+  assert np.isfinite(got).all() and row_error.max() < 2.0**-10, row_error.max()
 
 
 def test_each_token_keeps_its_own_precision_and_a_zero_token_stays_zero():
