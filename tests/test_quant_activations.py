@@ -43,39 +43,33 @@ def test_fp8_dot_a8_is_the_float64_product_of_per_token_e4m3_activations_and_the
   a = _rows_of_many_magnitudes(int(np.prod(a_shape)) // k, k).reshape(a_shape)
   q, a8 = _a8_layer(_channels_of_many_magnitudes(w_shape, num_contracted), num_contracted)
   assert isinstance(a8, Fp8WeightA8) and a8.w_NK.shape == (int(np.prod(w_shape)) // k, k)
-  got = np.asarray(fp8_dot_a8(jnp.asarray(a), a8, num_contracted))
-  assert got.shape == a_shape[:len(a_shape) - num_contracted] + w_shape[num_contracted:]
-  # The reference: ml_dtypes rounds each row, scaled by its amax / 448, to e4m3; float64 multiplies.
-  a_MK = a.reshape(-1, k).astype(np.float64)
-  row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
-  a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
   w_KN = np.asarray(q.w, np.float64).reshape(k, -1)
-  ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
+
+  def product_and_reference(dtype):
+    """fp8_dot_a8 of `a` in `dtype` (float64, flattened to [M, N]) and its reference: ml_dtypes rounds
+    each row, scaled by its amax / 448, to e4m3; float64 multiplies."""
+    a_in = jnp.asarray(a, dtype)
+    got = fp8_dot_a8(a_in, a8, num_contracted)
+    assert got.dtype == dtype and got.shape == a_shape[:len(a_shape) - num_contracted] + w_shape[num_contracted:]
+    a_MK = np.asarray(a_in, np.float64).reshape(-1, k)
+    row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
+    a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
+    return np.asarray(got, np.float64).reshape(ref.shape), ref
+
+  def row_errors(got, ref):
+    return np.abs(got - ref).max(axis=1) / np.abs(ref).max(axis=1)
+
   # Within float32 rounding of each row's own largest output (rows differ by six orders of magnitude).
-  row_error = np.abs(got.reshape(ref.shape) - ref).max(axis=1) / np.abs(ref).max(axis=1)
-  assert row_error.max() < 1e-5, row_error.max()
+  assert row_errors(*product_and_reference(jnp.float32)).max() < 1e-5
   # bfloat16 activations: the product comes out of the GEMM in bfloat16 and is scaled after, two
   # roundings to 8 bits (float32 accumulation: one accumulated in bfloat16 would be off by far more).
-  a_bf16 = jnp.asarray(a, jnp.bfloat16)
-  got = fp8_dot_a8(a_bf16, a8, num_contracted)
-  assert got.dtype == jnp.bfloat16
-  a_MK = np.asarray(a_bf16, np.float64).reshape(-1, k)
-  row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
-  a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
-  ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
-  row_error = np.abs(np.asarray(got, np.float64).reshape(ref.shape) - ref).max(axis=1) / np.abs(ref).max(axis=1)
-  assert row_error.max() < 2 * 2.0**-8, row_error.max()
+  assert row_errors(*product_and_reference(jnp.bfloat16)).max() < 2 * 2.0**-8
   # float16 activations: the unscaled fp8 sum (up to 448 x 448 per term) is beyond float16's range, so
   # it must not come out of the GEMM in float16; the scaled result is within float16's rounding.
-  a_f16 = jnp.asarray(a, jnp.float16)
-  got = np.asarray(fp8_dot_a8(a_f16, a8, num_contracted), np.float64).reshape(ref.shape)
-  a_MK = np.asarray(a_f16, np.float64).reshape(-1, k)
-  row_scale = np.abs(a_MK).max(axis=1, keepdims=True) / 448
-  a_e4m3 = (a_MK / row_scale).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
-  ref = (a_e4m3 @ w_KN) * row_scale * np.asarray(q.scale, np.float64).reshape(1, -1)
+  got, ref = product_and_reference(jnp.float16)
   live = np.abs(ref).max(axis=1) > 1e-3  # rows float16 keeps normal (it flushes the smallest to subnormals)
-  row_error = np.abs(got - ref).max(axis=1)[live] / np.abs(ref).max(axis=1)[live]
-  assert np.isfinite(got).all() and row_error.max() < 2.0**-10, row_error.max()
+  assert np.isfinite(got).all() and row_errors(got, ref)[live].max() < 2.0**-10
 
 
 def test_each_token_keeps_its_own_precision_and_a_zero_token_stays_zero():
