@@ -22,7 +22,8 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
   decode steps per call (`num_decode_steps` > 1), the burst per step (the path the engine takes for
   decode-only batches). Each beside its bounds: the memory roofline (weight bytes + B * C * KV bytes
   per token, over the copy bandwidth) and the FLOP bound (2 * matmul parameters * B, over the matmul
-  rate; matmul parameters leave out an untied input embedding, which is gathered, not multiplied);
+  rate: bf16's, or fp8's for an engine with `activation_quantization="fp8"`; matmul parameters leave out
+  an untied input embedding, which is gathered, not multiplied);
   `fraction` is the larger bound over the step time. A pair whose KV does not fit the engine's pool
   runs at the largest halved batch that fits (`capped_from` says so); a batch over `max_num_seqs`
   or a context over the model's length is skipped with the reason.
@@ -397,7 +398,8 @@ def markdown(results: dict) -> list[str]:
   bw = results["ceiling"]
   lines = [f"{results['device']}, JAX {results['jax']}, {results['date']}, {results['preset']} random weights bf16; "
            f"copy ceiling {bw['best_GBps']:.0f} GB/s; matmul {bw.get('matmul_TFLOPs', nan):.3g} TFLOP/s "
-           f"(bf16 {bw.get('matmul_n', '-')}^3); engine start {results.get('engine_start_s', nan):.0f} s; "
+           f"({'fp8' if bw.get('matmul_dtype') == 'float8_e4m3fn' else 'bf16'} {bw.get('matmul_n', '-')}^3); "
+           f"engine start {results.get('engine_start_s', nan):.0f} s; "
            f"max_model_len {results.get('max_model_len', '-')}; engine args {results.get('engine_args')}"]
   if results.get("workloads"):
     lines += ["", "| in/out x requests | output tok/s | roofline output tok/s | fraction | serial bound tok/s | "
@@ -478,6 +480,12 @@ def main(argv):
              "device": jax.devices()[0].device_kind, "preset": FLAGS.preset, "ceiling": bw,
              "xla_mem_fraction": os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION")}
   bw.update(matmul_rate(FLAGS.matmul_n))
+  extra = json.loads(FLAGS.engine_args)
+  if extra.get("activation_quantization") == "fp8":
+    # Its products run on the fp8 tensor cores: FLOP bounds at the fp8 rate (the LM head and attention
+    # stay bf16, so this bound is a little below what the engine can reach: its fractions are not flattered).
+    bw["matmul_bf16_TFLOPs"] = bw["matmul_TFLOPs"]
+    bw.update(matmul_rate(FLAGS.matmul_n, fp8=True))
   print(f"ceilings: {bw}", flush=True)
   model = os.path.join(tempfile.mkdtemp(), FLAGS.preset)
   t = time.perf_counter()
@@ -489,7 +497,6 @@ def main(argv):
       hf = hf_generate_rates(model, [int(b) for b in FLAGS.hf_batch], cfg.vocab_size)
     except Exception as e:  # noqa: BLE001 - the anchor is optional where torch has no GPU
       results["hf_anchor"] = {"error": repr(e)}
-  extra = json.loads(FLAGS.engine_args)
   if FLAGS.dummy:
     extra["load_format"] = "dummy"
   results["engine_args"] = extra

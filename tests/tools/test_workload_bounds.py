@@ -67,3 +67,15 @@ def test_step_sweep_table_gives_the_serial_bound_and_its_fraction():
   header = next(line for line in lines if line.startswith("| batch | context"))
   assert header.split("|")[8:10] == [" serial ms ", " fraction "]
   assert "| 256 | 1024 | 16.13 | 16.96 | 11.68 | 5.03 | 0.72 | 13.14 | 0.81 |  |" in lines
+  assert "matmul 764 TFLOP/s (bf16 8192^3)" in lines[0]
+
+
+def test_an_engine_with_fp8_activations_is_bounded_by_the_fp8_matmul_rate():
+  # The fp8 product that the ceiling times is fp8_dot_a8's GEMM: e4m3 by e4m3 [N, K], bf16 out.
+  from tools.ceilings import matmul_rate
+  rate = matmul_rate(64, fp8=True)
+  assert rate["matmul_dtype"] == "float8_e4m3fn" and rate["matmul_n"] == 64 and rate["matmul_TFLOPs"] > 0
+  results = dict(device="H100", jax="0.11.2", date="2026-12-07", preset="llama-3.1-8b",
+                 ceiling=dict(best_GBps=3020.0, matmul_TFLOPs=1510.0, matmul_n=8192, matmul_dtype="float8_e4m3fn",
+                              matmul_bf16_TFLOPs=800.0))
+  assert "matmul 1.51e+03 TFLOP/s (fp8 8192^3)" in markdown(results)[0]
