@@ -28,7 +28,12 @@ column, as `quantization="fp8"` stores them: XLA is then the model's own
 Pallas kernel converts the fp8 tiles in registers (its candidates come from
 `tuning.GPU_SWEEP_FP8`), the Hopper kernel takes no fp8 weight, and the
 PyTorch anchor is the weight converted by `.to(torch.bfloat16)`, then
-cuBLAS, then the scale. Their TB/s count one byte per weight element (the
+cuBLAS, then the scale. With --weights=w8a8 they run as
+`activation_quantization="fp8"` multiplies them: the fp8 weight stored
+[N, K], each row of x quantized to fp8 with a scale of its own, fp8 by fp8 on
+the tensor cores (XLA: the model's own `quant.fp8_dot_a8`; the anchor:
+`torch._scaled_mm` with the same row and column scales); no Pallas kernel
+takes fp8 activations, so those rows have none. Their TB/s count one byte per weight element (the
 scales, under 0.2%, are left out), so they read directly against the copy
 ceiling; the "fp8 speed-up" column divides the same shape's bfloat16 time by
 the fp8 one, for the Pallas kernel and for XLA, when both ran.
@@ -70,17 +75,20 @@ from tools.matmul_report import markdown, table_lines, tuning_tables  # noqa: E4
 from tools.torch_matmul import torch_time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from jserve.models.quant import Fp8Weight, dequantize, fp8_dot, quantize_fp8  # noqa: E402
+from jserve.models.quant import Fp8Weight, Fp8WeightA8, dequantize, fp8_dot, fp8_dot_a8, quantize_fp8  # noqa: E402
 from pallas_kernels.decode_matmul import gpu, hopper, reference, tuning  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
 _MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
 _MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models")
-_WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column)")
+_WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column), "
+                              "w8a8 (the same, stored [N, K], activations quantized per row)")
 _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
 _SWEEP = flags.DEFINE_bool("sweep", True, "sweep the Triton kernel's tiles; --nosweep times its tuned config, XLA, "
                            "cuBLAS and the Hopper kernel's variants on every shape")
+_KERNELS = flags.DEFINE_bool("kernels", True, "time the Pallas kernels; --nokernels times XLA and torch only (and "
+                              "skips the kernels' edge checks)")
 _CHECKS_ONLY = flags.DEFINE_bool("checks_only", False, "run the correctness checks only; exit 1 if one fails (a "
                                   "hanging kernel then costs a short `timeout` before the timings, not the whole run)")
 _MIN_BYTES = flags.DEFINE_integer("min_bytes", 1 << 30, "weight bytes per timed call (distinct copies)")
@@ -107,6 +115,7 @@ class Shape:
   n: int
   kind: str = "kn"  # kn: x @ w[K, N]; nk: x @ w[N, K].T (tied LM head); gate_up: silu(x @ wg) * (x @ wu)
   fp8: bool = False  # weights in float8 e4m3, each with a float32 scale per column
+  a8: bool = False  # w8a8: fp8 weights stored [N, K], activations quantized per row (implies fp8)
 
   @property
   def num_weights(self):
@@ -122,7 +131,7 @@ class Shape:
 
   @property
   def bf16_name(self):
-    return self.name.replace(" fp8", "")
+    return self.name.replace(" fp8", "").replace(" w8a8", "")
 
 
 SHAPES = {
@@ -143,12 +152,20 @@ def fp8_shapes(shapes):
           if "lm_head" not in s.name]
 
 
+def a8_shapes(shapes):
+  """The w8a8 ones of `shapes`: "8B gate_up" -> "8B w8a8 gate_up" (no LM heads)."""
+  return [dataclasses.replace(s, name=s.name.replace(" ", " w8a8 ", 1), fp8=True, a8=True) for s in shapes
+          if "lm_head" not in s.name]
+
+
 def shapes_to_run(smoke, models, weights):
-  """Per model, its bfloat16 shapes, then its fp8 ones (so both of a model run before the time budget ends)."""
+  """Per model, its bfloat16 shapes, then its fp8 and w8a8 ones (so all of a model run before the time budget
+  ends)."""
   out = []
   for group in ([SMOKE_SHAPES] if smoke else [SHAPES[m] for m in models]):
     out += group if "bf16" in weights else []
     out += fp8_shapes(group) if "fp8" in weights else []
+    out += a8_shapes(group) if "w8a8" in weights else []
   return out
 
 
@@ -205,8 +222,12 @@ def hopper_jobs(shape, ms, xs, ws, interpret):
 def xla_fn(shape):
   if not shape.fp8:
     return over_copies(entry(reference, shape.kind))
-  # The model's own XLA path for fp8 weights: quant.fp8_dot per weight, as jserve/models/llama.py runs it.
-  dot = lambda x, w: fp8_dot("MK,KN->MN", x, Fp8Weight(*w))
+  # The model's own XLA path for fp8 weights: quant.fp8_dot per weight (quant.fp8_dot_a8 for w8a8), as
+  # jserve/models/llama.py runs it.
+  if shape.a8:
+    dot = lambda x, w: fp8_dot_a8(x, Fp8WeightA8(*w), 1)
+  else:
+    dot = lambda x, w: fp8_dot("MK,KN->MN", x, Fp8Weight(*w))
   if shape.kind == "kn":
     return over_copies(dot)
   return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]))
@@ -216,6 +237,20 @@ def fp8_pair(w_KN):
   """(float8 weight, float32 scale per column): `w_KN` as `quantization="fp8"` stores it."""
   q = quantize_fp8(w_KN, 1)
   return q.w, q.scale
+
+
+def a8_pair(w_KN):
+  """(float8 weight [N, K], float32 scale per output channel): `w_KN` as `activation_quantization="fp8"`
+  stores it."""
+  q = quantize_fp8(w_KN, 1)
+  return jnp.transpose(q.w), q.scale
+
+
+def kn_pairs(w):
+  """w8a8 weights ([N, K] pairs, or a (gate, up) pair of them) as [K, N] pairs, for `dequantized`."""
+  if isinstance(w[0], tuple):
+    return tuple(kn_pairs(p) for p in w)
+  return w[0].T, w[1]
 
 
 @jax.jit
@@ -312,7 +347,7 @@ def make_weights(shape, copies, seed):
   gen = jax.jit(lambda k: (jax.random.normal(k, wshape, jnp.float32) * shape.k**-0.5).astype(jnp.bfloat16))
   if shape.fp8:
     bf16 = gen
-    gen = jax.jit(lambda k: fp8_pair(bf16(k)))
+    gen = jax.jit(lambda k: (a8_pair if shape.a8 else fp8_pair)(bf16(k)))
   ws = []
   for i in range(copies):
     arrs = tuple(gen(jax.random.fold_in(key, per * i + j)) for j in range(per))
@@ -383,12 +418,14 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
   reps, rounds = (1, 1) if _SMOKE.value else (5, 5)
   ws = make_weights(shape, copies, seed=zlib.crc32(shape.name.encode()))
   xs = {m: make_x(m, shape.k, seed=m) for m in ms}
-  refs = {m: exact(xs[m], dequantized(ws[0]) if shape.fp8 else ws[0], shape.kind) for m in ms}
+  w0 = dequantized(kn_pairs(ws[0]) if shape.a8 else ws[0]) if shape.fp8 else ws[0]
+  refs = {m: exact(xs[m], w0, shape.kind) for m in ms}
   gate_up = shape.kind == "gate_up"
 
   # Round 1: XLA at every M and the kernel candidates of every swept M, compiled together.
-  # M = 1 takes the M = 16 winner, in round 2.
-  sweep_ms = [m for m in ms if m != 1 or 16 not in ms]
+  # M = 1 takes the M = 16 winner, in round 2. The kernel takes neither fp8 activations nor prompt-sized rows.
+  kernel_ms = [] if shape.a8 or not _KERNELS.value else [m for m in ms if m <= tuning.MAX_M]
+  sweep_ms = [m for m in kernel_ms if m != 1 or 16 not in kernel_ms]
   cfgs = {}
   for m in sweep_ms:
     if sweep:
@@ -399,7 +436,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
   jobs = {("xla", m): (xla_fn(shape), (xs[m], ws)) for m in ms}
   jobs.update({(m, label): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m in sweep_ms
                for label, c in cfgs[m].items()})
-  h_jobs = hopper_jobs(shape, ms, xs, ws, interpret)
+  h_jobs = hopper_jobs(shape, kernel_ms, xs, ws, interpret)
   jobs.update(h_jobs)
   t0 = time.perf_counter()
   compiled = compile_all(jobs, serial=[("xla", m) for m in ms])
@@ -428,7 +465,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
   for m in sweep_ms:
     if sweep and per_m[m] and "s" in per_m[m][0]:
       more[m] = split_variants(tuning.GpuConfig(**per_m[m][0]["cfg"]), m, shape, {r["config"] for r in per_m[m]})
-  if 1 in ms and 1 not in per_m:
+  if 1 in kernel_ms and 1 not in per_m:
     more[1] = {}
     src = per_m.get(16, [])
     if src and "s" in src[0]:
@@ -445,8 +482,8 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
 
   results = []
   for m in ms:
-    row = dict(shape=shape.name, kind=shape.kind, fp8=shape.fp8, bf16_shape=shape.bf16_name, m=m, k=shape.k,
-               n=shape.n, copies=copies, weight_bytes=shape.weight_bytes, **xla_rows.get(m, {}))
+    row = dict(shape=shape.name, kind=shape.kind, fp8=shape.fp8, a8=shape.a8, bf16_shape=shape.bf16_name, m=m,
+               k=shape.k, n=shape.n, copies=copies, weight_bytes=shape.weight_bytes, **xla_rows.get(m, {}))
     try:
       t, how = torch_time(shape, xs[m], ws, reps, rounds)
       row.update(torch_s=t / copies, torch_how=how)
@@ -553,7 +590,7 @@ def main(argv):
   if not interpret:
     res["ceiling"] = copy_ceilings(2 << 30)
     log(f"ceiling {res['ceiling']}")
-  res["checks"] = check_edges(interpret)
+  res["checks"] = check_edges(interpret) if _KERNELS.value or _CHECKS_ONLY.value else []
   save()
   if _CHECKS_ONLY.value:
     failed = [c["case"] for c in res["checks"] if not c["ok"]]

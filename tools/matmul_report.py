@@ -2,7 +2,7 @@
 tables to paste into pallas_kernels/decode_matmul/tuning.py, and the markdown report."""
 
 from pallas_kernels.decode_matmul import tuning
-from tools.torch_matmul import ANCHOR_FP8
+from tools.torch_matmul import ANCHOR_A8, ANCHOR_FP8
 
 
 def fmt_us(row, k):
@@ -65,9 +65,13 @@ def markdown(meta, ceiling, checks, rows, host_bound=()):
            f"torch copy {ceiling.get('torch_copy_TBps', 0):.2f}, JAX elementwise "
            f"{ceiling.get('jax_elementwise_TBps', 0):.2f}). Figures are per matmul; TB/s counts weight bytes "
            "(fp8 rows: one byte per element; roofline: those bytes at the ceiling).", ""]
-  if any(r.get("fp8") for r in rows):
+  if any(r.get("fp8") and not r.get("a8") for r in rows):
     lines += [f"fp8 rows: XLA is jserve's quant.fp8_dot; torch is the anchor `{ANCHOR_FP8}` (the weight "
               "converted through memory first); Pallas converts in registers; no Hopper kernel.", ""]
+  if any(r.get("a8") for r in rows):
+    lines += [f"w8a8 rows: XLA is jserve's quant.fp8_dot_a8 (x quantized per row, fp8 x fp8, both scales); torch "
+              f"is the anchor `{ANCHOR_A8}`; no Pallas or Hopper kernel. Their speed-up column divides the bf16 "
+              "row's time by theirs.", ""]
   lines += table_lines(rows, ceiling.get("ceiling_TBps", 0.0))
   lines += ["", f"GPU edge checks: {sum(c['ok'] for c in checks)} of {len(checks)} pass."]
   if host_bound:

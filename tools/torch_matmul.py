@@ -5,8 +5,12 @@ read the same bytes, and replays the calls from one CUDA graph so launch overhea
 
 For fp8 weights (a shape with `fp8` set; each weight a (float8 weight, float32 scale) pair) the anchor
 is plain PyTorch weight-only fp8: the weight converted to bfloat16 by `.to()` (a copy through memory),
-then cuBLAS, then the scale. `torch._scaled_mm` is not the anchor: it multiplies fp8 by fp8, so it
-would quantize the activations too, a different product (w8a8).
+then cuBLAS, then the scale. `torch._scaled_mm` is not the anchor there: it multiplies fp8 by fp8, so it
+would quantize the activations too, a different product.
+
+That product is the anchor of a w8a8 shape (`a8` set; each weight a (float8 weight [N, K], float32 scale)
+pair): x quantized to fp8 once per call with a scale per row (as `quant.quantize_rows`), then
+`torch._scaled_mm` per weight with the row and column scales (PyTorch's rowwise-scaled fp8 GEMM).
 """
 
 import time
@@ -16,6 +20,7 @@ import numpy as np
 
 
 ANCHOR_FP8 = "torch: fp8 .to(bfloat16) + cuBLAS"
+ANCHOR_A8 = "torch: x quantized per row + torch._scaled_mm (rowwise scales)"
 
 
 def torch_time(shape, x, ws, reps, rounds):
@@ -23,6 +28,7 @@ def torch_time(shape, x, ws, reps, rounds):
   import torch
   cuda = torch.cuda.is_available() and jax.default_backend() == "gpu"
   fp8 = getattr(shape, "fp8", False)
+  a8 = getattr(shape, "a8", False)
 
   def to_torch(a):
     try:  # the same buffers, so both libraries read the same bytes
@@ -34,21 +40,30 @@ def torch_time(shape, x, ws, reps, rounds):
   tx = to_torch(x)
   tws = [jax.tree_util.tree_map(to_torch, w) for w in ws]  # arrays, pairs or pairs of pairs, as given
 
-  def mm(w):
+  def mm(w, x8=None):
     if not fp8:
       return torch.matmul(tx, w)
     w8, scale = w
+    if a8:  # w8 is [N, K]: its transpose is the column-major operand _scaled_mm takes
+      return torch._scaled_mm(x8[0], w8.t(), scale_a=x8[1], scale_b=scale.view(1, -1), out_dtype=tx.dtype)
     return torch.matmul(tx, w8.to(tx.dtype)) * scale
+
+  def quantized_x():
+    """(x in float8 e4m3, its float32 scale per row [M, 1]), as quant.quantize_rows makes them."""
+    x32 = tx.float()
+    scale = (x32.abs().amax(dim=1, keepdim=True) / 448.0).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x32 / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn), scale
 
   def run():
     outs = []
+    x8 = quantized_x() if a8 else None
     for w in tws:
       if shape.kind == "kn":
-        outs.append(mm(w))
+        outs.append(mm(w, x8))
       elif shape.kind == "nk":
         outs.append(torch.matmul(tx, w.t()))
       else:
-        outs.append(torch.nn.functional.silu(mm(w[0])) * mm(w[1]))
+        outs.append(torch.nn.functional.silu(mm(w[0], x8)) * mm(w[1], x8))
     return outs
 
   if not cuda:
