@@ -75,13 +75,16 @@ from tools.matmul_report import markdown, table_lines, tuning_tables  # noqa: E4
 from tools.torch_matmul import torch_time  # noqa: E402
 from absl import app, flags  # noqa: E402
 
-from jserve.models.quant import Fp8Weight, Fp8WeightA8, dequantize, fp8_dot, fp8_dot_a8, quantize_fp8  # noqa: E402
+from jserve.models.quant import (Fp8Weight, Fp8WeightA8, Fp8WeightNK, dequantize, fp8_dot, fp8_dot_a8,  # noqa: E402
+                                 fp8_dot_nk, quantize_fp8)
 from pallas_kernels.decode_matmul import gpu, hopper, reference, tuning  # noqa: E402
 
 _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
 _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
 _MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
-_MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models")
+_MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models (8b, 8b-split, 1b)")
+_SHAPES = flags.DEFINE_list("shapes", None, "only these shapes of the models, by the name after the model's "
+                            "(gate_up, down, qkv, o, lm_head, gate_up fused; 8b-split: gate, k or v, q)")
 _WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column), "
                               "w8a8 (the same, stored [N, K], activations quantized per row)")
 _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
@@ -138,6 +141,9 @@ SHAPES = {
     "8b": [Shape("8B gate_up", 4096, 28672), Shape("8B down", 14336, 4096), Shape("8B qkv", 4096, 6144),
            Shape("8B o", 4096, 4096), Shape("8B lm_head", 4096, 128256),
            Shape("8B gate_up fused", 4096, 14336, "gate_up")],
+    # The products of an engine whose dot merger is off (fp8 activations: programs.compiler_options): q (o's
+    # shape), k and v, gate and up each on its own; with "8b" (down, o), every product of its layers.
+    "8b-split": [Shape("8B gate", 4096, 14336), Shape("8B k or v", 4096, 1024), Shape("8B q", 4096, 4096)],
     "1b": [Shape("1B gate_up", 2048, 16384), Shape("1B down", 8192, 2048), Shape("1B qkv", 2048, 3072),
            Shape("1B o", 2048, 2048), Shape("1B lm_head (tied)", 2048, 128256, "nk"),
            Shape("1B gate_up fused", 2048, 8192, "gate_up")],
@@ -158,11 +164,12 @@ def a8_shapes(shapes):
           if "lm_head" not in s.name]
 
 
-def shapes_to_run(smoke, models, weights):
+def shapes_to_run(smoke, models, weights, names=None):
   """Per model, its bfloat16 shapes, then its fp8 and w8a8 ones (so all of a model run before the time budget
-  ends)."""
+  ends); with `names`, only the shapes so named after the model's prefix ("8B down" is "down")."""
   out = []
   for group in ([SMOKE_SHAPES] if smoke else [SHAPES[m] for m in models]):
+    group = [s for s in group if names is None or s.name.split(" ", 1)[1] in names]
     out += group if "bf16" in weights else []
     out += fp8_shapes(group) if "fp8" in weights else []
     out += a8_shapes(group) if "w8a8" in weights else []
@@ -228,6 +235,15 @@ def xla_fn(shape):
     dot = lambda x, w: fp8_dot_a8(x, Fp8WeightA8(*w), 1)
   else:
     dot = lambda x, w: fp8_dot("MK,KN->MN", x, Fp8Weight(*w))
+  if shape.kind == "kn":
+    return over_copies(dot)
+  return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]))
+
+
+def xla_weight_only_fn(shape):
+  """For a w8a8 shape: its [N, K] fp8 weights multiplied weight-only (`quant.fp8_dot_nk`: each weight widened to
+  the activations' dtype inside XLA's dot), the activations left unquantized."""
+  dot = lambda x, w: fp8_dot_nk(x, Fp8WeightNK(*w), 1)
   if shape.kind == "kn":
     return over_copies(dot)
   return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]))
@@ -433,25 +449,29 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
     else:
       c = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
       cfgs[m] = {c.short(): c}
-  jobs = {("xla", m): (xla_fn(shape), (xs[m], ws)) for m in ms}
+  xla_kinds = {"xla": xla_fn(shape)}
+  if shape.a8:  # the same [N, K] store multiplied weight-only: the alternative for decode-sized rows
+    xla_kinds["xla_wo"] = xla_weight_only_fn(shape)
+  jobs = {(k, m): (fn, (xs[m], ws)) for k, fn in xla_kinds.items() for m in ms}
   jobs.update({(m, label): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m in sweep_ms
                for label, c in cfgs[m].items()})
   h_jobs = hopper_jobs(shape, kernel_ms, xs, ws, interpret)
   jobs.update(h_jobs)
   t0 = time.perf_counter()
-  compiled = compile_all(jobs, serial=[("xla", m) for m in ms])
+  compiled = compile_all(jobs, serial=[(k, m) for k in xla_kinds for m in ms])
   log(f"  compiled {len(jobs)} in {time.perf_counter() - t0:.1f} s")
 
-  xla_rows = {}
-  for m in ms:
-    fn = compiled[("xla", m)]
-    try:
-      if isinstance(fn, Exception):
-        raise fn
-      err = float(rel_err(fn(xs[m], ws)[0], refs[m]))
-      xla_rows[m] = dict(xla_s=time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, xla_err=err)
-    except Exception as e:  # noqa: BLE001
-      xla_rows[m] = dict(xla_error=repr(e)[:300])
+  xla_rows = {m: {} for m in ms}
+  for k in xla_kinds:
+    for m in ms:
+      fn = compiled[(k, m)]
+      try:
+        if isinstance(fn, Exception):
+          raise fn
+        err = float(rel_err(fn(xs[m], ws)[0], refs[m]))
+        xla_rows[m].update({f"{k}_s": time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, f"{k}_err": err})
+      except Exception as e:  # noqa: BLE001
+        xla_rows[m][f"{k}_error"] = repr(e)[:300]
   per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)
            for m in sweep_ms}
   hopper_rows = {}
@@ -497,7 +517,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
     if sweep_rows and "s" in sweep_rows[0]:
       row.update(pallas_s=sweep_rows[0]["s"], pallas_config=sweep_rows[0]["config"],
                  pallas_cfg=sweep_rows[0]["cfg"], pallas_err=sweep_rows[0]["err"])
-    for k in ("xla", "torch", "pallas", "hopper"):
+    for k in ("xla", "xla_wo", "torch", "pallas", "hopper"):
       if f"{k}_s" in row:
         row[f"{k}_TBps"] = shape.weight_bytes / row[f"{k}_s"] / 1e12
     results.append(row)
@@ -598,7 +618,7 @@ def main(argv):
         (f"; failed: {', '.join(failed)}" if failed else ""))
     sys.exit(1 if failed else 0)
   ms = [int(m) for m in _MS.value]
-  shapes = shapes_to_run(_SMOKE.value, _MODELS.value, _WEIGHTS.value)
+  shapes = shapes_to_run(_SMOKE.value, _MODELS.value, _WEIGHTS.value, _SHAPES.value)
   # per (model prefix, fp8) and M: the plain gate_up shape's fastest configs, tried on the fused one
   best_plain = {}
   for shape in shapes:

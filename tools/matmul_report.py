@@ -21,15 +21,17 @@ def fp8_speedups(r, rows):
 def table_lines(rows, ceiling_TBps=0.0):
   """The results table; with the copy ceiling, the time the weight bytes take at it (the roofline)."""
   lines = ["| shape | M | K x N | roofline us | XLA us (TB/s) | torch us (TB/s) | Pallas us (TB/s) | Pallas / torch | "
-           "tiles | fp8 speed-up Pallas / XLA | Hopper us (TB/s) | Hopper / torch | Hopper blocks |",
-           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+           "tiles | fp8 speed-up Pallas / XLA | Hopper us (TB/s) | Hopper / torch | Hopper blocks | "
+           "w8a8 store weight-only us (TB/s) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
   for r in rows:
     ratio = f"{r['torch_s'] / r['pallas_s']:.2f}x" if "torch_s" in r and "pallas_s" in r else "-"
     h_ratio = f"{r['torch_s'] / r['hopper_s']:.2f}x" if "torch_s" in r and "hopper_s" in r else "-"
     roof = f"{r['weight_bytes'] / ceiling_TBps / 1e6:.1f}" if ceiling_TBps else "-"
     lines.append(f"| {r['shape']} | {r['m']} | {r['k']} x {r['n']} | {roof} | {fmt_us(r, 'xla')} | "
                  f"{fmt_us(r, 'torch')} | {fmt_us(r, 'pallas')} | {ratio} | {r.get('pallas_config', '')} | "
-                 f"{fp8_speedups(r, rows)} | {fmt_us(r, 'hopper')} | {h_ratio} | {r.get('hopper_config', '')} |")
+                 f"{fp8_speedups(r, rows)} | {fmt_us(r, 'hopper')} | {h_ratio} | {r.get('hopper_config', '')} | "
+                 f"{fmt_us(r, 'xla_wo')} |")
   return lines
 
 
@@ -71,7 +73,8 @@ def markdown(meta, ceiling, checks, rows, host_bound=()):
   if any(r.get("a8") for r in rows):
     lines += [f"w8a8 rows: XLA is jserve's quant.fp8_dot_a8 (x quantized per row, fp8 x fp8, both scales); torch "
               f"is the anchor `{ANCHOR_A8}`; no Pallas or Hopper kernel. Their speed-up column divides the bf16 "
-              "row's time by theirs.", ""]
+              "row's time by theirs; the last column multiplies the same [N, K] fp8 weights weight-only "
+              "(quant.fp8_dot_nk, activations unquantized).", ""]
   lines += table_lines(rows, ceiling.get("ceiling_TBps", 0.0))
   lines += ["", f"GPU edge checks: {sum(c['ok'] for c in checks)} of {len(checks)} pass."]
   if host_bound:
