@@ -175,3 +175,30 @@ def test_only_an_engine_with_fp8_activations_compiles_its_steps_with_the_fp8_opt
     LLM(None, activation_quantization="fp8", **ENGINE)
   LLM(None, **ENGINE)  # fp8 weights only: compiles without it
   assert asked == [True, False]
+
+
+def test_auto_multiplies_small_decode_products_weight_only_from_the_same_store(monkeypatch):
+  # quant.a8_weight_only under matmul_impl="auto": at most A8_WEIGHT_ONLY_MAX_ROWS rows on a weight of at most
+  # A8_WEIGHT_ONLY_MAX_ELEMENTS take fp8_dot_nk (activations unquantized); more rows, a larger weight, or "xla"
+  # keep fp8_dot_a8. Both are deterministic, so each path is recognized by equality.
+  from jserve.models import llama, quant
+  from pallas_kernels.decode_matmul import gate_up_silu
+  _, a8 = _a8_layer(_channels_of_many_magnitudes((96, 80), 1), 1)
+  nk = quant.Fp8WeightNK(a8.w_NK, a8.scale)
+  rows_max = quant.A8_WEIGHT_ONLY_MAX_ROWS
+  for rows, impl, weight_only in ((1, "auto", True), (rows_max, "auto", True), (rows_max + 1, "auto", False),
+                                  (1, "xla", False)):
+    x = jnp.asarray(_rows_of_many_magnitudes(rows, 96, seed=rows)).astype(jnp.bfloat16)
+    got = llama._dot("...D,DF->...F", x, a8, impl)
+    want = quant.fp8_dot_nk(x, nk, 1) if weight_only else fp8_dot_a8(x, a8, 1)
+    other = fp8_dot_a8(x, a8, 1) if weight_only else quant.fp8_dot_nk(x, nk, 1)
+    assert np.array_equal(np.asarray(got), np.asarray(want)), (rows, impl)
+    assert not np.array_equal(np.asarray(got), np.asarray(other)), (rows, impl)
+    if weight_only:  # gate and up alike
+      got = llama._gate_up(x, {"w_gate": a8, "w_up": a8}, impl)
+      want = gate_up_silu(x, a8.w_NK, a8.w_NK, w_gate_scale_N=a8.scale, w_up_scale_N=a8.scale, transposed=True,
+                          impl="xla")  # the fused weight-only product's reference
+      assert np.array_equal(np.asarray(got), np.asarray(want)), rows
+  monkeypatch.setattr(quant, "A8_WEIGHT_ONLY_MAX_ELEMENTS", 96 * 80 - 1)  # the weight is now too large
+  x = jnp.asarray(_rows_of_many_magnitudes(1, 96)).astype(jnp.bfloat16)
+  assert np.array_equal(np.asarray(llama._dot("...D,DF->...F", x, a8, "auto")), np.asarray(fp8_dot_a8(x, a8, 1)))

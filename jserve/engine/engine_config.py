@@ -76,7 +76,8 @@ class EngineConfig:
   attn_impl: str = "auto"
   # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
   # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"
-  # (the Mosaic GPU kernel). Prefill-sized steps and sharded weights use XLA whatever this says.
+  # (the Mosaic GPU kernel). Prefill-sized steps and sharded weights use XLA whatever this says. With fp8
+  # activations, "auto" also multiplies decode-sized products of small weights weight-only (quant.a8_weight_only).
   matmul_impl: str = "xla"
   tensor_parallel_size: int = 1
   pipeline_parallel_size: int = 1

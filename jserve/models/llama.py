@@ -19,7 +19,8 @@ jserve/models/quant.py, or an fp8 checkpoint's, jserve/prequantized.py) instead 
 prefill-sized rows; decode-sized rows with another `matmul_impl` go to the decode matmul kernel with
 the fp8 weight and its scale (the Triton kernel converts the weight in registers; the Hopper one
 takes no fp8 and leaves it to XLA). A `quant.Fp8WeightA8` (`activation_quantization="fp8"`) multiplies
-through `quant.fp8_dot_a8`, fp8 activations by fp8 weights, whatever the rows and `matmul_impl`.
+through `quant.fp8_dot_a8`, fp8 activations by fp8 weights, except under `matmul_impl="auto"` where
+`quant.a8_weight_only` sends decode-sized products of small weights down the `Fp8WeightNK` path.
 """
 
 import dataclasses
@@ -32,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.config import ModelConfig
-from jserve.models.quant import Fp8Weight, Fp8WeightA8, Fp8WeightNK, fp8_dot, fp8_dot_a8, fp8_dot_nk
+from jserve.models.quant import Fp8Weight, Fp8WeightA8, Fp8WeightNK, a8_weight_only, fp8_dot, fp8_dot_a8, fp8_dot_nk
 from pallas_kernels import ragged_paged_attention, write_kv_pages
 from pallas_kernels.decode_matmul import MAX_M, decode_matmul, decode_matmul_nt, gate_up_silu
 from sharding.tensor import head_parallel
@@ -201,11 +202,20 @@ def _kernel_operand(b, k: int):
   return b.reshape(k, -1), None, False
 
 
+def _maybe_weight_only(b, rows: int, impl):
+  """An `Fp8WeightA8` that `quant.a8_weight_only` sends weight-only (under "auto") as the `Fp8WeightNK` of the same
+  store; any other weight as it is."""
+  if isinstance(b, Fp8WeightA8) and impl == "auto" and a8_weight_only(rows, b):
+    return Fp8WeightNK(b.w_NK, b.scale)
+  return b
+
+
 def _dot(eq, a, b, impl="xla"):
   # Every projection's equation is "...<a's named axes>,<same axes><out axes>": flatten to 2-D.
   n = len(eq.split(",")[0].replace("...", ""))
   k = math.prod(a.shape[a.ndim - n:])
   a_MK = a.reshape(-1, k)
+  b = _maybe_weight_only(b, a_MK.shape[0], impl)
   fp8 = isinstance(b, (Fp8Weight, Fp8WeightNK))
   # fp8 prefill rows too: XLA's einsum, exactly as with "xla"; and fp8 activations (the kernels take 16-bit ones).
   if impl == "xla" or (fp8 and a_MK.shape[0] > MAX_M) or isinstance(b, Fp8WeightA8):
@@ -218,8 +228,8 @@ def _dot(eq, a, b, impl="xla"):
 def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
   fp8 weights take the kernel for decode-sized rows when both are fp8 and stored alike."""
-  w_gate, w_up = lp["w_gate"], lp["w_up"]
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
+  w_gate, w_up = (_maybe_weight_only(lp[name], h_MD.shape[0], impl) for name in ("w_gate", "w_up"))
   fp8 = isinstance(w_gate, (Fp8Weight, Fp8WeightNK))
   # Either may be fp8 alone (a pre-quantized checkpoint can leave single projections unquantized): the
   # kernel streams two weights of one dtype and layout, so such a pair multiplies through XLA, as do fp8

@@ -26,6 +26,8 @@ multiplies fp8 by fp8 with float32 accumulation: on GPUs with fp8 tensor cores (
 bfloat16 FLOP rate, for compute-bound steps (prefill chunks, large decode batches), where weight-only
 fp8 is no faster than bfloat16. This is llm-compressor's FP8-Dynamic scheme (weights per channel,
 activations per token, dynamic); vLLM's online fp8 takes one dynamic scale per activation tensor.
+With `matmul_impl="auto"`, decode-sized products of the smaller weights multiply weight-only from the
+same [N, K] store instead (`a8_weight_only`).
 """
 
 import dataclasses
@@ -164,6 +166,23 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
   out = jax.lax.dot_general(a8_MK, q.w_NK, (((1,), (1,)), ((), ())), preferred_element_type=gemm_dtype)
   out = out.astype(jnp.float32) * a_scale_M[:, None] * q.scale.reshape(1, -1)
   return out.astype(a.dtype).reshape(lead + q.scale.shape)
+
+
+# matmul_impl="auto" in an engine with fp8 activations: a product of at most this many rows, on a weight of at
+# most this many elements, multiplies weight-only from the same [N, K] store (the activations unquantized).
+# Per product on an H100 (tools/bench_matmul.py, docs/benchmarks/e2e.md, fifteenth session), XLA's fp8 x fp8
+# product of 1 and 64 rows took 1.25-1.26x bf16's time on 4096 x 6144 (q, k and v together) and 1.03-1.34x on
+# 4096 x 4096 (o), while on 14336 x 4096 (down, 1 row) and 4096 x 28672 (gate and up) it was 1.5-1.7x faster:
+# its fixed costs (the GEMM's, and a pass that applies the scales) outweigh the weight bytes it saves on small
+# products only. Weight-only fp8 there took 0.60-0.69x of w8a8's time in the thirteenth session's run (its
+# [K, N] store; the [N, K] store's product and this rule's effect on the engine are not measured yet).
+A8_WEIGHT_ONLY_MAX_ROWS = 64
+A8_WEIGHT_ONLY_MAX_ELEMENTS = 4096 * 6144
+
+
+def a8_weight_only(rows: int, q: Fp8WeightA8) -> bool:
+  """Whether a product of `rows` activation rows by `q` multiplies weight-only under matmul_impl="auto"."""
+  return rows <= A8_WEIGHT_ONLY_MAX_ROWS and q.w_NK.size <= A8_WEIGHT_ONLY_MAX_ELEMENTS
 
 
 def _to_nk(q: Fp8Weight, cls):
