@@ -79,23 +79,31 @@ from jserve.models.quant import (Fp8Weight, Fp8WeightA8, Fp8WeightNK, dequantize
                                  fp8_dot_nk, quantize_fp8)
 from pallas_kernels.decode_matmul import gpu, hopper, reference, tuning  # noqa: E402
 
-_OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
-_SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
-_MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
-_MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models (8b, 8b-split, 1b)")
-_SHAPES = flags.DEFINE_list("shapes", None, "only these shapes of the models, by the name after the model's "
-                            "(gate_up, down, qkv, o, lm_head, gate_up fused; 8b-split: gate, k or v, q)")
-_WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column), "
-                              "w8a8 (the same, stored [N, K], activations quantized per row)")
-_BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
-_SWEEP = flags.DEFINE_bool("sweep", True, "sweep the Triton kernel's tiles; --nosweep times its tuned config, XLA, "
-                           "cuBLAS and the Hopper kernel's variants on every shape")
-_KERNELS = flags.DEFINE_bool("kernels", True, "time the Pallas kernels; --nokernels times XLA and torch only (and "
-                              "skips the kernels' edge checks)")
-_CHECKS_ONLY = flags.DEFINE_bool("checks_only", False, "run the correctness checks only; exit 1 if one fails (a "
-                                  "hanging kernel then costs a short `timeout` before the timings, not the whole run)")
-_MIN_BYTES = flags.DEFINE_integer("min_bytes", 1 << 30, "weight bytes per timed call (distinct copies)")
-_THREADS = flags.DEFINE_integer("compile_threads", 12, "parallel compiles")
+
+def _define_flags():
+  """The flags, defined only when run as a script: tests import this module beside benchmarks that define
+  flags of the same names (--out_dir)."""
+  global _OUT_DIR, _SMOKE, _MS, _MODELS, _SHAPES, _WEIGHTS, _BUDGET_S, _SWEEP, _KERNELS, _CHECKS_ONLY, _MIN_BYTES
+  global _THREADS
+  _OUT_DIR = flags.DEFINE_string("out_dir", "/tmp/bench_matmul", "where matmul.md and matmul.json go")
+  _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mode: a CPU run of this script")
+  _MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
+  _MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models (8b, 8b-split, 1b)")
+  _SHAPES = flags.DEFINE_list("shapes", None, "only these shapes of the models, by the name after the model's "
+                              "(gate_up, down, qkv, o, lm_head, gate_up fused; 8b-split: gate, k or v, q)")
+  _WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column), "
+                                "w8a8 (the same, stored [N, K], activations quantized per row)")
+  _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
+  _SWEEP = flags.DEFINE_bool("sweep", True, "sweep the Triton kernel's tiles; --nosweep times its tuned config, XLA, "
+                             "cuBLAS and the Hopper kernel's variants on every shape")
+  _KERNELS = flags.DEFINE_bool("kernels", True, "time the Pallas kernels; --nokernels times XLA and torch only (and "
+                                "skips the kernels' edge checks)")
+  _CHECKS_ONLY = flags.DEFINE_bool("checks_only", False, "run the correctness checks only; exit 1 if one fails (a "
+                                   "hanging kernel then costs a short `timeout` before the timings, not the whole "
+                                   "run)")
+  _MIN_BYTES = flags.DEFINE_integer("min_bytes", 1 << 30, "weight bytes per timed call (distinct copies)")
+  _THREADS = flags.DEFINE_integer("compile_threads", 12, "parallel compiles")
+
 
 _T0 = time.perf_counter()
 _LOG = []
@@ -650,4 +658,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main)
