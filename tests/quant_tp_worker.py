@@ -101,6 +101,10 @@ def _w8a8() -> dict:
       "shard_shapes": {param: list(layer[param].w_NK.addressable_shards[0].data.shape) for param in CONTRACTED_AXES},
       "first_stage_devices": sorted(d.id for d in layer["wo"].w_NK.devices()),
       "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w_NK.devices()),
+      # matmul_impl="auto": decode-sized products weight-only from the same sharded store (quant.a8_weight_only)
+      "auto_tokens": {n: [o.outputs[0].token_ids for o in LLM(
+          None, activation_quantization="fp8", tensor_parallel_size=n, **dict(ENGINE, matmul_impl="auto")).generate(
+              PROMPTS, GREEDY, use_tqdm=False)] for n in (1, 2)},
   }
 
 

@@ -308,6 +308,8 @@ def test_fp8_activations_on_a_pipeline_and_tensor_mesh_generate_what_one_device_
   assert got["specs"]["wo"] == [[None, "tensor"], [None]] and got["shard_shapes"]["wo"] == [d, n * h // 2]
   assert got["specs"]["w_down"] == [[None, "tensor"], [None]] and got["shard_shapes"]["w_down"] == [d, f // 2]
   assert got["first_stage_devices"] == [0, 1] and got["last_layer_devices"] == [2, 3]
+  # With matmul_impl="auto" the small products multiply weight-only from the same store, sharded alike.
+  assert got["auto_tokens"]["2"] == got["auto_tokens"]["1"]
 
 
 def _cli(*args):
