@@ -1,8 +1,9 @@
-"""tools/bench_matmul.py's w8a8 rows: the products it times are the model's, and the shapes it picks."""
+"""tools/matmul_cases.py (what tools/bench_matmul.py times): the w8a8 products are the model's, and the shapes
+it picks."""
 
 import jax.numpy as jnp
 
-from tools.bench_matmul import (Shape, a8_shapes, dequantized, exact, kn_pairs, make_weights, make_x, rel_err,
+from tools.matmul_cases import (Shape, a8_shapes, dequantized, exact, kn_pairs, make_weights, make_x, rel_err,
                                 shapes_to_run, xla_fn, xla_weight_only_fn)
 
 
