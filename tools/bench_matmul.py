@@ -72,8 +72,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.ceilings import copy_ceilings  # noqa: E402
-from tools.matmul_cases import (dequantized, entry, exact, fp8_pair, kn_pairs, make_weights, make_x,  # noqa: E402
-                                over_copies, rel_err, shapes_to_run, xla_fn, xla_weight_only_fn)
+from tools.matmul_cases import (dequantized, entry, exact, fp8_pair, kernel_mix, kn_pairs,  # noqa: E402
+                                make_weights, make_x, over_copies, rel_err, shapes_to_run, xla_fn, xla_weight_only_fn)
 from tools.matmul_report import markdown, table_lines, tuning_tables  # noqa: E402
 from tools.torch_matmul import torch_time  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -289,7 +289,8 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
         if isinstance(fn, Exception):
           raise fn
         err = float(rel_err(fn(xs[m], ws)[0], refs[m]))
-        xla_rows[m].update({f"{k}_s": time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, f"{k}_err": err})
+        xla_rows[m].update({f"{k}_s": time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, f"{k}_err": err,
+                            f"{k}_kernels": kernel_mix(fn.as_text(), copies)})
       except Exception as e:  # noqa: BLE001
         xla_rows[m][f"{k}_error"] = repr(e)[:300]
   per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)
@@ -342,10 +343,11 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
         row[f"{k}_TBps"] = shape.weight_bytes / row[f"{k}_s"] / 1e12
     results.append(row)
     log(f"  {shape.name} M={m}: " + ", ".join(
-        f"{k} {row[f'{k}_s'] * 1e6:.1f} us ({row[f'{k}_TBps']:.2f} TB/s)" for k in ("xla", "torch", "pallas")
+        f"{k} {row[f'{k}_s'] * 1e6:.1f} us ({row[f'{k}_TBps']:.2f} TB/s)" for k in ("xla", "xla_wo", "torch", "pallas")
         if f"{k}_s" in row) + f" [{row.get('pallas_config', 'no kernel result')}]"
         + (f", hopper {row['hopper_s'] * 1e6:.1f} us ({row['hopper_TBps']:.2f} TB/s) [{row['hopper_config']}]"
-           if "hopper_s" in row else ""))
+           if "hopper_s" in row else "")
+        + "".join(f"; {k}: {row[f'{k}_kernels']}" for k in xla_kinds if f"{k}_kernels" in row))
   del ws
   return results
 

@@ -5,8 +5,10 @@ The bench (timing, kernel sweeps, edge checks, the report) lives in tools/bench_
 flags, so tests import it.
 """
 
+import collections
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +126,24 @@ def xla_weight_only_fn(shape):
   """For a w8a8 shape: its [N, K] fp8 weights multiplied weight-only (`quant.fp8_dot_nk`: each weight widened to
   the activations' dtype inside XLA's dot), the activations left unquantized."""
   return _over_copies_of(shape, lambda x, w: fp8_dot_nk(x, Fp8WeightNK(*w), 1))
+
+
+def kernel_mix(hlo_text: str, copies: int) -> str:
+  """What one product compiled to, from the optimized program over `copies` weights (`compiled.as_text()`): the
+  entry computation's GEMM custom calls by target, XLA's Triton GEMM fusions, other fusions and plain dots, each
+  per copy, e.g. "__cublas$lt$matmul$f8 1, fusion 2". Shows whether XLA's fp8 GEMM went to cuBLASLt or to a
+  Triton GEMM, and how many passes surround it."""
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  counts = collections.Counter()
+  for line in (entry.group(0) if entry else "").splitlines()[1:]:
+    target = re.search(r'custom_call_target="([^"]+)"', line)
+    if target:
+      counts[target.group(1)] += 1
+    elif re.search(r"\sfusion\(", line):
+      counts["triton_gemm" if "__triton_gemm" in line else "fusion"] += 1
+    elif re.search(r"\sdot\(", line):
+      counts["dot"] += 1
+  return ", ".join(f"{k} {v / copies:g}" for k, v in sorted(counts.items())) or "none"
 
 
 def fp8_pair(w_KN):
