@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 
+from jserve.engine import programs
 from jserve.models.quant import (Fp8Weight, Fp8WeightA8, Fp8WeightNK, dequantize, fp8_dot, fp8_dot_a8, fp8_dot_nk,
                                  quantize_fp8)
 from pallas_kernels.decode_matmul import reference
@@ -100,16 +101,19 @@ def entry(module, kind, fp8=False, **kw):
   return lambda x, w: module.gate_up_silu(x, *w, **kw)
 
 
-def over_copies(one):
+def over_copies(one, compiler_options=None):
   """Jitted: x and a tuple of weight copies (pairs for gate_up) -> a tuple of outputs."""
-  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws))
+  return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws), compiler_options=compiler_options)
 
 
 def _over_copies_of(shape, dot):
-  """`over_copies` of one quantized weight's product `dot(x, w)`: itself for "kn", silu(gate) * up for gate_up."""
+  """`over_copies` of one quantized weight's product `dot(x, w)`: itself for "kn", silu(gate) * up for gate_up.
+  A w8a8 shape compiles with the options of a w8a8 engine's step programs (on a GPU: no dot merger, which
+  would otherwise join the copies that share x by concatenating their weights, a copy the engine never makes)."""
+  options = programs.compiler_options(True) if shape.a8 else None
   if shape.kind == "kn":
-    return over_copies(dot)
-  return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]))
+    return over_copies(dot, options)
+  return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]), options)
 
 
 def xla_fn(shape):
