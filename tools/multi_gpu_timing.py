@@ -102,14 +102,35 @@ def time_runner_steps(ctx: Context, cfg, runner, tp: int, pp: int, prefill: bool
 
 
 def fill_pool(runner):
-  """Random values in the KV pool, so that attention never times over zeros; shardings unchanged."""
+  """Values in [-1, 1) throughout the KV pool, so that attention never times over zeros; shardings unchanged.
+
+  Each layer's pool is freed before its new values are made, and they are made by one elementwise pass over
+  indices (a hash, no random generator's temporaries), so the fill needs no memory beyond the pool itself: the
+  engine sizes the pool to fill what the device has left (an 8B w8a8 pool of 1.77 GiB a layer ran an H100 out of
+  memory when a layer's old and new values had to coexist)."""
   import jax
+  import jax.numpy as jnp
+
+  def values(seed, shape, dtype):
+    idx = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for d in reversed(range(len(shape))):  # the flat index, modulo 2^32
+      idx = idx + jax.lax.broadcasted_iota(jnp.uint32, shape, d) * jnp.uint32(stride % 2**32)
+      stride *= shape[d]
+    h = (idx + seed) * jnp.uint32(2654435761)
+    h = (h ^ (h >> 15)) * jnp.uint32(2246822519)
+    h = h ^ (h >> 13)
+    return ((h >> 8).astype(jnp.float32) * (2.0 / 2**24) - 1.0).astype(dtype)
+
   fills = {}
   for i, x in enumerate(runner.kv_caches):
-    if x.sharding not in fills:
-      fills[x.sharding] = jax.jit(lambda k, a: jax.random.uniform(k, a.shape, a.dtype, -1, 1), donate_argnums=1,
-                                  out_shardings=x.sharding)
-    runner.kv_caches[i] = fills[x.sharding](jax.random.key(i), x)
+    shape, dtype, sharding = x.shape, x.dtype, x.sharding
+    key = (shape, dtype, sharding)
+    if key not in fills:
+      fills[key] = jax.jit(lambda seed, shape=shape, dtype=dtype: values(seed, shape, dtype), out_shardings=sharding)
+    runner.kv_caches[i] = None
+    x.delete()
+    runner.kv_caches[i] = fills[key](jnp.uint32(i * 0x9E3779B9 % 2**32))
   sync(runner.kv_caches)
 
 
