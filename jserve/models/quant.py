@@ -170,12 +170,11 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
 
 # matmul_impl="auto" in an engine with fp8 activations: a product of at most this many rows, on a weight of at
 # most this many elements, multiplies weight-only from the same [N, K] store (the activations unquantized).
-# Per product on an H100 (tools/bench_matmul.py, docs/benchmarks/e2e.md, fifteenth session), XLA's fp8 x fp8
-# product of 1 and 64 rows took 1.25-1.26x bf16's time on 4096 x 6144 (q, k and v together) and 1.03-1.34x on
-# 4096 x 4096 (o), while on 14336 x 4096 (down, 1 row) and 4096 x 28672 (gate and up) it was 1.5-1.7x faster:
-# its fixed costs (the GEMM's, and a pass that applies the scales) outweigh the weight bytes it saves on small
-# products only. Weight-only fp8 there took 0.60-0.69x of w8a8's time in the thirteenth session's run (its
-# [K, N] store; the [N, K] store's product and this rule's effect on the engine are not measured yet).
+# Per product on an H100, compiled as a w8a8 engine compiles it (tools/bench_matmul.py, docs/benchmarks/e2e.md,
+# sixteenth session), weight-only took 12.1-12.6 us against w8a8's 16.2-16.7 on q and o (4096 x 4096) at one
+# row and tied at 64; on gate (4096 x 14336) it was slower at one row (37.4 against 31.2). In the 8B engine's
+# decode step "auto" (this rule, and the LM head in the Pallas kernel) was 2.7%, 2.2% and 1.2% faster than
+# "xla" at batch 1, 16 and 64.
 A8_WEIGHT_ONLY_MAX_ROWS = 64
 A8_WEIGHT_ONLY_MAX_ELEMENTS = 4096 * 6144
 
