@@ -72,7 +72,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.ceilings import copy_ceilings  # noqa: E402
-from tools.matmul_cases import (dequantized, entry, exact, fp8_pair, kernel_mix, kn_pairs,  # noqa: E402
+from tools.matmul_cases import (dequantized, entry, entry_ops, exact, fp8_pair, kernel_mix, kn_pairs,  # noqa: E402
                                 make_weights, make_x, over_copies, rel_err, shapes_to_run, xla_fn, xla_weight_only_fn)
 from tools.matmul_report import markdown, table_lines, tuning_tables  # noqa: E402
 from tools.torch_matmul import torch_time  # noqa: E402
@@ -290,7 +290,7 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
           raise fn
         err = float(rel_err(fn(xs[m], ws)[0], refs[m]))
         xla_rows[m].update({f"{k}_s": time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, f"{k}_err": err,
-                            f"{k}_kernels": kernel_mix(fn.as_text(), copies)})
+                            f"{k}_kernels": kernel_mix(fn.as_text(), copies), f"{k}_entry": entry_ops(fn.as_text())})
       except Exception as e:  # noqa: BLE001
         xla_rows[m][f"{k}_error"] = repr(e)[:300]
   per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)

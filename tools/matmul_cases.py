@@ -132,6 +132,21 @@ def xla_weight_only_fn(shape):
   return _over_copies_of(shape, lambda x, w: fp8_dot_nk(x, Fp8WeightNK(*w), 1))
 
 
+def entry_ops(hlo_text: str, limit: int = 40) -> list[str]:
+  """The first `limit` instructions of the optimized program's entry computation, each shortened to its name,
+  shape, opcode, fusion kind (a custom fusion's too, e.g. __triton_gemm) or custom-call target (metadata and
+  backend configs dropped): what the bench's JSON keeps so that a GPU run shows which passes surround a GEMM
+  without a dump of the whole program."""
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  out = []
+  for line in (entry.group(0) if entry else "").splitlines()[1:limit + 1]:
+    fusion_kind = re.search(r'"kind":"(__[a-z_]+)"', line)  # a custom fusion's kind, e.g. __triton_gemm
+    line = re.split(r",? (?:metadata|backend_config|frontend_attributes)=", line)[0]  # those come last
+    line += f", {fusion_kind.group(1)}" if fusion_kind else ""
+    out.append(re.sub(r"\s+", " ", line).strip()[:200])
+  return [x for x in out if x and x != "}"]
+
+
 def kernel_mix(hlo_text: str, copies: int) -> str:
   """What one product compiled to, from the optimized program over `copies` weights (`compiled.as_text()`): the
   entry computation's GEMM custom calls by target, XLA's Triton GEMM fusions, other fusions and plain dots, each

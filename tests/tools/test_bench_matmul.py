@@ -3,8 +3,8 @@ it picks."""
 
 import jax.numpy as jnp
 
-from tools.matmul_cases import (Shape, a8_shapes, dequantized, exact, kernel_mix, kn_pairs, make_weights, make_x,
-                                rel_err, shapes_to_run, xla_fn, xla_weight_only_fn)
+from tools.matmul_cases import (Shape, a8_shapes, dequantized, entry_ops, exact, kernel_mix, kn_pairs, make_weights,
+                                make_x, rel_err, shapes_to_run, xla_fn, xla_weight_only_fn)
 
 
 def test_w8a8_shapes_time_the_fp8_activation_product_and_the_weight_only_one_from_one_store():
@@ -47,3 +47,9 @@ ENTRY %main (x: f8e4m3fn[1,4]) -> bf16[1,8] {
 """
   assert kernel_mix(hlo, 2) == "__cublas$lt$matmul$f8 1, fusion 0.5, triton_gemm 0.5"
   assert kernel_mix("no module", 2) == "none"
+  ops = entry_ops(hlo.replace("calls=%fused_computation\n",
+                              'calls=%fused_computation, metadata={op_name="x"}, backend_config={"a":{}}\n'))
+  assert ops[0] == '%c = (bf16[1,8], s8[0]) custom-call(%x, %w), custom_call_target="__cublas$lt$matmul$f8"'
+  assert ops[2] == "%f = bf16[1,8] fusion(%c), kind=kLoop, calls=%fused_computation"  # metadata, config dropped
+  assert ops[-1] == "%g = bf16[1,8] fusion(%x, %w), kind=kCustom, __triton_gemm"  # only the entry computation
+  assert len(ops) == 4 and entry_ops(hlo, limit=2) == ops[:2]
