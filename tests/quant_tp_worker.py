@@ -93,12 +93,16 @@ def _w8a8() -> dict:
   one, llm = (LLM(None, activation_quantization="fp8", pipeline_parallel_size=n, tensor_parallel_size=n, **ENGINE)
               for n in (1, 2))
   layer = llm.engine.params["layers"][0]
+  names = sorted(layer)  # the projections, gate and up stored together as w_gate_up (quant.fuse_gate_up)
   return {
       "tokens": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)],
       "one_device_tokens": [o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY, use_tqdm=False)],
-      "types": sorted({type(layer[param]).__name__ for param in CONTRACTED_AXES}),
-      "specs": {param: [spec_of(layer[param].w_NK), spec_of(layer[param].scale)] for param in CONTRACTED_AXES},
-      "shard_shapes": {param: list(layer[param].w_NK.addressable_shards[0].data.shape) for param in CONTRACTED_AXES},
+      "names": names,
+      "types": sorted({type(layer[param]).__name__ for param in names if param.startswith("w")}),
+      "specs": {param: [spec_of(layer[param].w_NK), spec_of(layer[param].scale)] for param in names
+                if param.startswith("w")},
+      "shard_shapes": {param: list(layer[param].w_NK.addressable_shards[0].data.shape) for param in names
+                       if param.startswith("w")},
       "first_stage_devices": sorted(d.id for d in layer["wo"].w_NK.devices()),
       "last_layer_devices": sorted(d.id for d in llm.engine.params["layers"][-1]["wo"].w_NK.devices()),
       # matmul_impl="auto": decode-sized products weight-only from the same sharded store (quant.a8_weight_only)

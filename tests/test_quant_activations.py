@@ -128,14 +128,18 @@ def test_w8a8_engine_generates_what_the_w8a8_model_does():
   kw = {k: v for k, v in ENGINE.items() if k != "quantization"}
   llm = LLM(None, quantization="fp8", activation_quantization="fp8", **kw)
   params = llm.engine.params
-  assert all(isinstance(layer[name], Fp8WeightA8) for layer in params["layers"] for name in CONTRACTED_AXES)
-  assert {str(layer[name].w_NK.dtype) for layer in params["layers"] for name in CONTRACTED_AXES} == {"float8_e4m3fn"}
+  # Every projection w8a8; gate and up stored together, [2, F, D] (quant.fuse_gate_up).
+  names = [name for name in CONTRACTED_AXES if name not in ("w_gate", "w_up")] + ["w_gate_up"]
+  assert all(set(layer) & set(CONTRACTED_AXES) == set(names) - {"w_gate_up"} for layer in params["layers"])
+  assert all(isinstance(layer[name], Fp8WeightA8) for layer in params["layers"] for name in names)
+  assert {str(layer[name].w_NK.dtype) for layer in params["layers"] for name in names} == {"float8_e4m3fn"}
+  cfg = llm.engine.model_config
+  assert params["layers"][0]["w_gate_up"].w_NK.shape == (2, cfg.intermediate_size, cfg.hidden_size)
   greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
   got = llm.generate(PROMPTS, greedy, use_tqdm=False)
   # The reference: greedy decoding by the dense forward (no KV pool, no paging, no chunking) over the
   # engine's own weights, each step over the whole sequence so far, padded at the end to one length (the
   # model is causal, so the padding changes no earlier position).
-  cfg = llm.engine.model_config
   length = max(len(out.prompt_token_ids) for out in got) + 8
   run = jax.jit(lambda ids, last: forward_dense(params, ids, cfg)[0][last].argmax())
   for out in got:
@@ -202,3 +206,38 @@ def test_auto_multiplies_small_decode_products_weight_only_from_the_same_store(m
   monkeypatch.setattr(quant, "A8_WEIGHT_ONLY_MAX_ELEMENTS", 96 * 80 - 1)  # the weight is now too large
   x = jnp.asarray(_rows_of_many_magnitudes(1, 96)).astype(jnp.bfloat16)
   assert np.array_equal(np.asarray(llama._dot("...D,DF->...F", x, a8, "auto")), np.asarray(fp8_dot_a8(x, a8, 1)))
+
+
+def test_gate_and_up_stored_together_multiply_as_the_two_apart():
+  # quant.fuse_gate_up stacks a layer's w8a8 gate and up into one [2, F, K] weight, multiplied by one GEMM. Each
+  # output is the same K-sum of the same fp8 values with the same two scales, so the fused layer must give
+  # what the pair gives apart, w8a8 and (under "auto", small products) weight-only alike.
+  from jserve.models import llama, quant
+  _, gate = _a8_layer(_channels_of_many_magnitudes((96, 80), 1, seed=5), 1)
+  _, up = _a8_layer(_channels_of_many_magnitudes((96, 80), 1, seed=6), 1)
+  apart = {"w_gate": gate, "w_up": up, "wo": "kept"}
+  copies = {"w_gate": jax.tree.map(jnp.copy, gate), "w_up": jax.tree.map(jnp.copy, up), "wo": "kept"}
+  fused = quant.fuse_gate_up({"layers": [copies]})["layers"][0]
+  assert set(fused) == {"w_gate_up", "wo"} and fused["wo"] == "kept"
+  assert fused["w_gate_up"].w_NK.shape == (2, 80, 96) and fused["w_gate_up"].scale.shape == (2, 80)
+  assert copies["w_gate"].w_NK.is_deleted() and copies["w_up"].scale.is_deleted()  # freed once stacked
+  for rows, impl in ((3, "xla"), (3, "auto"), (quant.A8_WEIGHT_ONLY_MAX_ROWS + 1, "auto")):
+    x = jnp.asarray(_rows_of_many_magnitudes(rows, 96, seed=rows)).astype(jnp.bfloat16)
+    want = np.asarray(llama._gate_up(x, apart, impl), np.float32)
+    got = np.asarray(llama._gate_up(x, fused, impl), np.float32)
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-6 * np.abs(want).max())
+    if impl == "xla" or rows > quant.A8_WEIGHT_ONLY_MAX_ROWS:  # w8a8 both ways: the same bf16 roundings
+      assert np.mean(got == want) > 0.95, (rows, impl)
+    # (Weight-only apart, the pair goes through gate_up_silu, whose activation is float32 with one rounding
+    # at the end; fused, each product is rounded to bf16 first: a rounding apart, hence the tolerance.)
+  # The weight-only path under "auto" is a different product (activations unquantized): recognizably so.
+  x = jnp.asarray(_rows_of_many_magnitudes(3, 96, seed=3)).astype(jnp.bfloat16)
+  assert not np.array_equal(np.asarray(llama._gate_up(x, fused, "auto")), np.asarray(llama._gate_up(x, fused, "xla")))
+
+
+def test_fuse_gate_up_keeps_a_pair_that_differs_apart():
+  from jserve.models import quant
+  _, gate = _a8_layer(_channels_of_many_magnitudes((96, 80), 1, seed=5), 1)
+  q_up = quantize_fp8(jnp.asarray(_channels_of_many_magnitudes((96, 80), 1, seed=6)), 1)  # weight-only fp8
+  layer = quant.fuse_gate_up({"layers": [{"w_gate": gate, "w_up": q_up}]})["layers"][0]
+  assert set(layer) == {"w_gate", "w_up"} and not gate.w_NK.is_deleted()

@@ -50,7 +50,9 @@ _lock = threading.Lock()
 # of every layer's wq, wk, wv, w_gate and w_up in fp8 (4.25 GiB); with it the engine runs (12,545
 # output tok/s at 1000/1000). A 4-layer burst shows the merger's concatenations but not the hoisted
 # buffer, so that the merger made it stays inferred (docs/benchmarks/e2e.md, fourteenth and fifteenth
-# sessions). Other engines keep the merger: bf16 weights' decode step is 1.5-2.5% slower without it.
+# sessions). Other engines keep the merger: bf16 weights' decode step is 1.5-2.5% slower without it. (Such an
+# engine now stores each layer's gate and up together, quant.fuse_gate_up, so they are one GEMM without the
+# merger; q, k and v stay three.)
 GPU_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 

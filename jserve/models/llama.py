@@ -227,8 +227,13 @@ def _dot(eq, a, b, impl="xla"):
 
 def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
-  fp8 weights take the kernel for decode-sized rows when both are fp8 and stored alike."""
+  fp8 weights take the kernel for decode-sized rows when both are fp8 and stored alike. An engine with fp8
+  activations stores the two together (`w_gate_up`, `quant.fuse_gate_up`): one product through XLA."""
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
+  if "w_gate_up" in lp:
+    w = _maybe_weight_only(lp["w_gate_up"], h_MD.shape[0], impl)
+    gu = _xla_dot("...D,DTF->...TF", h_TD, w, 1)
+    return jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
   w_gate, w_up = (_maybe_weight_only(lp[name], h_MD.shape[0], impl) for name in ("w_gate", "w_up"))
   fp8 = isinstance(w_gate, (Fp8Weight, Fp8WeightNK))
   # Either may be fp8 alone (a pre-quantized checkpoint can leave single projections unquantized): the

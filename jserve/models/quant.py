@@ -27,7 +27,9 @@ bfloat16 FLOP rate, for compute-bound steps (prefill chunks, large decode batche
 fp8 is no faster than bfloat16. This is llm-compressor's FP8-Dynamic scheme (weights per channel,
 activations per token, dynamic); vLLM's online fp8 takes one dynamic scale per activation tensor.
 With `matmul_impl="auto"`, decode-sized products of the smaller weights multiply weight-only from the
-same [N, K] store instead (`a8_weight_only`).
+same [N, K] store instead (`a8_weight_only`). Each layer's gate and up are stored together, [2, F, K]
+(`w_gate_up`), so that they are one GEMM: an engine with fp8 activations compiles without XLA's dot
+merger (jserve/engine/programs.py), which would otherwise join them by concatenating the weights.
 """
 
 import dataclasses
@@ -91,7 +93,8 @@ class Fp8WeightA8:
 
   w_NK: float8 [N, K], as `Fp8WeightNK.w_NK`: fp8 tensor-core GEMMs (cuBLASLt's, Triton's) read both
     operands with the contracted axis contiguous, so stored [K, N] XLA would transpose it every call.
-  scale: float32 of the output axes, as in `Fp8Weight`.
+    A layer's gate and up stored together (`fuse_gate_up`) are [2, F, K]: one GEMM of N = 2F.
+  scale: float32 of the output axes, as in `Fp8Weight` ([2, F] for gate and up together).
   Made by `activation_layout` for an engine with `activation_quantization="fp8"`, on any layout (a sharded
   weight as [N, K] shards: `nk_sharding`).
   """
@@ -131,7 +134,11 @@ def fp8_dot(eq: str, a, q: Fp8Weight):
 def fp8_dot_nk(a, q: Fp8WeightNK, num_contracted: int):
   """`fp8_dot` for an `Fp8WeightNK`: `a`'s last `num_contracted` axes against the weight's K, in `a`'s dtype,
   shaped as `a`'s leading axes followed by the weight's output axes."""
-  a_MK, lead = _rows(a, q.w_NK.shape[1], num_contracted)
+  a_MK, lead = _rows(a, q.w_NK.shape[-1], num_contracted)
+  if q.w_NK.ndim > 2:  # gate and up together, [2, F, K]: one dot, the weight widened inside it
+    out = jax.lax.dot_general(a_MK, q.w_NK.astype(a.dtype), (((1,), (q.w_NK.ndim - 1,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return (out * q.scale.reshape(q.w_NK.shape[:-1])).astype(a.dtype).reshape(lead + q.scale.shape)
   # The decode matmul's spec is this product: the weight widened to a's dtype, float32 accumulation, the scale.
   out = matmul_nt(a_MK, q.w_NK, w_scale_N=q.scale.reshape(-1))
   return out.reshape(lead + q.scale.shape)
@@ -156,15 +163,16 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
   """`fp8_dot_nk` with the activations quantized too: each row of `a` (flattened to [M, K]) to e4m3 with a
   scale of its own, an fp8 by fp8 product accumulated in float32, then both scales; in `a`'s dtype, shaped
   as `a`'s leading axes followed by the weight's output axes."""
-  a_MK, lead = _rows(a, q.w_NK.shape[1], num_contracted)
+  a_MK, lead = _rows(a, q.w_NK.shape[-1], num_contracted)
   a8_MK, a_scale_M = quantize_rows(a_MK)
   # The GEMM accumulates in float32 and writes bfloat16 for bfloat16 activations: half the bytes that
   # the scaling pass then reads (117 MB less each way for a 2,048 x 14,336 prompt chunk's gate), for
   # one more rounding to bfloat16's 8 bits, far inside e4m3's 4. Other dtypes get float32: float16's
   # range (65,504) cannot hold the unscaled sum, up to 448 x 448 per term.
   gemm_dtype = jnp.bfloat16 if a.dtype == jnp.bfloat16 else jnp.float32
-  out = jax.lax.dot_general(a8_MK, q.w_NK, (((1,), (1,)), ((), ())), preferred_element_type=gemm_dtype)
-  out = out.astype(jnp.float32) * a_scale_M[:, None] * q.scale.reshape(1, -1)
+  out = jax.lax.dot_general(a8_MK, q.w_NK, (((1,), (q.w_NK.ndim - 1,)), ((), ())), preferred_element_type=gemm_dtype)
+  out_axes = q.w_NK.shape[:-1]  # [N], or [2, F] for gate and up together
+  out = out.astype(jnp.float32) * a_scale_M.reshape((-1,) + (1,) * len(out_axes)) * q.scale.reshape(out_axes)
   return out.astype(a.dtype).reshape(lead + q.scale.shape)
 
 
@@ -234,8 +242,48 @@ def kernel_layout(params: dict) -> dict:
 
 
 def activation_layout(params: dict) -> dict:
-  """Every layer's `Fp8Weight` stored as an `Fp8WeightA8`: its products then quantize the activations too."""
-  return _store_nk(params, Fp8WeightA8)
+  """Every layer's `Fp8Weight` stored as an `Fp8WeightA8`: its products then quantize the activations too; each
+  layer's gate and up as one (`fuse_gate_up`)."""
+  return fuse_gate_up(_store_nk(params, Fp8WeightA8))
+
+
+def _stacked_sharding(sharding):
+  """A weight's placement with a new leading axis of its own, unsplit (so each device stacks its own shards)."""
+  if isinstance(sharding, NamedSharding):
+    return NamedSharding(sharding.mesh, PartitionSpec(None, *sharding.spec))
+  if isinstance(sharding, SingleDeviceSharding):
+    return sharding
+  raise AssertionError(f"cannot stack weights sharded as {sharding}")
+
+
+def _stack_a8(gate: Fp8WeightA8, up: Fp8WeightA8) -> Fp8WeightA8:
+  return Fp8WeightA8(jnp.stack([gate.w_NK, up.w_NK]), jnp.stack([gate.scale, up.scale]))
+
+
+def fuse_gate_up(params: dict) -> dict:
+  """`params` with each layer's `w_gate` and `w_up` (`Fp8WeightA8`s of one shape and placement) replaced by
+  `w_gate_up`, the two stacked: [2, F, K] with scales [2, F]. Under tensor parallelism F stays split as it was,
+  so each device stacks its own halves and the fused product needs no communication. Both originals are freed
+  once stacked (memory peaks at one layer's gate and up more). A layer whose pair differs (a pre-quantized checkpoint may
+  leave one unquantized) keeps them apart. `params` must not be used afterwards."""
+  programs = {}
+  layers = []
+  for layer in params["layers"]:
+    gate, up = layer.get("w_gate"), layer.get("w_up")
+    if not (isinstance(gate, Fp8WeightA8) and isinstance(up, Fp8WeightA8) and gate.w_NK.shape == up.w_NK.shape
+            and gate.w_NK.sharding == up.w_NK.sharding and gate.scale.sharding == up.scale.sharding):
+      layers.append(layer)
+      continue
+    key = (gate.w_NK.shape, gate.w_NK.sharding, gate.scale.sharding)
+    if key not in programs:
+      out = Fp8WeightA8(_stacked_sharding(gate.w_NK.sharding), _stacked_sharding(gate.scale.sharding))
+      programs[key] = jax.jit(_stack_a8, out_shardings=out)
+    layer = {k: v for k, v in layer.items() if k not in ("w_gate", "w_up")}
+    layer["w_gate_up"] = jax.block_until_ready(programs[key](gate, up))
+    for x in (gate.w_NK, gate.scale, up.w_NK, up.scale):  # no donation: a stack cannot reuse either buffer
+      x.delete()
+    layers.append(layer)
+  return dict(params, layers=layers)
 
 
 def quantizes_activations(params: dict) -> bool:
