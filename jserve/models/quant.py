@@ -264,8 +264,8 @@ def fuse_gate_up(params: dict) -> dict:
   """`params` with each layer's `w_gate` and `w_up` (`Fp8WeightA8`s of one shape and placement) replaced by
   `w_gate_up`, the two stacked: [2, F, K] with scales [2, F]. Under tensor parallelism F stays split as it was,
   so each device stacks its own halves and the fused product needs no communication. Both originals are freed
-  once stacked (memory peaks at one layer's gate and up more). A layer whose pair differs (a pre-quantized checkpoint may
-  leave one unquantized) keeps them apart. `params` must not be used afterwards."""
+  once stacked (memory peaks at one layer's gate and up more). A layer whose pair differs (a pre-quantized
+  checkpoint may leave one unquantized) keeps them apart. `params` must not be used afterwards."""
   programs = {}
   layers = []
   for layer in params["layers"]:
