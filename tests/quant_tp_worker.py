@@ -93,7 +93,7 @@ def _w8a8() -> dict:
   one, llm = (LLM(None, activation_quantization="fp8", pipeline_parallel_size=n, tensor_parallel_size=n, **ENGINE)
               for n in (1, 2))
   layer = llm.engine.params["layers"][0]
-  names = sorted(layer)  # the projections, gate and up stored together as w_gate_up (quant.fuse_gate_up)
+  names = sorted(layer)  # the projections, gate and up, k and v stacked (quant.stack_pairs)
   return {
       "tokens": [o.outputs[0].token_ids for o in llm.generate(PROMPTS, GREEDY, use_tqdm=False)],
       "one_device_tokens": [o.outputs[0].token_ids for o in one.generate(PROMPTS, GREEDY, use_tqdm=False)],

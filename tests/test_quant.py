@@ -304,10 +304,13 @@ def test_fp8_activations_on_a_pipeline_and_tensor_mesh_generate_what_one_device_
   cfg = load_model_config(DEFAULT_MODEL_DIR)
   d, n, h, f = cfg.hidden_size, cfg.num_heads, cfg.head_dim, cfg.intermediate_size
   assert got["specs"]["wq"] == [["tensor", None], ["tensor", None]] and got["shard_shapes"]["wq"] == [n * h // 2, d]
-  # Gate and up stored together (quant.fuse_gate_up): [2, F, D], F split as each was, so no device mixes them.
-  assert "w_gate" not in got["names"] and "w_up" not in got["names"]
+  # Gate and up, k and v stacked (quant.stack_pairs): [2, N, D], N split as each was, so no device mixes them.
+  assert not {"w_gate", "w_up", "wk", "wv"} & set(got["names"])
   assert got["specs"]["w_gate_up"] == [[None, "tensor", None], [None, "tensor"]]
   assert got["shard_shapes"]["w_gate_up"] == [2, f // 2, d]
+  kv = cfg.num_kv_heads
+  assert got["specs"]["wkv"] == [[None, "tensor", None], [None, "tensor", None]]
+  assert got["shard_shapes"]["wkv"] == [2, kv * h // 2, d]
   assert got["specs"]["wo"] == [[None, "tensor"], [None]] and got["shard_shapes"]["wo"] == [d, n * h // 2]
   assert got["specs"]["w_down"] == [[None, "tensor"], [None]] and got["shard_shapes"]["w_down"] == [d, f // 2]
   assert got["first_stage_devices"] == [0, 1] and got["last_layer_devices"] == [2, 3]

@@ -2,6 +2,8 @@
 with a scale of its own, the product is the fp8 by fp8 one (checked against ml_dtypes' e4m3 rounding and a
 float64 matmul), and the model and engine stay close to transformers' unquantized model."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -13,8 +15,8 @@ from jserve.config import load_model_config
 from jserve.engine.engine import DEFAULT_MODEL_DIR, EngineConfig
 from jserve.errors import ConfigError
 from jserve.models.llama import forward_dense
-from jserve.models.quant import (CONTRACTED_AXES, Fp8WeightA8, activation_layout, fp8_dot_a8, quantize_fp8,
-                                 quantize_params, quantize_rows, quantizes_activations)
+from jserve.models.quant import (CONTRACTED_AXES, STACKED_PAIRS, Fp8WeightA8, activation_layout, fp8_dot_a8,
+                                 quantize_fp8, quantize_params, quantize_rows, quantizes_activations)
 from jserve.weights import load_params
 from tests.quant_tp_worker import ENGINE, PROMPTS
 from tests.test_quant import _channels_of_many_magnitudes, _cli, _close_to, _token_ids
@@ -128,13 +130,14 @@ def test_w8a8_engine_generates_what_the_w8a8_model_does():
   kw = {k: v for k, v in ENGINE.items() if k != "quantization"}
   llm = LLM(None, quantization="fp8", activation_quantization="fp8", **kw)
   params = llm.engine.params
-  # Every projection w8a8; gate and up stored together, [2, F, D] (quant.fuse_gate_up).
-  names = [name for name in CONTRACTED_AXES if name not in ("w_gate", "w_up")] + ["w_gate_up"]
-  assert all(set(layer) & set(CONTRACTED_AXES) == set(names) - {"w_gate_up"} for layer in params["layers"])
+  # Every projection w8a8; gate and up, k and v stacked: [2, F, D], [2, KV * H, D] (quant.stack_pairs).
+  names = ["wq", "wo", "w_down", "w_gate_up", "wkv"]
+  assert all(set(layer) & (set(CONTRACTED_AXES) | set(STACKED_PAIRS)) == set(names) for layer in params["layers"])
   assert all(isinstance(layer[name], Fp8WeightA8) for layer in params["layers"] for name in names)
   assert {str(layer[name].w_NK.dtype) for layer in params["layers"] for name in names} == {"float8_e4m3fn"}
   cfg = llm.engine.model_config
   assert params["layers"][0]["w_gate_up"].w_NK.shape == (2, cfg.intermediate_size, cfg.hidden_size)
+  assert params["layers"][0]["wkv"].w_NK.shape == (2, cfg.num_kv_heads * cfg.head_dim, cfg.hidden_size)
   greedy = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
   got = llm.generate(PROMPTS, greedy, use_tqdm=False)
   # The reference: greedy decoding by the dense forward (no KV pool, no paging, no chunking) over the
@@ -208,36 +211,58 @@ def test_auto_multiplies_small_decode_products_weight_only_from_the_same_store(m
   assert np.array_equal(np.asarray(llama._dot("...D,DF->...F", x, a8, "auto")), np.asarray(fp8_dot_a8(x, a8, 1)))
 
 
-def test_gate_and_up_stored_together_multiply_as_the_two_apart():
-  # quant.fuse_gate_up stacks a layer's w8a8 gate and up into one [2, F, K] weight, multiplied by one GEMM. Each
-  # output is the same K-sum of the same fp8 values with the same two scales, so the fused layer must give
-  # what the pair gives apart, w8a8 and (under "auto", small products) weight-only alike.
+def test_stacked_pairs_multiply_as_the_two_apart():
+  # quant.stack_pairs stacks a layer's w8a8 gate and up into one [2, F, K] weight, and k and v into one
+  # [2, KV * H, K], each multiplied by one GEMM. Each output is the same K-sum of the same fp8 values with the
+  # same two scales, so the stacked layer must give what the pairs give apart (up to summation order), w8a8 and
+  # (under "auto", small products) weight-only alike.
   from jserve.models import llama, quant
-  _, gate = _a8_layer(_channels_of_many_magnitudes((96, 80), 1, seed=5), 1)
-  _, up = _a8_layer(_channels_of_many_magnitudes((96, 80), 1, seed=6), 1)
-  apart = {"w_gate": gate, "w_up": up, "wo": "kept"}
-  copies = {"w_gate": jax.tree.map(jnp.copy, gate), "w_up": jax.tree.map(jnp.copy, up), "wo": "kept"}
-  fused = quant.fuse_gate_up({"layers": [copies]})["layers"][0]
-  assert set(fused) == {"w_gate_up", "wo"} and fused["wo"] == "kept"
-  assert fused["w_gate_up"].w_NK.shape == (2, 80, 96) and fused["w_gate_up"].scale.shape == (2, 80)
-  assert copies["w_gate"].w_NK.is_deleted() and copies["w_up"].scale.is_deleted()  # freed once stacked
-  for rows, impl in ((3, "xla"), (3, "auto"), (quant.A8_WEIGHT_ONLY_MAX_ROWS + 1, "auto")):
+  shapes = {"wq": (96, 4, 16), "wk": (96, 2, 16), "wv": (96, 2, 16), "wo": (4, 16, 96), "w_gate": (96, 80),
+            "w_up": (96, 80), "w_down": (80, 96)}
+  ws = {name: _channels_of_many_magnitudes(shape, CONTRACTED_AXES[name], seed=i)
+        for i, (name, shape) in enumerate(shapes.items())}
+  cfg = dataclasses.replace(load_model_config(DEFAULT_MODEL_DIR), num_layers=1, hidden_size=96, num_heads=4,
+                            num_kv_heads=2, head_dim=16, intermediate_size=80, attention_bias=False, qk_norm=False)
+  norms = {"attn_norm": jnp.ones(96), "mlp_norm": jnp.ones(96)}
+  apart = dict(_store_apart(ws), **norms)
+  copies = jax.tree.map(jnp.copy, apart)
+  stacked = quant.stack_pairs({"layers": [copies]})["layers"][0]
+  assert set(stacked) == {"wq", "wo", "w_down", "w_gate_up", "wkv", "attn_norm", "mlp_norm"}
+  assert stacked["w_gate_up"].w_NK.shape == (2, 80, 96) and stacked["w_gate_up"].scale.shape == (2, 80)
+  assert stacked["wkv"].w_NK.shape == (2, 32, 96) and stacked["wkv"].scale.shape == (2, 2, 16)
+  assert copies["w_gate"].w_NK.is_deleted() and copies["wv"].scale.is_deleted()  # freed once stacked
+
+  def attend(q, k, v):  # the layer's attention stand-in: its inputs' sums, so k and v reach the output
+    return q + (k.sum(-2, keepdims=True) + 2 * v.sum(-2, keepdims=True)), None
+
+  for rows, impl in ((5, "xla"), (5, "auto"), (quant.A8_WEIGHT_ONLY_MAX_ROWS + 1, "auto")):
     x = jnp.asarray(_rows_of_many_magnitudes(rows, 96, seed=rows)).astype(jnp.bfloat16)
-    want = np.asarray(llama._gate_up(x, apart, impl), np.float32)
-    got = np.asarray(llama._gate_up(x, fused, impl), np.float32)
-    np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-6 * np.abs(want).max())
-    if impl == "xla" or rows > quant.A8_WEIGHT_ONLY_MAX_ROWS:  # w8a8 both ways: the same bf16 roundings
-      assert np.mean(got == want) > 0.95, (rows, impl)
-    # (Weight-only apart, the pair goes through gate_up_silu, whose activation is float32 with one rounding
-    # at the end; fused, each product is rounded to bf16 first: a rounding apart, hence the tolerance.)
-  # The weight-only path under "auto" is a different product (activations unquantized): recognizably so.
-  x = jnp.asarray(_rows_of_many_magnitudes(3, 96, seed=3)).astype(jnp.bfloat16)
-  assert not np.array_equal(np.asarray(llama._gate_up(x, fused, "auto")), np.asarray(llama._gate_up(x, fused, "xla")))
+    pos = jnp.arange(rows)
+    want = np.asarray(llama._layer(apart, x, pos, attend, cfg, impl)[0], np.float32)
+    got = np.asarray(llama._layer(stacked, x, pos, attend, cfg, impl)[0], np.float32)
+    # A GEMM over the stacked weight may sum in another order than two apart, and the layer's later
+    # quantized products can round such a difference to a neighbouring e4m3 value: a tolerance, not equality.
+    np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-2 * np.abs(want).max())
+  # Swapped halves would not pass: gate and up, k and v enter the layer differently.
+  x = jnp.asarray(_rows_of_many_magnitudes(5, 96, seed=5)).astype(jnp.bfloat16)
+  want = np.asarray(llama._layer(apart, x, jnp.arange(5), attend, cfg, "xla")[0], np.float32)
+  for name in STACKED_PAIRS:
+    w = stacked[name]
+    swapped = dict(stacked, **{name: quant.Fp8WeightA8(w.w_NK[::-1], w.scale[::-1])})
+    got = np.asarray(llama._layer(swapped, x, jnp.arange(5), attend, cfg, "xla")[0], np.float32)
+    assert not np.allclose(got, want, rtol=2e-2, atol=1e-2 * np.abs(want).max()), name
 
 
-def test_fuse_gate_up_keeps_a_pair_that_differs_apart():
+def _store_apart(ws):
+  """w8a8 stores of float weights, each apart ([N, K] `Fp8WeightA8`s), as activation_layout makes them unstacked."""
+  from jserve.models import quant
+  qs = {name: quantize_fp8(jnp.asarray(w), CONTRACTED_AXES[name]) for name, w in ws.items()}
+  return quant._store_nk({"layers": [qs]}, Fp8WeightA8)["layers"][0]
+
+
+def test_stack_pairs_keeps_a_pair_that_differs_apart():
   from jserve.models import quant
   _, gate = _a8_layer(_channels_of_many_magnitudes((96, 80), 1, seed=5), 1)
   q_up = quantize_fp8(jnp.asarray(_channels_of_many_magnitudes((96, 80), 1, seed=6)), 1)  # weight-only fp8
-  layer = quant.fuse_gate_up({"layers": [{"w_gate": gate, "w_up": q_up}]})["layers"][0]
+  layer = quant.stack_pairs({"layers": [{"w_gate": gate, "w_up": q_up}]})["layers"][0]
   assert set(layer) == {"w_gate", "w_up"} and not gate.w_NK.is_deleted()

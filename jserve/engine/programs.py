@@ -51,8 +51,8 @@ _lock = threading.Lock()
 # output tok/s at 1000/1000). A 4-layer burst shows the merger's concatenations but not the hoisted
 # buffer, so that the merger made it stays inferred (docs/benchmarks/e2e.md, fourteenth and fifteenth
 # sessions). Other engines keep the merger: bf16 weights' decode step is 1.5-2.5% slower without it. (Such an
-# engine now stores each layer's gate and up together, quant.fuse_gate_up, so they are one GEMM without the
-# merger; q, k and v stay three.)
+# engine now stores each layer's gate and up stacked, and k and v, quant.stack_pairs, so each pair is one GEMM
+# without the merger; q stays apart.)
 GPU_COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
 
 

@@ -228,7 +228,7 @@ def _dot(eq, a, b, impl="xla"):
 def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
   fp8 weights take the kernel for decode-sized rows when both are fp8 and stored alike. An engine with fp8
-  activations stores the two together (`w_gate_up`, `quant.fuse_gate_up`): one product through XLA."""
+  activations stores the two stacked (`w_gate_up`, `quant.stack_pairs`): one product through XLA."""
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
   if "w_gate_up" in lp:
     w = _maybe_weight_only(lp["w_gate_up"], h_MD.shape[0], impl)
@@ -254,8 +254,13 @@ def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig, matm
   with jax.named_scope("attn"):
     h_TD = rms_norm(x_TD, lp["attn_norm"], cfg.rms_norm_eps)
     q_TNH = _dot("...D,DNH->...NH", h_TD, lp["wq"], matmul_impl)
-    k_TKH = _dot("...D,DKH->...KH", h_TD, lp["wk"], matmul_impl)
-    v_TKH = _dot("...D,DKH->...KH", h_TD, lp["wv"], matmul_impl)
+    if "wkv" in lp:  # k and v stacked (quant.stack_pairs): one product through XLA
+      wkv = _maybe_weight_only(lp["wkv"], math.prod(h_TD.shape[:-1]), matmul_impl)
+      kv = _xla_dot("...D,DSKH->...SKH", h_TD, wkv, 1)
+      k_TKH, v_TKH = kv[..., 0, :, :], kv[..., 1, :, :]
+    else:
+      k_TKH = _dot("...D,DKH->...KH", h_TD, lp["wk"], matmul_impl)
+      v_TKH = _dot("...D,DKH->...KH", h_TD, lp["wv"], matmul_impl)
     if cfg.attention_bias:
       q_TNH, k_TKH, v_TKH = q_TNH + lp["bq"], k_TKH + lp["bk"], v_TKH + lp["bv"]
     if cfg.qk_norm:

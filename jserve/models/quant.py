@@ -27,9 +27,10 @@ bfloat16 FLOP rate, for compute-bound steps (prefill chunks, large decode batche
 fp8 is no faster than bfloat16. This is llm-compressor's FP8-Dynamic scheme (weights per channel,
 activations per token, dynamic); vLLM's online fp8 takes one dynamic scale per activation tensor.
 With `matmul_impl="auto"`, decode-sized products of the smaller weights multiply weight-only from the
-same [N, K] store instead (`a8_weight_only`). Each layer's gate and up are stored together, [2, F, K]
-(`w_gate_up`), so that they are one GEMM: an engine with fp8 activations compiles without XLA's dot
-merger (jserve/engine/programs.py), which would otherwise join them by concatenating the weights.
+same [N, K] store instead (`a8_weight_only`). Each layer's gate and up are stored stacked, [2, F, K]
+(`w_gate_up`), and so are k and v (`wkv`), so that each pair is one GEMM: an engine with fp8 activations
+compiles without XLA's dot merger (jserve/engine/programs.py), which would otherwise join them by
+concatenating the weights.
 """
 
 import dataclasses
@@ -93,8 +94,8 @@ class Fp8WeightA8:
 
   w_NK: float8 [N, K], as `Fp8WeightNK.w_NK`: fp8 tensor-core GEMMs (cuBLASLt's, Triton's) read both
     operands with the contracted axis contiguous, so stored [K, N] XLA would transpose it every call.
-    A layer's gate and up stored together (`fuse_gate_up`) are [2, F, K]: one GEMM of N = 2F.
-  scale: float32 of the output axes, as in `Fp8Weight` ([2, F] for gate and up together).
+    A stacked pair (`stack_pairs`: gate and up, k and v) is [2, N, K]: one GEMM of 2N rows of weights.
+  scale: float32 of the output axes, as in `Fp8Weight`, with a leading 2 for a stacked pair.
   Made by `activation_layout` for an engine with `activation_quantization="fp8"`, on any layout (a sharded
   weight as [N, K] shards: `nk_sharding`).
   """
@@ -135,7 +136,7 @@ def fp8_dot_nk(a, q: Fp8WeightNK, num_contracted: int):
   """`fp8_dot` for an `Fp8WeightNK`: `a`'s last `num_contracted` axes against the weight's K, in `a`'s dtype,
   shaped as `a`'s leading axes followed by the weight's output axes."""
   a_MK, lead = _rows(a, q.w_NK.shape[-1], num_contracted)
-  if q.w_NK.ndim > 2:  # gate and up together, [2, F, K]: one dot, the weight widened inside it
+  if q.w_NK.ndim > 2:  # a stacked pair, [2, N, K]: one dot, the weight widened inside it
     out = jax.lax.dot_general(a_MK, q.w_NK.astype(a.dtype), (((1,), (q.w_NK.ndim - 1,)), ((), ())),
                               preferred_element_type=jnp.float32)
     return (out * q.scale.reshape(q.w_NK.shape[:-1])).astype(a.dtype).reshape(lead + q.scale.shape)
@@ -171,7 +172,7 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
   # range (65,504) cannot hold the unscaled sum, up to 448 x 448 per term.
   gemm_dtype = jnp.bfloat16 if a.dtype == jnp.bfloat16 else jnp.float32
   out = jax.lax.dot_general(a8_MK, q.w_NK, (((1,), (q.w_NK.ndim - 1,)), ((), ())), preferred_element_type=gemm_dtype)
-  out_axes = q.w_NK.shape[:-1]  # [N], or [2, F] for gate and up together
+  out_axes = q.w_NK.shape[:-1]  # [N], or [2, N] for a stacked pair
   out = out.astype(jnp.float32) * a_scale_M.reshape((-1,) + (1,) * len(out_axes)) * q.scale.reshape(out_axes)
   return out.astype(a.dtype).reshape(lead + q.scale.shape)
 
@@ -242,9 +243,9 @@ def kernel_layout(params: dict) -> dict:
 
 
 def activation_layout(params: dict) -> dict:
-  """Every layer's `Fp8Weight` stored as an `Fp8WeightA8`: its products then quantize the activations too; each
-  layer's gate and up as one (`fuse_gate_up`)."""
-  return fuse_gate_up(_store_nk(params, Fp8WeightA8))
+  """Every layer's `Fp8Weight` stored as an `Fp8WeightA8`: its products then quantize the activations too; gate
+  and up, and k and v, each stacked as one (`stack_pairs`)."""
+  return stack_pairs(_store_nk(params, Fp8WeightA8))
 
 
 def _stacked_sharding(sharding):
@@ -256,32 +257,40 @@ def _stacked_sharding(sharding):
   raise AssertionError(f"cannot stack weights sharded as {sharding}")
 
 
-def _stack_a8(gate: Fp8WeightA8, up: Fp8WeightA8) -> Fp8WeightA8:
-  return Fp8WeightA8(jnp.stack([gate.w_NK, up.w_NK]), jnp.stack([gate.scale, up.scale]))
+def _stack_a8(a: Fp8WeightA8, b: Fp8WeightA8) -> Fp8WeightA8:
+  return Fp8WeightA8(jnp.stack([a.w_NK, b.w_NK]), jnp.stack([a.scale, b.scale]))
 
 
-def fuse_gate_up(params: dict) -> dict:
-  """`params` with each layer's `w_gate` and `w_up` (`Fp8WeightA8`s of one shape and placement) replaced by
-  `w_gate_up`, the two stacked: [2, F, K] with scales [2, F]. Under tensor parallelism F stays split as it was,
-  so each device stacks its own halves and the fused product needs no communication. Both originals are freed
-  once stacked (memory peaks at one layer's gate and up more). A layer whose pair differs (a pre-quantized
-  checkpoint may leave one unquantized) keeps them apart. `params` must not be used afterwards."""
+# Pairs of a layer's projections that read the same input and have one shape and placement, stored stacked by an
+# engine with fp8 activations so that each pair is one GEMM (its dot merger is off): name of the stack -> the pair.
+STACKED_PAIRS = {"w_gate_up": ("w_gate", "w_up"), "wkv": ("wk", "wv")}
+
+
+def stack_pairs(params: dict) -> dict:
+  """`params` with each layer's pairs of `STACKED_PAIRS` (`Fp8WeightA8`s of one shape and placement) replaced by
+  the two stacked: `w_gate_up` [2, F, K] with scales [2, F], `wkv` [2, KV * H, K] with scales [2, KV, H]. Under
+  tensor parallelism the split axis stays split as it was, so each device stacks its own shards and the stacked
+  product needs no communication. Both originals are freed once stacked (memory peaks at one pair more). A pair
+  that differs (a pre-quantized checkpoint may leave one unquantized) stays apart. `params` must not be used
+  afterwards."""
   programs = {}
   layers = []
   for layer in params["layers"]:
-    gate, up = layer.get("w_gate"), layer.get("w_up")
-    if not (isinstance(gate, Fp8WeightA8) and isinstance(up, Fp8WeightA8) and gate.w_NK.shape == up.w_NK.shape
-            and gate.w_NK.sharding == up.w_NK.sharding and gate.scale.sharding == up.scale.sharding):
-      layers.append(layer)
-      continue
-    key = (gate.w_NK.shape, gate.w_NK.sharding, gate.scale.sharding)
-    if key not in programs:
-      out = Fp8WeightA8(_stacked_sharding(gate.w_NK.sharding), _stacked_sharding(gate.scale.sharding))
-      programs[key] = jax.jit(_stack_a8, out_shardings=out)
-    layer = {k: v for k, v in layer.items() if k not in ("w_gate", "w_up")}
-    layer["w_gate_up"] = jax.block_until_ready(programs[key](gate, up))
-    for x in (gate.w_NK, gate.scale, up.w_NK, up.scale):  # no donation: a stack cannot reuse either buffer
-      x.delete()
+    layer = dict(layer)
+    for name, (first, second) in STACKED_PAIRS.items():
+      a, b = layer.get(first), layer.get(second)
+      if not (isinstance(a, Fp8WeightA8) and isinstance(b, Fp8WeightA8) and a.w_NK.shape == b.w_NK.shape
+              and a.scale.shape == b.scale.shape and a.w_NK.sharding == b.w_NK.sharding
+              and a.scale.sharding == b.scale.sharding):
+        continue
+      key = (a.w_NK.shape, a.scale.shape, a.w_NK.sharding, a.scale.sharding)
+      if key not in programs:
+        out = Fp8WeightA8(_stacked_sharding(a.w_NK.sharding), _stacked_sharding(a.scale.sharding))
+        programs[key] = jax.jit(_stack_a8, out_shardings=out)
+      del layer[first], layer[second]
+      layer[name] = jax.block_until_ready(programs[key](a, b))
+      for x in (a.w_NK, a.scale, b.w_NK, b.scale):  # no donation: a stack cannot reuse either buffer
+        x.delete()
     layers.append(layer)
   return dict(params, layers=layers)
 
