@@ -50,8 +50,10 @@ SHAPES = {
            Shape("8B o", 4096, 4096), Shape("8B lm_head", 4096, 128256),
            Shape("8B gate_up fused", 4096, 14336, "gate_up")],
     # The products of an engine whose dot merger is off (fp8 activations: programs.compiler_options): q (o's
-    # shape), k and v, gate and up each on its own; with "8b" (down, o), every product of its layers.
-    "8b-split": [Shape("8B gate", 4096, 14336), Shape("8B k or v", 4096, 1024), Shape("8B q", 4096, 4096)],
+    # shape), k and v, gate and up each on its own; with "8b" (down, o), every product of its layers. Such an
+    # engine now stacks k and v (quant.stack_pairs), as "k and v" here, and gate and up, as "8b"'s gate_up.
+    "8b-split": [Shape("8B gate", 4096, 14336), Shape("8B k or v", 4096, 1024), Shape("8B q", 4096, 4096),
+                 Shape("8B k and v", 4096, 2048)],
     "1b": [Shape("1B gate_up", 2048, 16384), Shape("1B down", 8192, 2048), Shape("1B qkv", 2048, 3072),
            Shape("1B o", 2048, 2048), Shape("1B lm_head (tied)", 2048, 128256, "nk"),
            Shape("1B gate_up fused", 2048, 8192, "gate_up")],
