@@ -243,6 +243,11 @@ def test_stacked_pairs_multiply_as_the_two_apart():
     # A GEMM over the stacked weight may sum in another order than two apart, and the layer's later
     # quantized products can round such a difference to a neighbouring e4m3 value: a tolerance, not equality.
     np.testing.assert_allclose(got, want, rtol=2e-2, atol=1e-2 * np.abs(want).max())
+  # One product per stacked pair: 5 dots in the layer (q, k and v, o, gate and up, down) where apart there are 7.
+  x = jnp.asarray(_rows_of_many_magnitudes(5, 96, seed=5)).astype(jnp.bfloat16)
+  dots = {name: jax.jit(lambda lp, x: llama._layer(lp, x, jnp.arange(5), attend, cfg, "xla")[0]).lower(
+      lp, x).as_text().count("stablehlo.dot_general") for name, lp in (("stacked", stacked), ("apart", apart))}
+  assert dots == {"stacked": 5, "apart": 7}, dots
   # Swapped halves would not pass: gate and up, k and v enter the layer differently.
   x = jnp.asarray(_rows_of_many_magnitudes(5, 96, seed=5)).astype(jnp.bfloat16)
   want = np.asarray(llama._layer(apart, x, jnp.arange(5), attend, cfg, "xla")[0], np.float32)
