@@ -76,6 +76,8 @@ flags.DEFINE_list("hf_batch", [], "batches at which transformers generate runs a
 flags.DEFINE_bool("dummy", False, "random weights made on the device (load_format=dummy): no checkpoint written "
                   "(saves 96 s for the 8B shape); the transformers anchor needs a checkpoint")
 flags.DEFINE_string("engine_args", "{}", "extra EngineConfig fields, as a JSON object")
+flags.DEFINE_bool("stack_pairs", True, "an engine with fp8 activations stacks each layer's gate and up, and k and "
+                  "v (quant.stack_pairs); --nostack_pairs keeps them apart, as before: the A/B of the stacking")
 
 # The long-tailed workload: chat-like lengths (ShareGPT-style traffic has prompts of a few hundred
 # tokens with a tail into the thousands, and answers of a couple of hundred tokens with a tail to
@@ -510,6 +512,10 @@ def main(argv):
   if FLAGS.hf_batch:
     need = max(need, 256)  # the anchor's 128/128
   results["max_model_len"] = max_len = min(need + 16, model_len)
+  if not FLAGS.stack_pairs:
+    from jserve.models import quant
+    quant.STACKED_PAIRS = {}  # read by quant.stack_pairs when the engine places its weights
+  results["stack_pairs"] = FLAGS.stack_pairs
   t = time.perf_counter()
   llm = LLM(model, max_model_len=max_len, max_num_seqs=FLAGS.max_num_seqs,
             max_num_batched_tokens=FLAGS.max_num_batched_tokens, **extra)
@@ -517,6 +523,7 @@ def main(argv):
   # Bytes a step reads: every weight, except an untied input embedding, of which a step reads only
   # its tokens' rows (a tied one is read whole as the LM head).
   params = llm.engine.params
+  results["layer_params"] = {k: type(v).__name__ for k, v in sorted(params["layers"][0].items())}
   weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
   if not cfg.tie_word_embeddings:
     weight_bytes -= params["embed"].nbytes
