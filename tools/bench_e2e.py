@@ -44,6 +44,10 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
 - with `--hf_batch=B1,B2`, Hugging Face transformers `generate` (PyTorch, same checkpoint, same device)
   on B prompts of 128/128 and jserve on the same prompts: the same-run anchor.
 
+An engine with fp8 activations stacks each layer's gate and up, and k and v (`quant.stack_pairs`); with
+`--nostack_pairs` it keeps them apart, so two runs give the stacking's effect on one machine. The JSON's
+`layer_params` names the first layer's weights and their types.
+
 The engine's `max_model_len` covers the longest request, the sweep's longest context and the anchor's 256. Writes
 e2e.json and e2e.md to --out_dir after every stage (a run cut short keeps what it finished);
 prints a short table last.
