@@ -46,7 +46,9 @@ writes a random-weight checkpoint of the preset (none with `--dummy`), starts on
 
 An engine with fp8 activations stacks each layer's gate and up, and k and v (`quant.stack_pairs`); with
 `--nostack_pairs` it keeps them apart, so two runs give the stacking's effect on one machine. The JSON's
-`layer_params` names the first layer's weights and their types.
+`layer_params` names the first layer's weights and their types, and `program_memory` gives XLA's memory analysis of the
+largest burst program (`LLMEngine.runner.program_memory`): temporary bytes near the weights' size would show XLA
+holding a copy of them.
 
 The engine's `max_model_len` covers the longest request, the sweep's longest context and the anchor's 256. Writes
 e2e.json and e2e.md to --out_dir after every stage (a run cut short keeps what it finished);
@@ -528,6 +530,8 @@ def main(argv):
   # its tokens' rows (a tied one is read whole as the LM head).
   params = llm.engine.params
   results["layer_params"] = {k: type(v).__name__ for k, v in sorted(params["layers"][0].items())}
+  results["program_memory"] = llm.engine.runner.program_memory()
+  print(f"program memory: {results['program_memory']}", flush=True)
   weight_bytes = sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
   if not cfg.tie_word_embeddings:
     weight_bytes -= params["embed"].nbytes

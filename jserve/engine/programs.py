@@ -195,6 +195,13 @@ class ProgramCache:
     self._programs[key] = program
     return out
 
+  def program(self, args, static):
+    """The jitted program these arguments run (built as a call would, without running it): static arguments
+    bound, so it is called, or lowered, with `args` alone."""
+    key = tuple(sorted(static.items()))
+    program = self._programs.get(key) or self._build(args, static)
+    return program
+
   def stored(self, *args, **static) -> bool:
     """Whether a file holds the program for these arguments (a warm start)."""
     return not self._failed and os.path.exists(self._path(args, static))
