@@ -211,7 +211,8 @@ def test_auto_multiplies_small_decode_products_weight_only_from_the_same_store(m
   assert np.array_equal(np.asarray(llama._dot("...D,DF->...F", x, a8, "auto")), np.asarray(fp8_dot_a8(x, a8, 1)))
 
 
-def test_stacked_pairs_multiply_as_the_two_apart():
+@pytest.mark.parametrize("qwen_like", [False, True])  # True: q/k/v biases and q/k norms after the stacked product
+def test_stacked_pairs_multiply_as_the_two_apart(qwen_like):
   # quant.stack_pairs stacks a layer's w8a8 gate and up into one [2, F, K] weight, and k and v into one
   # [2, KV * H, K], each multiplied by one GEMM. Each output is the same K-sum of the same fp8 values with the
   # same two scales, so the stacked layer must give what the pairs give apart (up to summation order), w8a8 and
@@ -222,12 +223,18 @@ def test_stacked_pairs_multiply_as_the_two_apart():
   ws = {name: _channels_of_many_magnitudes(shape, CONTRACTED_AXES[name], seed=i)
         for i, (name, shape) in enumerate(shapes.items())}
   cfg = dataclasses.replace(load_model_config(DEFAULT_MODEL_DIR), num_layers=1, hidden_size=96, num_heads=4,
-                            num_kv_heads=2, head_dim=16, intermediate_size=80, attention_bias=False, qk_norm=False)
-  norms = {"attn_norm": jnp.ones(96), "mlp_norm": jnp.ones(96)}
-  apart = dict(_store_apart(ws), **norms)
+                            num_kv_heads=2, head_dim=16, intermediate_size=80, attention_bias=qwen_like,
+                            qk_norm=qwen_like)
+  unquantized = {"attn_norm": jnp.ones(96), "mlp_norm": jnp.ones(96)}
+  if qwen_like:
+    rng = np.random.default_rng(0)
+    unquantized.update({name: jnp.asarray(rng.standard_normal(shape), jnp.float32)
+                  for name, shape in (("bq", (4, 16)), ("bk", (2, 16)), ("bv", (2, 16)))})
+    unquantized.update(q_norm=jnp.full(16, 1.5), k_norm=jnp.full(16, 0.5))
+  apart = dict(_store_apart(ws), **unquantized)
   copies = jax.tree.map(jnp.copy, apart)
   stacked = quant.stack_pairs({"layers": [copies]})["layers"][0]
-  assert set(stacked) == {"wq", "wo", "w_down", "w_gate_up", "wkv", "attn_norm", "mlp_norm"}
+  assert set(stacked) == {"wq", "wo", "w_down", "w_gate_up", "wkv"} | set(unquantized)
   assert stacked["w_gate_up"].w_NK.shape == (2, 80, 96) and stacked["w_gate_up"].scale.shape == (2, 80)
   assert stacked["wkv"].w_NK.shape == (2, 32, 96) and stacked["wkv"].scale.shape == (2, 2, 16)
   assert copies["w_gate"].w_NK.is_deleted() and copies["wv"].scale.is_deleted()  # freed once stacked
