@@ -2,7 +2,8 @@
 
 import pytest
 
-from tools.bench_e2e import decode_steps, markdown, step_serial_s, workload_bounds
+from tools.bench_e2e import markdown
+from tools.workload_bounds import decode_steps, step_serial_s, workload_bounds
 
 
 def test_equal_lengths_by_hand():
