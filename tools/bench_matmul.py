@@ -85,7 +85,7 @@ _SMOKE = flags.DEFINE_bool("smoke", False, "tiny shapes, kernel in interpret mod
 _MS = flags.DEFINE_list("ms", ["1", "16", "64", "128", "256"], "row counts M")
 _MODELS = flags.DEFINE_list("models", ["8b", "1b"], "weight shapes of which models (8b, 8b-split, 1b)")
 _SHAPES = flags.DEFINE_list("shapes", None, "only these shapes of the models, by the name after the model's "
-                            "(gate_up, down, qkv, o, lm_head, gate_up fused; 8b-split: gate, k or v, q)")
+                            "(gate_up, down, qkv, o, lm_head, gate_up fused; 8b-split: gate, k or v, q, k and v)")
 _WEIGHTS = flags.DEFINE_list("weights", ["bf16"], "weight dtypes: bf16, fp8 (float8 e4m3 with a scale per column), "
                               "w8a8 (the same, stored [N, K], activations quantized per row)")
 _BUDGET_S = flags.DEFINE_float("budget_s", 170.0, "seconds after which shapes are no longer swept")
@@ -289,8 +289,9 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
         if isinstance(fn, Exception):
           raise fn
         err = float(rel_err(fn(xs[m], ws)[0], refs[m]))
+        hlo = fn.as_text()
         xla_rows[m].update({f"{k}_s": time_fn(fn, xs[m], ws, reps=reps, rounds=rounds) / copies, f"{k}_err": err,
-                            f"{k}_kernels": kernel_mix(fn.as_text(), copies), f"{k}_entry": entry_ops(fn.as_text())})
+                            f"{k}_kernels": kernel_mix(hlo, copies), f"{k}_entry": entry_ops(hlo)})
       except Exception as e:  # noqa: BLE001
         xla_rows[m][f"{k}_error"] = repr(e)[:300]
   per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)

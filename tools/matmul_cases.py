@@ -134,14 +134,19 @@ def xla_weight_only_fn(shape):
   return _over_copies_of(shape, lambda x, w: fp8_dot_nk(x, Fp8WeightNK(*w), 1))
 
 
+def _entry_lines(hlo_text: str) -> list[str]:
+  """The instruction lines of an optimized program's entry computation (`compiled.as_text()`)."""
+  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
+  return entry.group(0).splitlines()[1:] if entry else []
+
+
 def entry_ops(hlo_text: str, limit: int = 40) -> list[str]:
   """The first `limit` instructions of the optimized program's entry computation, each shortened to its name,
   shape, opcode, fusion kind (a custom fusion's too, e.g. __triton_gemm) or custom-call target (metadata and
   backend configs dropped): what the bench's JSON keeps so that a GPU run shows which passes surround a GEMM
   without a dump of the whole program."""
-  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
   out = []
-  for line in (entry.group(0) if entry else "").splitlines()[1:limit + 1]:
+  for line in _entry_lines(hlo_text)[:limit]:
     fusion_kind = re.search(r'"kind":"(__[a-z_]+)"', line)  # a custom fusion's kind, e.g. __triton_gemm
     line = re.split(r",? (?:metadata|backend_config|frontend_attributes)=", line)[0]  # those come last
     line += f", {fusion_kind.group(1)}" if fusion_kind else ""
@@ -154,9 +159,8 @@ def kernel_mix(hlo_text: str, copies: int) -> str:
   entry computation's GEMM custom calls by target, XLA's Triton GEMM fusions, other fusions and plain dots, each
   per copy, e.g. "__cublas$lt$matmul$f8 1, fusion 2". Shows whether XLA's fp8 GEMM went to cuBLASLt or to a
   Triton GEMM, and how many passes surround it."""
-  entry = re.search(r"^ENTRY .*?^}", hlo_text, re.M | re.S)
   counts = collections.Counter()
-  for line in (entry.group(0) if entry else "").splitlines()[1:]:
+  for line in _entry_lines(hlo_text):
     target = re.search(r'custom_call_target="([^"]+)"', line)
     if target:
       counts[target.group(1)] += 1

@@ -198,9 +198,7 @@ class ProgramCache:
   def program(self, args, static):
     """The jitted program these arguments run (built as a call would, without running it): static arguments
     bound, so it is called, or lowered, with `args` alone."""
-    key = tuple(sorted(static.items()))
-    program = self._programs.get(key) or self._build(args, static)
-    return program
+    return self._programs.get(tuple(sorted(static.items()))) or self._build(args, static)
 
   def stored(self, *args, **static) -> bool:
     """Whether a file holds the program for these arguments (a warm start)."""

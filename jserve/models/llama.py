@@ -210,6 +210,12 @@ def _maybe_weight_only(b, rows: int, impl):
   return b
 
 
+def _pair_dot(eq, a, pair, impl):
+  """The product of a stacked pair (`quant.stack_pairs`: [2, N, K]) through XLA, in one GEMM; weight-only where
+  `quant.a8_weight_only` says so under "auto"."""
+  return _xla_dot(eq, a, _maybe_weight_only(pair, math.prod(a.shape[:-1]), impl), 1)
+
+
 def _dot(eq, a, b, impl="xla"):
   # Every projection's equation is "...<a's named axes>,<same axes><out axes>": flatten to 2-D.
   n = len(eq.split(",")[0].replace("...", ""))
@@ -231,8 +237,7 @@ def _gate_up(h_TD, lp: dict, impl):
   activations stores the two stacked (`w_gate_up`, `quant.stack_pairs`): one product through XLA."""
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
   if "w_gate_up" in lp:
-    w = _maybe_weight_only(lp["w_gate_up"], h_MD.shape[0], impl)
-    gu = _xla_dot("...D,DTF->...TF", h_TD, w, 1)
+    gu = _pair_dot("...D,DTF->...TF", h_TD, lp["w_gate_up"], impl)
     return jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
   w_gate, w_up = (_maybe_weight_only(lp[name], h_MD.shape[0], impl) for name in ("w_gate", "w_up"))
   fp8 = isinstance(w_gate, (Fp8Weight, Fp8WeightNK))
@@ -254,9 +259,8 @@ def _layer(lp: dict, x_TD, positions_T, attend: Callable, cfg: ModelConfig, matm
   with jax.named_scope("attn"):
     h_TD = rms_norm(x_TD, lp["attn_norm"], cfg.rms_norm_eps)
     q_TNH = _dot("...D,DNH->...NH", h_TD, lp["wq"], matmul_impl)
-    if "wkv" in lp:  # k and v stacked (quant.stack_pairs): one product through XLA
-      wkv = _maybe_weight_only(lp["wkv"], math.prod(h_TD.shape[:-1]), matmul_impl)
-      kv = _xla_dot("...D,DSKH->...SKH", h_TD, wkv, 1)
+    if "wkv" in lp:  # k and v stacked (quant.stack_pairs)
+      kv = _pair_dot("...D,DSKH->...SKH", h_TD, lp["wkv"], matmul_impl)
       k_TKH, v_TKH = kv[..., 0, :, :], kv[..., 1, :, :]
     else:
       k_TKH = _dot("...D,DKH->...KH", h_TD, lp["wk"], matmul_impl)
