@@ -12,7 +12,9 @@ engine steps under `jax.profiler.trace`, of one `--phase`:
   runs while requests arrive). From the trace (read back with
 `jax.profiler.ProfileData`) it sums the device kernels by name and by kind
 (matmul, attention, KV write, sampler, other), and compares the union of
-kernel time with the wall time of those steps: the device's busy fraction.
+kernel time with the wall time of those steps: the device's busy fraction. It also counts the kernels
+per step, the idle time between them and the share of kernels under 5 us, which is where a step of
+many small kernels (batch 1) loses time that its bytes do not explain.
 Writes profile.json and profile.md under --out_dir; prints a short table last.
 """
 
@@ -99,6 +101,24 @@ def busy_ns(events) -> float:
       total += e - end
       end = e
   return total
+
+
+SMALL_KERNEL_NS = 5_000  # a kernel this short is mostly its fixed cost (launch, ramp, tail) on a GPU
+
+
+def kernel_stats(events, steps: int) -> dict:
+  """Per step: how many kernels ran, the idle time between them (from the first kernel's start to the last
+  one's end, less their union), and the kernels shorter than SMALL_KERNEL_NS. A step of many small kernels
+  (batch 1) pays a fixed cost per kernel that the bytes it moves do not explain: this is where it shows."""
+  if not events:
+    return {"kernels_per_step": 0.0, "median_kernel_us": 0.0, "idle_between_kernels_ms_per_step": 0.0,
+            "small_kernels_per_step": 0.0, "small_kernels_ms_per_step": 0.0}
+  durations = sorted(d for _, _, d in events)
+  span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
+  small = [d for d in durations if d < SMALL_KERNEL_NS]
+  return {"kernels_per_step": len(events) / steps, "median_kernel_us": durations[len(durations) // 2] / 1e3,
+          "idle_between_kernels_ms_per_step": (span - busy_ns(events)) / steps / 1e6,
+          "small_kernels_per_step": len(small) / steps, "small_kernels_ms_per_step": sum(small) / steps / 1e6}
 
 
 def compare_variants(spec: str):
@@ -236,19 +256,24 @@ def main(argv):
       # The device's traced work over the untraced wall time: tracing slows the host, not the kernels.
       "busy_fraction_of_untraced": min(busy / steps / 1e6 / untraced_ms, 1.0), "host_tracer_level": level,
       "kinds_ms_per_step": {k: v / steps / 1e6 for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+      **kernel_stats(events, steps),
       "top_kernels": [{"name": n[:160], "calls_per_step": c / steps, "ms_per_step": d / steps / 1e6}
                       for n, (c, d) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:40]],
       "engine_args": extra, "decode_steps_per_call": steps / FLAGS.steps, "host_top_cumulative": host_top,
   }
   with open(os.path.join(FLAGS.out_dir, "profile.json"), "w") as f:
     json.dump(result, f, indent=1)
-  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset} bf16, {FLAGS.phase} steps: "
+  lines = [f"{result['device']}, JAX {result['jax']}, {result['date']}; {FLAGS.preset}, {FLAGS.phase} steps: "
            f"{result['prompt_tokens_per_step']:.0f} prompt tokens and {traced_batch} decode rows per step, "
            f"mean context {traced_context:.0f}; plane {plane}; engine args {extra}; "
            f"{steps / FLAGS.steps:.1f} decode steps per call",
            f"wall {result['wall_ms_per_step']:.2f} ms/step (untraced {untraced_ms:.2f}); device busy "
            f"{result['device_busy_ms_per_step']:.2f} ms/step = {100 * result['busy_fraction']:.0f}% of wall, "
-           f"{100 * result['busy_fraction_of_untraced']:.0f}% of the untraced wall", "",
+           f"{100 * result['busy_fraction_of_untraced']:.0f}% of the untraced wall",
+           f"{result['kernels_per_step']:.0f} kernels per step (median {result['median_kernel_us']:.1f} us), "
+           f"{result['idle_between_kernels_ms_per_step']:.3f} ms/step idle between them; "
+           f"{result['small_kernels_per_step']:.0f} kernels under {SMALL_KERNEL_NS // 1000} us take "
+           f"{result['small_kernels_ms_per_step']:.3f} ms/step", "",
            "| kind | ms / step |", "| --- | --- |"]
   lines += [f"| {k} | {v:.3f} |" for k, v in result["kinds_ms_per_step"].items()]
   lines += ["", "| kernel | calls / step | ms / step |", "| --- | --- | --- |"]

@@ -77,7 +77,8 @@ class EngineConfig:
   # How decode steps' projections multiply (pallas_kernels/decode_matmul): "xla" (einsum; the
   # default until a kernel measures faster on the GPU), "auto" or "gpu" (the Triton kernel), "hopper"
   # (the Mosaic GPU kernel). Prefill-sized steps and sharded weights use XLA whatever this says. With fp8
-  # activations, "auto" also multiplies decode-sized products of small weights weight-only (quant.a8_weight_only).
+  # activations, "auto" also multiplies decode-sized products of small weights weight-only (quant.a8_weight_only),
+  # and "gpu" multiplies decode-sized w8a8 products in the Triton kernel's w8a8 entries.
   matmul_impl: str = "xla"
   tensor_parallel_size: int = 1
   pipeline_parallel_size: int = 1
@@ -114,9 +115,6 @@ class EngineConfig:
       if self.activation_quantization not in ACTIVATION_QUANTIZATIONS:
         raise ConfigError(f"activation_quantization={self.activation_quantization!r}: use None (activations in "
                           f"dtype) or one of {', '.join(ACTIVATION_QUANTIZATIONS)}")
-      if self.matmul_impl == "gpu":
-        raise ConfigError("activation_quantization='fp8' with matmul_impl='gpu': the Triton decode matmul takes "
-                          "16-bit activations; use 'xla' or 'auto'")
     if self.load_format not in LOAD_FORMATS:
       raise ConfigError(f"load_format={self.load_format!r}: use one of {', '.join(LOAD_FORMATS)}")
 

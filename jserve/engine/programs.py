@@ -2,7 +2,7 @@
 
 JAX's persistent compilation cache stores compiled executables, keyed by the lowered module: a start
 with a warm cache still traces and lowers every program before it can look one up. For the 8B shape
-on an H100 that was 13.9 s of a 25.2 s warm start (docs/benchmarks/e2e.md); on a Hopper GPU the
+on an H100 that was 13.9 s of a 25.2 s warm start (docs/benchmarks/e2e_log.md); on a Hopper GPU the
 lowering also builds the Mosaic GPU prefill kernel. `ProgramCache` wraps a jitted step function:
 the first call with a given set of static arguments and input shapes exports the program
 (`jax.export`: the traced and lowered StableHLO), writes its serialized bytes (flatbuffers, not
@@ -49,7 +49,7 @@ _lock = threading.Lock()
 # this option the w8a8 burst of the 8B shape ran an H100 out of memory on a 4.26 GiB buffer, the size
 # of every layer's wq, wk, wv, w_gate and w_up in fp8 (4.25 GiB); with it the engine runs (12,545
 # output tok/s at 1000/1000). A 4-layer burst shows the merger's concatenations but not the hoisted
-# buffer, so that the merger made it stays inferred (docs/benchmarks/e2e.md, fourteenth and fifteenth
+# buffer, so that the merger made it stays inferred (docs/benchmarks/e2e_log.md, fourteenth and fifteenth
 # sessions). Other engines keep the merger: bf16 weights' decode step is 1.5-2.5% slower without it. (Such an
 # engine now stores each layer's gate and up stacked, and k and v, quant.stack_pairs, so each pair is one GEMM
 # without the merger; q stays apart.)

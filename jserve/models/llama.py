@@ -20,7 +20,10 @@ prefill-sized rows; decode-sized rows with another `matmul_impl` go to the decod
 the fp8 weight and its scale (the Triton kernel converts the weight in registers; the Hopper one
 takes no fp8 and leaves it to XLA). A `quant.Fp8WeightA8` (`activation_quantization="fp8"`) multiplies
 through `quant.fp8_dot_a8`, fp8 activations by fp8 weights, except under `matmul_impl="auto"` where
-`quant.a8_weight_only` sends decode-sized products of small weights down the `Fp8WeightNK` path.
+`quant.a8_weight_only` sends decode-sized products of small weights down the `Fp8WeightNK` path, and
+except where the decode matmul's w8a8 kernel takes the product (`matmul_impl="gpu"`, or "auto" where its
+table names the shape): the rows are quantized as `fp8_dot_a8` quantizes them, and the Triton kernel
+multiplies and scales them, gate/up with its silu in the same kernel.
 """
 
 import dataclasses
@@ -33,9 +36,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jserve.config import ModelConfig
-from jserve.models.quant import Fp8Weight, Fp8WeightA8, Fp8WeightNK, a8_weight_only, fp8_dot, fp8_dot_a8, fp8_dot_nk
+from jserve.models.quant import (Fp8Weight, Fp8WeightA8, Fp8WeightNK, a8_weight_only, fp8_dot, fp8_dot_a8, fp8_dot_nk,
+                                 quantize_rows)
 from pallas_kernels import ragged_paged_attention, write_kv_pages
-from pallas_kernels.decode_matmul import MAX_M, decode_matmul, decode_matmul_nt, gate_up_silu
+from pallas_kernels.decode_matmul import (MAX_M, decode_matmul, decode_matmul_nt, gate_up_silu, gate_up_silu_a8,
+                                          matmul_a8_nt, use_a8_kernel)
 from sharding.tensor import head_parallel
 
 
@@ -210,10 +215,33 @@ def _maybe_weight_only(b, rows: int, impl):
   return b
 
 
+def _a8_kernel(b, rows: int, impl, gate_up: bool = False) -> bool:
+  """Whether `b`, an `Fp8WeightA8` (a stacked pair [2, N, K] too), multiplies `rows` rows in the Triton kernel's
+  w8a8 entries (`decode_matmul.use_a8_kernel`: "gpu", or "auto" where its table says so)."""
+  if not isinstance(b, Fp8WeightA8):
+    return False
+  n = b.w_NK.shape[-2] if gate_up else math.prod(b.w_NK.shape[:-1])
+  kw = _matmul_kw(impl)
+  return use_a8_kernel(kw["impl"], rows, b.w_NK.shape[-1], n, gate_up=gate_up, interpret=kw.get("interpret", False))
+
+
+def _a8_kernel_dot(a_MK, b: Fp8WeightA8, impl):
+  """`fp8_dot_a8`'s product in the Triton kernel, [M, N] (N: the weight's output axes flattened; a stacked pair
+  is one [2N, K] weight): the rows quantized here, as `fp8_dot_a8` quantizes them."""
+  x8_MK, x_scale_M = quantize_rows(a_MK)
+  k = b.w_NK.shape[-1]
+  return matmul_a8_nt(x8_MK, x_scale_M, b.w_NK.reshape(-1, k), b.scale.reshape(-1), out_dtype=a_MK.dtype,
+                      interpret=_matmul_kw(impl).get("interpret", False))
+
+
 def _pair_dot(eq, a, pair, impl):
-  """The product of a stacked pair (`quant.stack_pairs`: [2, N, K]) through XLA, in one GEMM; weight-only where
-  `quant.a8_weight_only` says so under "auto"."""
-  return _xla_dot(eq, a, _maybe_weight_only(pair, math.prod(a.shape[:-1]), impl), 1)
+  """The product of a stacked pair (`quant.stack_pairs`: [2, N, K]) in one GEMM: through XLA, weight-only where
+  `quant.a8_weight_only` says so under "auto", or in the Triton kernel where `_a8_kernel` says so."""
+  rows = math.prod(a.shape[:-1])
+  pair = _maybe_weight_only(pair, rows, impl)
+  if _a8_kernel(pair, rows, impl):
+    return _a8_kernel_dot(a.reshape(rows, -1), pair, impl).reshape(a.shape[:-1] + pair.scale.shape)
+  return _xla_dot(eq, a, pair, 1)
 
 
 def _dot(eq, a, b, impl="xla"):
@@ -222,6 +250,8 @@ def _dot(eq, a, b, impl="xla"):
   k = math.prod(a.shape[a.ndim - n:])
   a_MK = a.reshape(-1, k)
   b = _maybe_weight_only(b, a_MK.shape[0], impl)
+  if _a8_kernel(b, a_MK.shape[0], impl):
+    return _a8_kernel_dot(a_MK, b, impl).reshape(a.shape[:a.ndim - n] + b.scale.shape)
   fp8 = isinstance(b, (Fp8Weight, Fp8WeightNK))
   # fp8 prefill rows too: XLA's einsum, exactly as with "xla"; and fp8 activations (the kernels take 16-bit ones).
   if impl == "xla" or (fp8 and a_MK.shape[0] > MAX_M) or isinstance(b, Fp8WeightA8):
@@ -234,9 +264,16 @@ def _dot(eq, a, b, impl="xla"):
 def _gate_up(h_TD, lp: dict, impl):
   """silu(h @ w_gate) * (h @ w_up): two einsums with "xla", else the fused decode kernel (float32 activation);
   fp8 weights take the kernel for decode-sized rows when both are fp8 and stored alike. An engine with fp8
-  activations stores the two stacked (`w_gate_up`, `quant.stack_pairs`): one product through XLA."""
+  activations stores the two stacked (`w_gate_up`, `quant.stack_pairs`): one product through XLA, or the
+  Triton kernel's fused w8a8 gate/up where `_a8_kernel` says so."""
   h_MD = h_TD.reshape(-1, h_TD.shape[-1])
   if "w_gate_up" in lp:
+    pair = _maybe_weight_only(lp["w_gate_up"], h_MD.shape[0], impl)
+    if _a8_kernel(pair, h_MD.shape[0], impl, gate_up=True):  # one kernel: both products, silu and the product
+      x8_MD, x_scale_M = quantize_rows(h_MD)
+      act = gate_up_silu_a8(x8_MD, x_scale_M, pair.w_NK, pair.scale, out_dtype=h_TD.dtype,
+                            interpret=_matmul_kw(impl).get("interpret", False))
+      return act.reshape(h_TD.shape[:-1] + act.shape[-1:])
     gu = _pair_dot("...D,DTF->...TF", h_TD, lp["w_gate_up"], impl)
     return jax.nn.silu(gu[..., 0, :]) * gu[..., 1, :]
   w_gate, w_up = (_maybe_weight_only(lp[name], h_MD.shape[0], impl) for name in ("w_gate", "w_up"))

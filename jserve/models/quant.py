@@ -179,7 +179,7 @@ def fp8_dot_a8(a, q: Fp8WeightA8, num_contracted: int):
 
 # matmul_impl="auto" in an engine with fp8 activations: a product of at most this many rows, on a weight of at
 # most this many elements, multiplies weight-only from the same [N, K] store (the activations unquantized).
-# Per product on an H100, compiled as a w8a8 engine compiles it (tools/bench_matmul.py, docs/benchmarks/e2e.md,
+# Per product on an H100, compiled as a w8a8 engine compiles it (tools/bench_matmul.py, docs/benchmarks/e2e_log.md,
 # sixteenth session), weight-only took 12.1-12.6 us against w8a8's 16.2-16.7 on q and o (4096 x 4096) at one
 # row and tied at 64; on gate (4096 x 14336) it was slower at one row (37.4 against 31.2). In the 8B engine's
 # decode step "auto" (this rule, and the LM head in the Pallas kernel) was 2.7%, 2.2% and 1.2% faster than

@@ -16,6 +16,11 @@ output column (`w_scale_N`; for gate/up one per weight): the Triton kernel
 converts the one-byte tiles to x's dtype in registers. The Hopper kernel takes
 no fp8 weight (see hopper.supports), so impl="hopper" leaves those to XLA. An
 fp8 weight without its scale is a ValueError whatever `impl` says.
+
+w8a8 (fp8 activations by fp8 weights [N, K]): `use_a8_kernel` says whether a product goes to the Triton
+kernel's w8a8 entries, `matmul_a8_nt` and `gate_up_silu_a8`, which take x quantized per row by the caller
+(jserve/models/quant.py keeps XLA's w8a8 product for the rest). "gpu" takes every decode-sized product;
+"auto" only the shapes whose w8a8 table (`tuning.GPU_TABLE_A8`) names a tile, none until measured.
 """
 
 import functools
@@ -66,6 +71,38 @@ def _use_kernel(impl, x_MK, w, transposed, gate_up=False, w_scale_N=None, interp
     return False  # prefill-sized: XLA's own tiles are the right tool, and this is expected
   logging.log_first_n(logging.WARNING, "decode matmul kernel unavailable (%s); using XLA", 1, why_not)
   return False
+
+
+def use_a8_kernel(impl, m: int, k: int, n: int, *, gate_up: bool = False, interpret: bool = False) -> bool:
+  """Whether a w8a8 product of m rows by an [n, k] fp8 weight (a stacked [2, n, k] pair with `gate_up`) runs in
+  the Triton kernel: under "gpu" (or its interpreter) whenever the kernel takes the shape, under "auto" on a
+  GPU only where the w8a8 table names a tile. fp8 needs compute capability 8.9 or later (Ada, Hopper)."""
+  if impl not in IMPLS:
+    raise ValueError(f"impl={impl!r}; expected one of {IMPLS}")
+  if impl in ("xla", "hopper") or m > MAX_M or k % 32:
+    return False
+  on_gpu = jax.default_backend() == "gpu"
+  if impl == "auto" and (not on_gpu or tuning.xla_is_faster(m, k, n, gate_up=gate_up, a8=True)):
+    return False
+  if not interpret and not on_gpu:
+    return False
+  why_not = _device_converts(jax.ShapeDtypeStruct((k, n), jnp.float8_e4m3fn), interpret)
+  if why_not:
+    logging.log_first_n(logging.WARNING, "w8a8 decode matmul kernel unavailable (%s); using XLA", 1, why_not)
+  return why_not is None
+
+
+def matmul_a8_nt(x8_MK, x_scale_M, w_NK, w_scale_N, *, out_dtype=jnp.bfloat16, interpret=False):
+  """The Triton kernel's w8a8 product (see `use_a8_kernel`): fp8 x [M, K] and its scale per row by fp8 w [N, K]
+  and its scale per column, accumulated in float32, in `out_dtype`."""
+  from pallas_kernels.decode_matmul import gpu
+  return gpu.matmul_a8_nt(x8_MK, x_scale_M, w_NK, w_scale_N, out_dtype=out_dtype, interpret=interpret)
+
+
+def gate_up_silu_a8(x8_MK, x_scale_M, w_2NK, w_scale_2N, *, out_dtype=jnp.bfloat16, interpret=False):
+  """silu(gate) * up of a stacked fp8 pair [2, N, K] (scale [2, N]) with the fp8 rows of x, in the Triton kernel."""
+  from pallas_kernels.decode_matmul import gpu
+  return gpu.gate_up_silu_a8(x8_MK, x_scale_M, w_2NK, w_scale_2N, out_dtype=out_dtype, interpret=interpret)
 
 
 def _use_hopper(x_MK, w, num_weights=1, transposed=False, interpret=False) -> bool:
@@ -140,4 +177,5 @@ def gate_up_silu(x_MK, w_gate, w_up, *, out_dtype=None, impl="auto", interpret=F
   return fallback()
 
 
-__all__ = ["IMPLS", "MAX_M", "decode_matmul", "decode_matmul_nt", "gate_up_silu"]
+__all__ = ["IMPLS", "MAX_M", "decode_matmul", "decode_matmul_nt", "gate_up_silu", "gate_up_silu_a8", "matmul_a8_nt",
+           "use_a8_kernel"]

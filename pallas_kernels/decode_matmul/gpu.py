@@ -26,11 +26,21 @@ is built to keep the memory system busy rather than the tensor cores:
   sum over K, so scaling the partials or their sum is the same product). e4m3
   needs compute capability 8.9 or later (Triton has no e4m3 convert before Ada).
 
-Three entry points share one kernel body: `matmul` (w as [K, N]),
+fp8 activations too (w8a8, `matmul_a8_nt` and `gate_up_silu_a8`): x arrives as e4m3 with a float32
+scale per row (each token quantized by the caller, as `jserve.models.quant.quantize_rows` does), the
+weight as e4m3 [N, K] with its scale per column, and the tiles are multiplied fp8 by fp8 with float32
+accumulation; both scales multiply the accumulator before the store. On Hopper, Triton widens both
+operands to float16 for its mma (one instruction per two values, against three for the bfloat16
+widening of weight-only fp8: `tools/kernel_sass.py` counts about 0.06 warp instructions per weight byte
+at M = 16, a quarter of the issue slots at full bandwidth). A stacked pair (gate and up, `[2, N, K]`,
+`quant.stack_pairs`) is one weight array: the program reads its gate tile at row offset 0 and its up tile
+at N of the [2N, K] view, so nothing is sliced or copied outside the kernel.
+
+Five entry points share one kernel body: `matmul` (w as [K, N]),
 `matmul_nt` (w as [N, K]: the tied LM head that multiplies by the [V, D]
 embedding, and fp8 weights in `quant.Fp8WeightNK`) and `gate_up_silu` (two
 weights streamed by the same program, [K, N] or [N, K], silu(x @ w_gate) *
-(x @ w_up) applied before the only store).
+(x @ w_up) applied before the only store), and the w8a8 `matmul_a8_nt` and `gate_up_silu_a8`.
 
 Axis letters, local to this kernel (the GEMM convention, not jserve/shapes.py's
 KV heads and query heads): M rows of x, K the contracted dim, N output
@@ -70,15 +80,44 @@ def supports(x_MK, w, *, transposed: bool = False, w_scale_N=None) -> str | None
   return reference.check_scale(w, w_scale_N, w.shape[0] if transposed else w.shape[1])
 
 
-def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_out, scaled):
+def supports_a8(x8_MK, x_scale_M, w_NK, w_scale_N, *, halves: bool = False) -> str | None:
+  """None when the w8a8 kernel takes these operands: x8 e4m3 [M, K] with its float32 scale per row [M], the
+  weight e4m3 [N, K] (or a stacked pair [2, N, K] when `halves`) with its float32 scale of the output axes."""
+  if x8_MK.ndim != 2 or x8_MK.dtype != jnp.float8_e4m3fn:
+    return f"x8 {x8_MK.shape} {x8_MK.dtype}: need float8_e4m3fn [M, K]"
+  m, k = x8_MK.shape
+  if x_scale_M.shape != (m,) or x_scale_M.dtype != jnp.float32:
+    return f"x_scale_M {x_scale_M.shape} {x_scale_M.dtype}: need float32 of shape ({m},), one per row"
+  if w_NK.dtype != jnp.float8_e4m3fn or w_NK.ndim != (3 if halves else 2) or (halves and w_NK.shape[0] != 2):
+    return f"w {w_NK.shape} {w_NK.dtype}: need float8_e4m3fn {'[2, N, K]' if halves else '[N, K]'}"
+  if w_NK.shape[-1] != k:
+    return f"x8 {x8_MK.shape}, w {w_NK.shape}: contracted dims differ ({k} != {w_NK.shape[-1]})"
+  if w_scale_N.shape != w_NK.shape[:-1] or w_scale_N.dtype != jnp.float32:
+    return f"w_scale {w_scale_N.shape} {w_scale_N.dtype}: need float32 of shape {w_NK.shape[:-1]}"
+  if m > tuning.MAX_M:
+    return f"M={m}: more rows than the decode kernel takes ({tuning.MAX_M})"
+  if k % 32:
+    return f"K={k}: need a multiple of 32 (K is not masked; fp8 tiles are at least 32 deep)"
+  return None
+
+
+def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_out, scaled, a8=False):
   """One program: a block_m x block_n output tile (of each weight) over `steps` K blocks of one split.
-  `refs`: the weights, their scales when `scaled`, then the outputs."""
+  `refs`: x's scale per row when `a8`, the weights, their scales when `scaled`, then the outputs. With
+  `a8` and `gate_up` the pair is one stacked weight (and one scale) seen as [2N, K]: the up tile is the
+  gate tile's rows moved by n."""
+  xs_ref, refs = (refs[0], refs[1:]) if a8 else (None, refs)
   num_w = 2 if gate_up else 1
-  num_s = num_w if scaled else 0
-  w_refs, s_refs, o_refs = refs[:num_w], refs[num_w:num_w + num_s], refs[num_w + num_s:]
+  num_refs = 1 if a8 else num_w  # the stacked pair is one array
+  num_s = num_refs if scaled else 0
+  w_refs, s_refs, o_refs = refs[:num_refs], refs[num_refs:num_refs + num_s], refs[num_refs + num_s:]
+  offsets = (0, n) if a8 and gate_up else (0,) * num_w  # where each weight's rows start in its array
+  if a8 and gate_up:
+    w_refs, s_refs = w_refs * 2, s_refs * 2
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   i_m, i_n, i_z = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows, cols = pl.ds(i_m * bm, bm), pl.ds(i_n * bn, bn)
+  w_cols = [pl.ds(i_n * bn + off, bn) for off in offsets]
   # Masks only where the shape needs them: an unmasked load keeps Triton's
   # widest vector loads without any analysis of the mask.
   row_ok_M = i_m * bm + jnp.arange(bm, dtype=jnp.int32) < m if m % bm else None
@@ -96,13 +135,15 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
 
   def body(j, accs):
     ks = pl.ds(pl.multiple_of(k0 + j * bk, bk), bk)
-    x_MK = load(x_ref.at[rows, ks], None if row_ok_M is None else jnp.broadcast_to(row_ok_M[:, None], (bm, bk)))
+    # fp8 rows past M are left undefined (Triton cannot fill fp8): each feeds only its own output row, never stored.
+    x_MK = load(x_ref.at[rows, ks], None if row_ok_M is None else jnp.broadcast_to(row_ok_M[:, None], (bm, bk)),
+                fill=not a8)
     out = []
     # An fp8 weight tile becomes x's dtype here, in registers (`astype` is a no-op otherwise): only the
     # one-byte tile crosses the memory bus.
-    for w_ref, acc_MN in zip(w_refs, accs):
+    for w_ref, w_at, acc_MN in zip(w_refs, w_cols, accs):
       if transposed:
-        w_NK = load(w_ref.at[cols, ks], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[:, None], (bn, bk)),
+        w_NK = load(w_ref.at[w_at, ks], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[:, None], (bn, bk)),
                     fill=False)
         p_MN = lax.dot_general(x_MK, w_NK.astype(x_MK.dtype), (((1,), (1,)), ((), ())), precision=precision,
                                preferred_element_type=jnp.float32)
@@ -117,7 +158,10 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
   accs = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(num_w))
   accs = lax.fori_loop(0, steps, body, accs)
   if scaled:  # once per output column, after the K loop (and before any split sum: see the module docstring)
-    accs = tuple(acc_MN * load(s_ref.at[cols], col_ok_N)[None, :] for acc_MN, s_ref in zip(accs, s_refs))
+    accs = tuple(acc_MN * load(s_ref.at[w_at], col_ok_N)[None, :] for acc_MN, s_ref, w_at in zip(accs, s_refs, w_cols))
+  if a8:  # and once per row: x's scale (rows past M read as zeros, and are not stored)
+    x_scale_M = load(xs_ref.at[rows], row_ok_M)
+    accs = tuple(acc_MN * x_scale_M[:, None] for acc_MN in accs)
 
   mask_MN = None
   if row_ok_M is not None or col_ok_N is not None:
@@ -140,32 +184,37 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
   plgpu.store(o_ref.at[rows, cols], res_MN.astype(o_ref.dtype), mask=mask_MN)
 
 
-def _launch(x_MK, ws, scales, *, n, out_dtype, config, transposed, gate_up, interpret):
-  """`scales`: () or one float32 [N] per weight."""
+def _launch(x_MK, ws, scales, *, n, out_dtype, config, transposed, gate_up, interpret, x_scale_M=None):
+  """`scales`: () or one float32 [N] per weight. `x_scale_M`: x's scale per row, for w8a8 (x and the weights
+  fp8, `ws` one [N, K] weight or, with `gate_up`, the stacked pair viewed as [2N, K])."""
   m, k = x_MK.shape
-  cfg = tuning.fit(config, m, k, n, itemsize=x_MK.dtype.itemsize, num_weights=len(ws),
+  a8 = x_scale_M is not None
+  num_weights = 2 if gate_up else 1
+  cfg = tuning.fit(config, m, k, n, itemsize=x_MK.dtype.itemsize, num_weights=num_weights,
                    w_itemsize=ws[0].dtype.itemsize)
   steps = k // (cfg.block_k * cfg.num_splits)
   split_out = cfg.num_splits > 1
   grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), cfg.num_splits)
   kernel = functools.partial(_matmul_kernel, m=m, n=n, cfg=cfg, steps=steps, transposed=transposed,
-                             gate_up=gate_up, split_out=split_out, scaled=bool(scales))
-  fp8 = "_fp8" if ws[0].dtype in FP8_DTYPES else ""  # profiles tell the fp8 launches apart,
-  nt = "_nt" if transposed else ""  # and those of [N, K] weights
+                             gate_up=gate_up, split_out=split_out, scaled=bool(scales), a8=a8)
+  # Profiles tell the fp8 and w8a8 launches apart, and those of [N, K] weights.
+  fp8 = "_a8" if a8 else "_fp8" if ws[0].dtype in FP8_DTYPES else ""
+  nt = "_nt" if transposed else ""
   if split_out:
-    out_shape = [jax.ShapeDtypeStruct((cfg.num_splits, m, n), jnp.float32)] * len(ws)
+    out_shape = [jax.ShapeDtypeStruct((cfg.num_splits, m, n), jnp.float32)] * num_weights
   else:
     out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+  operands = (x_MK, *((x_scale_M,) if a8 else ()), *ws, *scales)
   outs = pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[pl.BlockSpec()] * (1 + len(ws) + len(scales)),
+      in_specs=[pl.BlockSpec()] * len(operands),
       out_specs=[pl.BlockSpec()] * len(out_shape),
       out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=interpret,
       name=f"decode_matmul{fp8}{nt}_m{cfg.block_m}_n{cfg.block_n}_k{cfg.block_k}_z{cfg.num_splits}",
-  )(x_MK, *ws, *scales)
+  )(*operands)
   if not split_out:
     return outs[0]
   sums = [jnp.sum(o_ZMN, axis=0) for o_ZMN in outs]
@@ -224,3 +273,38 @@ def gate_up_silu(x_MK, w_gate, w_up, *, out_dtype=None, config=None, interpret=F
   return _launch(x_MK, (w_gate, w_up), scales, n=n, out_dtype=out_dtype or x_MK.dtype,
                  config=config or _config(x_MK, w_gate, n, True), transposed=transposed, gate_up=True,
                  interpret=interpret)
+
+
+def _check_a8(x8_MK, x_scale_M, w_NK, w_scale_N, halves):
+  why_not = supports_a8(x8_MK, x_scale_M, w_NK, w_scale_N, halves=halves)
+  if why_not:
+    raise ValueError(why_not)
+
+
+def _config_a8(m, k, n, gate_up):
+  return tuning.gpu_config(m, k, n, gate_up=gate_up, itemsize=1, w_itemsize=1, a8=True)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
+def matmul_a8_nt(x8_MK, x_scale_M, w_NK, w_scale_N, *, out_dtype=jnp.bfloat16, config=None, interpret=False):
+  """(x8 * x_scale) @ (w * w_scale).T: fp8 x [M, K] with its float32 scale per row, fp8 w [N, K] with its
+  float32 scale per column, multiplied fp8 by fp8 with float32 accumulation, both scales applied to the
+  float32 sum, cast once to `out_dtype`."""
+  _check_a8(x8_MK, x_scale_M, w_NK, w_scale_N, False)
+  m, k = x8_MK.shape
+  n = w_NK.shape[0]
+  return _launch(x8_MK, (w_NK,), (w_scale_N,), n=n, out_dtype=out_dtype, config=config or _config_a8(m, k, n, False),
+                 transposed=True, gate_up=False, interpret=interpret, x_scale_M=x_scale_M)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
+def gate_up_silu_a8(x8_MK, x_scale_M, w_2NK, w_scale_2N, *, out_dtype=jnp.bfloat16, config=None, interpret=False):
+  """silu(g) * u for [g, u] = the stacked pair's two products with the fp8 rows of x (as `matmul_a8_nt`): w
+  is [2, N, K] (gate, then up), its scale [2, N]; one program streams the same tile of both halves."""
+  _check_a8(x8_MK, x_scale_M, w_2NK, w_scale_2N, True)
+  m, k = x8_MK.shape
+  n = w_2NK.shape[1]
+  # [2, N, K] -> [2N, K] and [2, N] -> [2N] are views of the same bytes: no copy.
+  return _launch(x8_MK, (w_2NK.reshape(2 * n, k),), (w_scale_2N.reshape(2 * n),), n=n, out_dtype=out_dtype,
+                 config=config or _config_a8(m, k, n, True), transposed=True, gate_up=True, interpret=interpret,
+                 x_scale_M=x_scale_M)

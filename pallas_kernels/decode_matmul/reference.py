@@ -11,6 +11,10 @@ converted to x's dtype, multiplied with float32 accumulation, and the product
 scaled per column; a per-column factor commutes with the sum over K, so this
 is x @ (w * scale) up to float32 rounding (and what jserve.models.quant.fp8_dot
 computes).
+
+w8a8 (`matmul_a8_nt`, `gate_up_silu_a8`): x arrives quantized too, e4m3 with a float32 scale per row,
+and the fp8 operands are multiplied as they are, with float32 accumulation; the float32 sum times x's
+row scale and the weight's column scale is the product, cast once.
 """
 
 import jax
@@ -72,4 +76,18 @@ def gate_up_silu(x_MK, w_gate, w_up, *, out_dtype=None, w_gate_scale_N=None, w_u
   eq = "MK,NK->MN" if transposed else "MK,KN->MN"
   g_MN = _scaled(jnp.einsum(eq, x_MK, w_gate, preferred_element_type=jnp.float32), w_gate_scale_N)
   u_MN = _scaled(jnp.einsum(eq, x_MK, w_up, preferred_element_type=jnp.float32), w_up_scale_N)
+  return (jax.nn.silu(g_MN) * u_MN).astype(out_dtype)
+
+
+def matmul_a8_nt(x8_MK, x_scale_M, w_NK, w_scale_N, *, out_dtype=jnp.bfloat16):
+  """(x8 * x_scale) @ (w * w_scale).T for fp8 x [M, K] and w [N, K], each with its float32 scale per row and
+  column: the fp8 product accumulated in float32, then both scales."""
+  p_MN = jnp.einsum("MK,NK->MN", x8_MK, w_NK, preferred_element_type=jnp.float32)
+  return (p_MN * x_scale_M[:, None] * w_scale_N).astype(out_dtype)
+
+
+def gate_up_silu_a8(x8_MK, x_scale_M, w_2NK, w_scale_2N, *, out_dtype=jnp.bfloat16):
+  """silu(g) * u of a stacked pair [2, N, K] (gate, then up) with its scale [2, N], each half as `matmul_a8_nt`."""
+  g_MN, u_MN = (jnp.einsum("MK,NK->MN", x8_MK, w_2NK[i], preferred_element_type=jnp.float32)
+                * x_scale_M[:, None] * w_scale_2N[i] for i in range(2))
   return (jax.nn.silu(g_MN) * u_MN).astype(out_dtype)

@@ -4,7 +4,8 @@
 or above the row count, at least 16 (Triton's smallest tensor-core tile) and
 at most `MAX_M`. `GPU_TABLE_GATE_UP` is the same for the fused gate/up kernel,
 keyed by the N of one of its two weights. `GPU_TABLE_FP8` and `GPU_TABLE_GATE_UP_FP8`
-are the two for fp8 weights.
+are the two for fp8 weights, `GPU_TABLE_A8` and `GPU_TABLE_GATE_UP_A8` for fp8 activations
+by fp8 weights (w8a8).
 
 How the tables were produced: NOT YET MEASURED. The entries below are chosen
 on paper (enough bytes in flight per SM for a memory-bound stream, two
@@ -126,6 +127,13 @@ GPU_TABLE_GATE_UP_FP8: dict[tuple[int, int, int], GpuConfig | None] = {
     (64, 4096, 14336): None,  # 8B fp8 gate_up fused: 1.46 TB/s, XLA 1.47
 }
 
+# The same for w8a8 (fp8 activations by fp8 weights, `gpu.matmul_a8_nt` and `gpu.gate_up_silu_a8`): NOT YET
+# MEASURED, so empty, and "auto" keeps XLA's w8a8 product on every shape (as for fp8 weights, a shape goes
+# to the kernel only where its table names a tile). `tools/bench_matmul.py --weights=w8a8` sweeps
+# GPU_SWEEP_FP8's candidates for it and prints the winners in this form.
+GPU_TABLE_A8: dict[tuple[int, int, int], GpuConfig | None] = {}
+GPU_TABLE_GATE_UP_A8: dict[tuple[int, int, int], GpuConfig | None] = {}
+
 # The candidates `tools/bench_matmul.py` tries per M bucket (each with the
 # automatic split count; the bench also tries the best one at half and twice
 # that split count).
@@ -168,35 +176,39 @@ GPU_SWEEP_FP8: dict[int, tuple[GpuConfig, ...]] = {
     for b, cs in GPU_SWEEP.items()}
 
 
-def _table(gate_up: bool, fp8: bool) -> dict:
+def _table(gate_up: bool, fp8: bool, a8: bool = False) -> dict:
+  if a8:
+    return GPU_TABLE_GATE_UP_A8 if gate_up else GPU_TABLE_A8
   if fp8:
     return GPU_TABLE_GATE_UP_FP8 if gate_up else GPU_TABLE_FP8
   return GPU_TABLE_GATE_UP if gate_up else GPU_TABLE
 
 
-def xla_is_faster(m: int, k: int, n: int, *, gate_up: bool = False, fp8: bool = False) -> bool:
-  """True where the table (of fp8 weights when `fp8`) says XLA's dot beat the kernel on this shape.
+def xla_is_faster(m: int, k: int, n: int, *, gate_up: bool = False, fp8: bool = False, a8: bool = False) -> bool:
+  """True where the table (of fp8 weights when `fp8`, of w8a8 when `a8`) says XLA's dot beat the kernel.
 
-  fp8 weights go to the kernel only where their table names a tile: on every shape measured so far
-  XLA's dot was faster (see GPU_TABLE_FP8), so an unmeasured one is not assumed otherwise."""
-  table = _table(gate_up, fp8)
+  fp8 weights and w8a8 go to the kernel only where their table names a tile: on every fp8 shape measured
+  so far XLA's dot was faster (see GPU_TABLE_FP8), and w8a8 is not measured, so an unmeasured shape is not
+  assumed otherwise."""
+  table = _table(gate_up, fp8, a8)
   key = (m_bucket(m), k, n)
-  if fp8:
+  if fp8 or a8:
     return table.get(key) is None
   return key in table and table[key] is None
 
 
 def gpu_config(m: int, k: int, n: int, *, gate_up: bool = False, itemsize: int = 2,
-               w_itemsize: int | None = None) -> GpuConfig:
+               w_itemsize: int | None = None, a8: bool = False) -> GpuConfig:
   """The tuned config of this shape (or the bucket's default), fitted to it by `fit`.
 
   `itemsize` is x's; `w_itemsize` the weight's (None: x's). One-byte (fp8) weights take their own
-  tables, and the default for them has block_k doubled: a step then moves the same weight bytes as
-  a bfloat16 step, so the same stages keep as many bytes in flight (on paper, not measured).
+  tables (w8a8's when `a8`), and the default for them has block_k doubled: a step then moves the same
+  weight bytes as a bfloat16 step, so the same stages keep as many bytes in flight (on paper, not
+  measured).
   """
   bucket = m_bucket(m)
   fp8 = w_itemsize == 1
-  cfg = _table(gate_up, fp8).get((bucket, k, n))
+  cfg = _table(gate_up, fp8, a8).get((bucket, k, n))
   if cfg is None:  # not tuned, or XLA is faster (only impl="gpu" gets here then)
     cfg = _DEFAULTS[min(bucket, MAX_M)]
     if fp8:

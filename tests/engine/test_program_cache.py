@@ -134,7 +134,7 @@ def test_prepare_compiles_ahead_and_the_call_only_runs(tmp_path):
 
 def test_a_stored_program_on_a_gpu_loads_the_kernel_runtimes_first(tmp_path, monkeypatch):
   # A Mosaic GPU kernel's executable looks up runtime symbols that importing JAX's Mosaic GPU module
-  # provides; a warm start that read stored programs without it failed on an H100 (docs/benchmarks/e2e.md).
+  # provides; a warm start that read stored programs without it failed on an H100 (docs/benchmarks/e2e_log.md).
   import sys
   monkeypatch.delitem(sys.modules, "pallas_kernels.mosaic_gpu", raising=False)
   programs._load_kernel_runtimes("cpu")

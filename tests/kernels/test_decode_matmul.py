@@ -376,3 +376,111 @@ def test_kernel_lowers_for_cuda_with_masked_rows_and_columns(w_dtype):
   ]
   for text in texts:
     assert "decode_matmul" in text  # the Pallas call is in the module, not an XLA fallback
+
+
+# ---- w8a8: fp8 rows of x (a scale per row) by fp8 weights [N, K] (a scale per column)
+
+SMALL_A8 = dataclasses.replace(SMALL, block_k=64)  # fp8 tiles are at least 32 deep
+
+
+def _a8_operands(m, k, n, seed=0, stacked=False):
+  """(x8 [M, K], x_scale [M], w8 [N, K] or [2, N, K], w_scale [N] or [2, N]): rows and columns of many magnitudes,
+  quantized as jserve's quant.quantize_rows and quantize_fp8 do (amax / 448 per row and per column)."""
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-3, 1, (m, 1))
+  w = rng.standard_normal((2 if stacked else 1, n, k)) * 10.0 ** rng.uniform(-3, 0, (2 if stacked else 1, n, 1))
+  x_scale = np.abs(x).max(1) / 448.0
+  w_scale = np.abs(w).max(-1) / 448.0
+  x8 = jnp.asarray(x / x_scale[:, None], jnp.float8_e4m3fn)
+  w8 = jnp.asarray(w / w_scale[..., None], jnp.float8_e4m3fn)
+  x_scale, w_scale = jnp.asarray(x_scale, jnp.float32), jnp.asarray(w_scale, jnp.float32)
+  return (x8, x_scale, w8, w_scale) if stacked else (x8, x_scale, w8[0], w_scale[0])
+
+
+def _exact_a8(x8, x_scale, w8, w_scale):
+  """The float64 product of the dequantized operands ([N, K] weight)."""
+  x = np.asarray(x8, np.float64) * np.asarray(x_scale, np.float64)[:, None]
+  w = np.asarray(w8, np.float64) * np.asarray(w_scale, np.float64)[:, None]
+  return x @ w.T
+
+
+@pytest.mark.parametrize("m,n,num_splits", [(1, 96, 1), (5, 200, 2), (16, 64, 1), (40, 96, 4)])
+def test_a8_kernel_is_the_product_of_the_dequantized_operands(m, n, num_splits):
+  # M=5 and 40 mask rows, N=96 and 200 mask columns, splits add float32 partial sums; each row and column has
+  # its own scale, so one scale misapplied moves that row or column by orders of magnitude.
+  k = 512
+  x8, xs, w8, ws = _a8_operands(m, k, n, seed=m)
+  cfg = dataclasses.replace(SMALL_A8, num_splits=num_splits)
+  out = gpu.matmul_a8_nt(x8, xs, w8, ws, config=cfg, interpret=True)
+  assert out.shape == (m, n) and out.dtype == jnp.bfloat16
+  want = _exact_a8(x8, xs, w8, ws)
+  # Per row, against that row's own magnitude (rows span four orders): bfloat16's rounding of the output.
+  err = np.abs(np.asarray(out, np.float64) - want).max(1) / np.abs(want).max(1)
+  assert err.max() < 1e-2, err
+  np.testing.assert_allclose(np.asarray(out, np.float32), np.asarray(reference.matmul_a8_nt(x8, xs, w8, ws),
+                                                                     np.float32), rtol=1e-2, atol=0)
+
+
+@pytest.mark.parametrize("num_splits", [1, 2])
+def test_a8_fused_gate_up_reads_gate_then_up_from_the_stacked_pair(num_splits):
+  m, k, n = 9, 256, 80
+  x8, xs, w8, ws = _a8_operands(m, k, n, seed=3, stacked=True)
+  cfg = dataclasses.replace(SMALL_A8, num_splits=num_splits)
+  out = np.asarray(gpu.gate_up_silu_a8(x8, xs, w8, ws, config=cfg, interpret=True), np.float64)
+  g, u = (_exact_a8(x8, xs, w8[i], ws[i]) for i in range(2))
+  want = g / (1 + np.exp(-g)) * u
+  assert relative_error(out, want) < 1e-2
+  swapped = u / (1 + np.exp(-u)) * g  # the halves the other way round
+  assert relative_error(swapped, want) > 0.1
+  np.testing.assert_allclose(out, np.asarray(reference.gate_up_silu_a8(x8, xs, w8, ws), np.float64), rtol=2e-2,
+                             atol=1e-2 * np.abs(want).max())
+
+
+def test_a8_kernel_names_what_it_cannot_take():
+  x8, xs, w8, ws = _a8_operands(4, 256, 64)
+  assert gpu.supports_a8(x8, xs, w8, ws) is None
+  assert "float8_e4m3fn [M, K]" in gpu.supports_a8(x8.astype(jnp.bfloat16), xs, w8, ws)
+  assert "one per row" in gpu.supports_a8(x8, xs[:3], w8, ws)
+  assert "[2, N, K]" in gpu.supports_a8(x8, xs, w8, ws, halves=True)
+  assert "need float32 of shape (64,)" in gpu.supports_a8(x8, xs, w8, ws[:10])
+  assert "multiple of 32" in gpu.supports_a8(x8[:, :48], xs, w8[:, :48], ws)
+  assert "more rows" in gpu.supports_a8(jnp.zeros((257, 256), jnp.float8_e4m3fn), jnp.ones(257), w8, ws)
+  with pytest.raises(ValueError, match="contracted dims differ"):
+    gpu.matmul_a8_nt(x8, xs, w8[:, :128], ws, interpret=True)
+
+
+def test_a8_kernel_goes_where_impl_and_the_w8a8_table_say(monkeypatch):
+  from pallas_kernels.decode_matmul import use_a8_kernel
+  assert use_a8_kernel("gpu", 16, 4096, 14336, interpret=True)  # the interpreter: any backend
+  assert not use_a8_kernel("gpu", 16, 4096, 14336)  # the kernel itself needs a GPU
+  assert not use_a8_kernel("gpu", 300, 4096, 14336, interpret=True)  # prompt-sized rows: XLA
+  assert not use_a8_kernel("xla", 16, 4096, 14336, interpret=True)
+  assert not use_a8_kernel("auto", 16, 4096, 14336, interpret=True)  # off a GPU "auto" is XLA
+  with pytest.raises(ValueError, match="expected one of"):
+    use_a8_kernel("cuda", 16, 4096, 14336)
+  # On a GPU "auto" takes a shape only where the (measured) w8a8 table names a tile.
+  monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+  assert not use_a8_kernel("auto", 16, 4096, 14336)
+  monkeypatch.setitem(tuning.GPU_TABLE_A8, (16, 4096, 14336), SMALL_A8)
+  assert use_a8_kernel("auto", 16, 4096, 14336) and use_a8_kernel("auto", 1, 4096, 14336)
+  assert not use_a8_kernel("auto", 64, 4096, 14336) and not use_a8_kernel("auto", 16, 4096, 14336, gate_up=True)
+  monkeypatch.setitem(tuning.GPU_TABLE_A8, (16, 4096, 14336), None)  # measured: XLA faster
+  assert not use_a8_kernel("auto", 16, 4096, 14336)
+
+
+@pytest.mark.parametrize("m", [1, 5, 64])
+def test_a8_kernels_lower_for_cuda(m):
+  # Triton cannot fill a masked fp8 load: rows past M (M=1, 5) must be loaded unfilled. The 8B shapes' default
+  # tiles, and a masked N with split-K.
+  shape = jax.ShapeDtypeStruct
+  f8, f32 = jnp.float8_e4m3fn, jnp.float32
+  texts = [
+      _lower_for_cuda(gpu.matmul_a8_nt, shape((m, 14336), f8), shape((m,), f32), shape((4096, 14336), f8),
+                      shape((4096,), f32)),
+      _lower_for_cuda(functools.partial(gpu.matmul_a8_nt, config=dataclasses.replace(SMALL_A8, num_splits=2)),
+                      shape((m, 256), f8), shape((m,), f32), shape((200, 256), f8), shape((200,), f32)),
+      _lower_for_cuda(gpu.gate_up_silu_a8, shape((m, 4096), f8), shape((m,), f32), shape((2, 14336, 4096), f8),
+                      shape((2, 14336), f32)),
+  ]
+  for text in texts:
+    assert "decode_matmul_a8_nt" in text

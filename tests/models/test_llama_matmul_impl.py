@@ -12,8 +12,8 @@ from configs.models import get_model_preset
 from jserve.models import llama
 from jserve.models.llama import StepInputs, compute_logits, forward, init_params
 from jserve.errors import ShapeError
-from jserve.models.quant import (Fp8Weight, Fp8WeightNK, fp8_dot, fp8_dot_nk, kernel_layout, quantize_fp8,
-                                   quantize_params)
+from jserve.models.quant import (Fp8Weight, Fp8WeightNK, activation_layout, fp8_dot, fp8_dot_nk, kernel_layout,
+                                 quantize_fp8, quantize_params)
 from tests.kernels.rpa_cases import relative_error
 
 PAGE_SIZE = 8
@@ -47,14 +47,17 @@ def _pallas_calls(jaxpr) -> list[str]:
   return names
 
 
-def forward_errors(preset, dtype, impl, *, fp8=False, nk=False, launches=None):
+def forward_errors(preset, dtype, impl, *, fp8=False, nk=False, a8=False, launches=None):
   """One step's logits and new KV pool with `impl` against "xla": (logits error, [KV error per layer]).
   `fp8`: the layers' projections quantized; `nk`: and stored for the kernel (`kernel_layout`) in the `impl`
-  run, while "xla" keeps `Fp8Weight`s. `launches`: a list that gets the names of the step's Pallas calls."""
+  run, while "xla" keeps `Fp8Weight`s; `a8`: stored for fp8 activations (`activation_layout`) in both runs.
+  `launches`: a list that gets the names of the step's Pallas calls."""
   cfg = get_model_preset(preset)
   params = init_params(cfg, jax.random.key(1), dtype=dtype)
-  if fp8:
+  if fp8 or a8:
     params = quantize_params(params, delete_originals=False)
+  if a8:
+    params = activation_layout(params)
   kernel_params = kernel_layout(jax.tree.map(jnp.copy, params)) if nk else params
   kv = [jax.random.normal(jax.random.key(2 + i), (5, PAGE_SIZE, 2 * cfg.num_kv_heads, cfg.head_dim), dtype)
         for i in range(cfg.num_layers)]
@@ -105,6 +108,22 @@ def test_forward_with_fp8_weights_stored_nk_on_the_kernel_matches_xlas_fp8_dot(p
   assert logits_error <= tol
   assert all(e <= tol for e in kv_errors), kv_errors
   assert sum(name.startswith("decode_matmul_fp8_nt_") for name in launches) == 2 * 6, launches
+
+
+def test_forward_with_fp8_activations_on_the_kernel_matches_xlas_w8a8_product():
+  # activation_layout stores q, o and down as [N, K] Fp8WeightA8s and k/v and gate/up stacked [2, N, K]. With the
+  # kernel, each product's rows are quantized as fp8_dot_a8 quantizes them and multiplied fp8 by fp8 in the
+  # Triton kernel; gate/up is one kernel with its silu. XLA's w8a8 GEMM writes bfloat16 before its scales, the
+  # kernel scales its float32 sum: they differ by bfloat16 rounding, which a later quantization can move to a
+  # neighbouring e4m3 value.
+  launches = []
+  logits_error, kv_errors = forward_errors("tiny-qwen3", jnp.bfloat16, "interpret", a8=True, launches=launches)
+  assert logits_error <= 3e-2
+  assert all(e <= 3e-2 for e in kv_errors), kv_errors
+  # q, k and v (one stacked product), o, gate/up (fused) and down of both layers: 5 w8a8 launches per layer;
+  # the LM head is not quantized and took the bfloat16 kernel.
+  assert sum(name.startswith("decode_matmul_a8_nt_") for name in launches) == 2 * 5, launches
+  assert len(launches) == 2 * 5 + 1, launches
 
 
 @pytest.mark.parametrize("eq,a_shape,w_shape,num_contracted", [
