@@ -30,13 +30,19 @@ Pallas kernel converts the fp8 tiles in registers (its candidates come from
 PyTorch anchor is the weight converted by `.to(torch.bfloat16)`, then
 cuBLAS, then the scale. With --weights=w8a8 they run as
 `activation_quantization="fp8"` multiplies them: the fp8 weight stored
-[N, K], each row of x quantized to fp8 with a scale of its own, fp8 by fp8 on
-the tensor cores (XLA: the model's own `quant.fp8_dot_a8`; the anchor:
-`torch._scaled_mm` with the same row and column scales); no Pallas kernel
-takes fp8 activations, so those rows have none. Their TB/s count one byte per weight element (the
-scales, under 0.2%, are left out), so they read directly against the copy
-ceiling; the "fp8 speed-up" column divides the same shape's bfloat16 time by
-the fp8 one, for the Pallas kernel and for XLA, when both ran.
+[N, K] (gate and up stacked, [2, N, K], as `quant.stack_pairs` stores them),
+each row of x quantized to fp8 with a scale of its own, fp8 by fp8 on the
+tensor cores (XLA: the model's own `quant.fp8_dot_a8`; Pallas: the w8a8
+kernels `gpu.matmul_a8_nt` and `gpu.gate_up_silu_a8`, x quantized by
+`quant.quantize_rows` inside the timed call, their candidates also from
+`tuning.GPU_SWEEP_FP8`, their winners printed as `GPU_TABLE_A8` and
+`GPU_TABLE_GATE_UP_A8`; the anchor: `torch._scaled_mm` with the same row and
+column scales). Their products are checked against the exact one with a
+tolerance for the activations' e4m3 rounding (`matmul_cases.A8_TOL`). Their
+TB/s count one byte per weight element (the scales, under 0.2%, are left
+out), so they read directly against the copy ceiling; the "fp8 speed-up"
+column divides the same shape's bfloat16 time by the fp8 one, for the
+Pallas kernel and for XLA, when both ran.
 
 Every timed call multiplies by several distinct copies of the weights (at
 least --min_bytes in all, so nothing is served from the 50 MB L2), all in
@@ -72,8 +78,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from tools.ceilings import copy_ceilings  # noqa: E402
-from tools.matmul_cases import (dequantized, entry, entry_ops, exact, fp8_pair, kernel_mix, kn_pairs,  # noqa: E402
-                                make_weights, make_x, over_copies, rel_err, shapes_to_run, xla_fn, xla_weight_only_fn)
+from tools.matmul_cases import (A8_TOL, a8_pair, compiler_options, dequantized, entry, entry_a8,  # noqa: E402
+                                entry_ops, exact, fp8_pair, kernel_mix, kn_pairs, make_weights, make_x, over_copies,
+                                rel_err, shapes_to_run, stacked, xla_fn, xla_weight_only_fn)
 from tools.matmul_report import markdown, table_lines, tuning_tables  # noqa: E402
 from tools.torch_matmul import torch_time  # noqa: E402
 from absl import app, flags  # noqa: E402
@@ -115,6 +122,9 @@ def elapsed():
 # ---------------------------------------------------------------- the functions timed
 
 def kernel_fn(shape, cfg, interpret):
+  """The Pallas kernel over the weight copies; w8a8 compiles with the options of XLA's w8a8 product."""
+  if shape.a8:
+    return over_copies(entry_a8(gpu, shape.kind, config=cfg, interpret=interpret), compiler_options(shape))
   return over_copies(entry(gpu, shape.kind, shape.fp8, config=cfg, interpret=interpret))
 
 
@@ -203,15 +213,16 @@ def candidates(shape, m, best_plain=None):
   bucket = min(tuning.m_bucket(m), tuning.MAX_M)
   gate_up = shape.kind == "gate_up"
   out = {}
-  cur = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
+  cur = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, itemsize=shape.itemsize, w_itemsize=shape.w_itemsize,
+                          a8=shape.a8)
   out[cur.short()] = cur
-  sweep = tuning.GPU_SWEEP_FP8 if shape.fp8 else tuning.GPU_SWEEP
+  sweep = tuning.GPU_SWEEP_FP8 if shape.fp8 else tuning.GPU_SWEEP  # w8a8 too
   pool = best_plain if (gate_up and best_plain) else sweep[bucket]
   if _SMOKE.value:
     pool = pool[:2]
   for c in pool:
-    c = tuning.fit(dataclasses.replace(c, num_splits=None), m, shape.k, shape.n, num_weights=shape.num_weights,
-                   w_itemsize=shape.w_itemsize)
+    c = tuning.fit(dataclasses.replace(c, num_splits=None), m, shape.k, shape.n, itemsize=shape.itemsize,
+                   num_weights=shape.num_weights, w_itemsize=shape.w_itemsize)
     out.setdefault(c.short(), c)
   return out
 
@@ -227,8 +238,9 @@ def split_variants(cfg, m, shape, tried):
   return out
 
 
-def time_kernels(compiled, cfgs, x, ws, ref, reps, rounds):
-  """Checks and times each compiled config; rows sorted fastest first."""
+def time_kernels(compiled, cfgs, x, ws, ref, reps, rounds, tol=1e-2):
+  """Checks (relative error against `ref` at most `tol`) and times each compiled config; rows sorted fastest
+  first."""
   rows = []
   for label, cfg in cfgs.items():
     fn = compiled[label]
@@ -239,7 +251,7 @@ def time_kernels(compiled, cfgs, x, ws, ref, reps, rounds):
       try:
         out = fn(x, ws)
         row["err"] = float(rel_err(out[0], ref))
-        row["ok"] = bool(row["err"] <= 1e-2)
+        row["ok"] = bool(row["err"] <= tol)
         if row["ok"]:
           row["s"] = time_fn(fn, x, ws, reps=reps, rounds=rounds) / len(ws)
       except Exception as e:  # noqa: BLE001
@@ -257,17 +269,19 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
   w0 = dequantized(kn_pairs(ws[0]) if shape.a8 else ws[0]) if shape.fp8 else ws[0]
   refs = {m: exact(xs[m], w0, shape.kind) for m in ms}
   gate_up = shape.kind == "gate_up"
+  tol = A8_TOL if shape.a8 else 1e-2
 
   # Round 1: XLA at every M and the kernel candidates of every swept M, compiled together.
-  # M = 1 takes the M = 16 winner, in round 2. The kernel takes neither fp8 activations nor prompt-sized rows.
-  kernel_ms = [] if shape.a8 or not _KERNELS.value else [m for m in ms if m <= tuning.MAX_M]
+  # M = 1 takes the M = 16 winner, in round 2. The kernel takes no prompt-sized rows.
+  kernel_ms = [m for m in ms if m <= tuning.MAX_M] if _KERNELS.value else []
   sweep_ms = [m for m in kernel_ms if m != 1 or 16 not in kernel_ms]
   cfgs = {}
   for m in sweep_ms:
     if sweep:
       cfgs[m] = candidates(shape, m, best_plain_by_m.get(m) if gate_up else None)
     else:
-      c = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
+      c = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, itemsize=shape.itemsize,
+                            w_itemsize=shape.w_itemsize, a8=shape.a8)
       cfgs[m] = {c.short(): c}
   xla_kinds = {"xla": xla_fn(shape)}
   if shape.a8:  # the same [N, K] store multiplied weight-only: the alternative for decode-sized rows
@@ -294,8 +308,8 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
                             f"{k}_kernels": kernel_mix(hlo, copies), f"{k}_entry": entry_ops(hlo)})
       except Exception as e:  # noqa: BLE001
         xla_rows[m][f"{k}_error"] = repr(e)[:300]
-  per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds)
-           for m in sweep_ms}
+  per_m = {m: time_kernels({lb: compiled[(m, lb)] for lb in cfgs[m]}, cfgs[m], xs[m], ws, refs[m], reps, rounds,
+                           tol) for m in sweep_ms}
   hopper_rows = {}
   for m in ms:
     variants = {lb: HOPPER_VARIANTS[lb] for lb, mm in h_jobs if mm == m}
@@ -311,15 +325,16 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
     more[1] = {}
     src = per_m.get(16, [])
     if src and "s" in src[0]:
-      c = tuning.fit(tuning.GpuConfig(**src[0]["cfg"]), 1, shape.k, shape.n, num_weights=shape.num_weights,
-                     w_itemsize=shape.w_itemsize)
+      c = tuning.fit(tuning.GpuConfig(**src[0]["cfg"]), 1, shape.k, shape.n, itemsize=shape.itemsize,
+                     num_weights=shape.num_weights, w_itemsize=shape.w_itemsize)
       more[1][c.short()] = c
-    cur = tuning.gpu_config(1, shape.k, shape.n, gate_up=gate_up, w_itemsize=shape.w_itemsize)
+    cur = tuning.gpu_config(1, shape.k, shape.n, gate_up=gate_up, itemsize=shape.itemsize, w_itemsize=shape.w_itemsize,
+                            a8=shape.a8)
     more[1].setdefault(cur.short(), cur)
   jobs = {(m, lb): (kernel_fn(shape, c, interpret), (xs[m], ws)) for m, cs in more.items() for lb, c in cs.items()}
   compiled = compile_all(jobs) if jobs else {}
   for m, cs in more.items():
-    rows = time_kernels({lb: compiled[(m, lb)] for lb in cs}, cs, xs[m], ws, refs[m], reps, rounds)
+    rows = time_kernels({lb: compiled[(m, lb)] for lb in cs}, cs, xs[m], ws, refs[m], reps, rounds, tol)
     per_m[m] = sorted(per_m.get(m, []) + rows, key=lambda r: r.get("s", float("inf")))
 
   results = []
@@ -356,11 +371,13 @@ def bench_shape(shape, ms, best_plain_by_m, interpret, sweep):
 # ---------------------------------------------------------------- checks and output
 
 def check_edges(interpret):
-  """Masked rows and columns, split-K, float32, fp8 weights and all three entry points, compiled for this
+  """Masked rows and columns, split-K, float32, fp8 weights, w8a8 and all five entry points, compiled for this
   device."""
   small = tuning.GpuConfig(block_m=16, block_n=32, block_k=32, num_splits=1, num_warps=4, num_stages=2)
   triton = lambda kind, cfg, fp8=False: entry(gpu, kind, fp8, config=cfg, interpret=interpret)
-  # (label, kind, dtype, M, K, N, seed, entry point); "fp8" in the label: fp8 weights with their scales
+  a8 = lambda kind, cfg: entry_a8(gpu, kind, config=cfg, interpret=interpret)
+  # (label, kind, dtype, M, K, N, seed, entry point); "fp8" in the label: fp8 weights with their scales;
+  # "w8a8": [N, K] fp8 weights with theirs (gate and up stacked), x quantized per row by the entry point
   cases = [("kn f32 M=5 N=200", "kn", jnp.float32, 5, 128, 200, 5, triton("kn", small)),
            ("kn bf16 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, 1,
             triton("kn", dataclasses.replace(small, num_splits=2))),
@@ -375,7 +392,15 @@ def check_edges(interpret):
             triton("gate_up", dataclasses.replace(small, num_splits=2), True)),
            ("kn fp8 M=16 default", "kn", jnp.bfloat16, 16, 1024, 384, 16, triton("kn", None, True)),
            ("kn fp8 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 257, triton("kn", None, True)),
-           ("gate_up fp8 M=64 default", "gate_up", jnp.bfloat16, 64, 512, 256, 65, triton("gate_up", None, True))]
+           ("gate_up fp8 M=64 default", "gate_up", jnp.bfloat16, 64, 512, 256, 65, triton("gate_up", None, True)),
+           ("kn w8a8 M=5 N=200", "kn", jnp.bfloat16, 5, 128, 200, 25, a8("kn", small)),
+           ("kn w8a8 M=1 N=200 z2", "kn", jnp.bfloat16, 1, 256, 200, 21,
+            a8("kn", dataclasses.replace(small, num_splits=2))),
+           ("gate_up w8a8 M=9 N=80", "gate_up", jnp.bfloat16, 9, 128, 80, 29, a8("gate_up", small)),
+           ("gate_up w8a8 M=9 N=80 z2", "gate_up", jnp.bfloat16, 9, 128, 80, 39,
+            a8("gate_up", dataclasses.replace(small, num_splits=2))),
+           ("kn w8a8 M=256 default", "kn", jnp.bfloat16, 256, 512, 384, 259, a8("kn", None)),
+           ("gate_up w8a8 M=64 default", "gate_up", jnp.bfloat16, 64, 512, 256, 69, a8("gate_up", None))]
   if hopper.plgpu is not None:  # the Hopper kernel: one and several row tiles, split-K, gate/up, w[N, K]
     B = hopper.HopperMatmulBlocks
     h = lambda kind, blocks: entry(hopper, kind, blocks=blocks, interpret=interpret)
@@ -389,11 +414,17 @@ def check_edges(interpret):
     keys = jax.random.split(jax.random.key(seed), 3)
     x = jax.random.normal(keys[0], (m, k), jnp.float32).astype(dtype)
     w, w2 = ((jax.random.normal(kk, (k, n), jnp.float32) * k**-0.5).astype(dtype) for kk in keys[1:])
-    if "fp8" in label:
-      w, w2 = fp8_pair(w), fp8_pair(w2)
-    w = {"kn": w, "nk": w.T if kind == "nk" else None, "gate_up": (w, w2)}[kind]
+    if "w8a8" in label:
+      w, w2 = a8_pair(w), a8_pair(w2)
+      w = stacked(w, w2) if kind == "gate_up" else w
+      ref_w = dequantized(kn_pairs(w))
+    else:
+      if "fp8" in label:
+        w, w2 = fp8_pair(w), fp8_pair(w2)
+      w = {"kn": w, "nk": w.T if kind == "nk" else None, "gate_up": (w, w2)}[kind]
+      ref_w = dequantized(w) if "fp8" in label else w
     jobs[label] = (jax.jit(fn), (x, w))
-    refs[label] = exact(x, dequantized(w) if "fp8" in label else w, kind)
+    refs[label] = exact(x, ref_w, kind)
   compiled = compile_all(jobs)
   rows = []
   for label, kind, dtype, *_ in cases:
@@ -402,7 +433,7 @@ def check_edges(interpret):
       if isinstance(fn, Exception):
         raise fn
       err = float(rel_err(fn(*jobs[label][1]), refs[label]))
-      tol = 1e-5 if dtype == jnp.float32 else 1e-2
+      tol = 1e-5 if dtype == jnp.float32 else A8_TOL if "w8a8" in label else 1e-2
       rows.append(dict(case=label, err=err, tol=tol, ok=bool(err <= tol)))
     except Exception:  # noqa: BLE001
       rows.append(dict(case=label, ok=False, error=traceback.format_exc(limit=3)))
@@ -442,7 +473,7 @@ def main(argv):
     sys.exit(1 if failed else 0)
   ms = [int(m) for m in _MS.value]
   shapes = shapes_to_run(_SMOKE.value, _MODELS.value, _WEIGHTS.value, _SHAPES.value)
-  # per (model prefix, fp8) and M: the plain gate_up shape's fastest configs, tried on the fused one
+  # per (model prefix, fp8, w8a8) and M: the plain gate_up shape's fastest configs, tried on the fused one
   best_plain = {}
   for shape in shapes:
     sweep = _SWEEP.value and elapsed() < _BUDGET_S.value
@@ -450,7 +481,7 @@ def main(argv):
       log(f"skipping {shape.name}: past the time budget")
       continue
     log(f"{shape.name}: K={shape.k} N={shape.n} {shape.kind} {'sweep' if sweep else 'current config only'}")
-    prefix = (shape.name.split()[0], shape.fp8)
+    prefix = (shape.name.split()[0], shape.fp8, shape.a8)
     try:
       rows = bench_shape(shape, ms, best_plain.get(prefix, {}), interpret, sweep)
     except Exception:  # noqa: BLE001

@@ -1,5 +1,6 @@
 """The cases that tools/bench_matmul.py times: the weight shapes, their operands as each weight format stores
-them, the products under test (XLA's, as the model runs them) and the exact product they are checked against.
+them, the products under test (XLA's, as the model runs them, and the Pallas kernels' entry points: `entry`, and
+`entry_a8` for w8a8, whose kernels take fp8 activations) and the exact product they are checked against.
 
 The bench (timing, kernel sweeps, edge checks, the report) lives in tools/bench_matmul.py; this module has no
 flags, so tests import it.
@@ -15,7 +16,7 @@ import jax.numpy as jnp
 
 from jserve.engine import programs
 from jserve.models.quant import (Fp8Weight, Fp8WeightA8, Fp8WeightNK, dequantize, fp8_dot, fp8_dot_a8, fp8_dot_nk,
-                                 quantize_fp8)
+                                 quantize_fp8, quantize_rows)
 from pallas_kernels.decode_matmul import reference
 
 
@@ -26,11 +27,17 @@ class Shape:
   n: int
   kind: str = "kn"  # kn: x @ w[K, N]; nk: x @ w[N, K].T (tied LM head); gate_up: silu(x @ wg) * (x @ wu)
   fp8: bool = False  # weights in float8 e4m3, each with a float32 scale per column
-  a8: bool = False  # w8a8: fp8 weights stored [N, K], activations quantized per row (implies fp8)
+  # w8a8: fp8 weights stored [N, K], activations quantized per row (implies fp8); gate_up's pair stacked [2, N, K]
+  a8: bool = False
 
   @property
   def num_weights(self):
     return 2 if self.kind == "gate_up" else 1
+
+  @property
+  def itemsize(self):
+    """Bytes per element of x as the kernel reads it: 1 for w8a8 (e4m3 rows), else 2 (bfloat16)."""
+    return 1 if self.a8 else 2
 
   @property
   def w_itemsize(self):
@@ -103,34 +110,65 @@ def entry(module, kind, fp8=False, **kw):
   return lambda x, w: module.gate_up_silu(x, *w, **kw)
 
 
+def entry_a8(module, kind, **kw):
+  """`module`'s w8a8 entry point for a shape kind (gpu or reference), as f(x, w): x quantized per row by
+  `quant.quantize_rows` inside f (a timed call pays for it, as for XLA's w8a8 product), then `matmul_a8_nt`
+  ("kn"; w an (fp8 weight [N, K], scale [N]) pair) or `gate_up_silu_a8` (gate_up; w the stacked pair, an
+  (fp8 weight [2, N, K], scale [2, N]) pair); the output in x's dtype."""
+  names = {"kn": "matmul_a8_nt", "gate_up": "gate_up_silu_a8"}
+  if kind not in names:
+    raise ValueError(f"kind={kind!r}: no w8a8 entry (LM heads are not quantized)")
+  fn = getattr(module, names[kind])
+
+  def f(x, w):
+    x8, x_scale = quantize_rows(x)
+    return fn(x8, x_scale, *w, out_dtype=x.dtype, **kw)
+  return f
+
+
 def over_copies(one, compiler_options=None):
   """Jitted: x and a tuple of weight copies (pairs for gate_up) -> a tuple of outputs."""
   return jax.jit(lambda x, ws: tuple(one(x, w) for w in ws), compiler_options=compiler_options)
 
 
+def compiler_options(shape):
+  """The XLA options a shape's products compile with: for w8a8 those of a w8a8 engine's step programs
+  (`programs.compiler_options(True)`; on a GPU no dot merger, which would otherwise join the copies that share
+  x by concatenating their weights, a copy the engine never makes), else none."""
+  return programs.compiler_options(True) if shape.a8 else None
+
+
+def _silu_gate_times_up(gu_M2N):
+  """silu(gate) * up from a stacked pair's product [M, 2, N] (gate at 0, up at 1)."""
+  return jax.nn.silu(gu_M2N[:, 0]) * gu_M2N[:, 1]
+
+
 def _over_copies_of(shape, dot):
-  """`over_copies` of one quantized weight's product `dot(x, w)`: itself for "kn", silu(gate) * up for gate_up.
-  A w8a8 shape compiles with the options of a w8a8 engine's step programs (on a GPU: no dot merger, which
-  would otherwise join the copies that share x by concatenating their weights, a copy the engine never makes)."""
-  options = programs.compiler_options(True) if shape.a8 else None
+  """`over_copies` of one quantized weight's product `dot(x, w)`: itself for "kn"; for gate_up silu(gate) * up,
+  of two products (fp8 weights) or, for w8a8, of the one product over the stacked pair ([M, 2, N]), as
+  jserve/models/llama.py's `_gate_up` multiplies a w8a8 engine's `w_gate_up`."""
+  options = compiler_options(shape)
   if shape.kind == "kn":
     return over_copies(dot, options)
+  if shape.a8:
+    return over_copies(lambda x, w: _silu_gate_times_up(dot(x, w)), options)
   return over_copies(lambda x, w: jax.nn.silu(dot(x, w[0])) * dot(x, w[1]), options)
 
 
 def xla_fn(shape):
   if not shape.fp8:
     return over_copies(entry(reference, shape.kind))
-  # The model's own XLA path for fp8 weights: quant.fp8_dot per weight (quant.fp8_dot_a8 for w8a8), as
-  # jserve/models/llama.py runs it.
+  # The model's own XLA path for fp8 weights: quant.fp8_dot per weight (quant.fp8_dot_a8 for w8a8, over the
+  # stacked pair for gate_up), as jserve/models/llama.py runs it.
   if shape.a8:
     return _over_copies_of(shape, lambda x, w: fp8_dot_a8(x, Fp8WeightA8(*w), 1))
   return _over_copies_of(shape, lambda x, w: fp8_dot("MK,KN->MN", x, Fp8Weight(*w)))
 
 
 def xla_weight_only_fn(shape):
-  """For a w8a8 shape: its [N, K] fp8 weights multiplied weight-only (`quant.fp8_dot_nk`: each weight widened to
-  the activations' dtype inside XLA's dot), the activations left unquantized."""
+  """For a w8a8 shape: its [N, K] fp8 weights (gate_up's stacked pair as one [2, N, K] weight) multiplied
+  weight-only (`quant.fp8_dot_nk`: the weight widened to the activations' dtype inside XLA's dot), the
+  activations left unquantized."""
   return _over_copies_of(shape, lambda x, w: fp8_dot_nk(x, Fp8WeightNK(*w), 1))
 
 
@@ -184,11 +222,19 @@ def a8_pair(w_KN):
   return jnp.transpose(q.w), q.scale
 
 
+def stacked(gate, up):
+  """A w8a8 (gate, up) pair of (fp8 weight [N, K], scale [N]) pairs as a w8a8 engine stores it
+  (`quant.stack_pairs`): one (fp8 weight [2, N, K], scale [2, N]) pair."""
+  return jnp.stack([gate[0], up[0]]), jnp.stack([gate[1], up[1]])
+
+
 def kn_pairs(w):
-  """w8a8 weights ([N, K] pairs, or a (gate, up) pair of them) as [K, N] pairs, for `dequantized`."""
-  if isinstance(w[0], tuple):
-    return tuple(kn_pairs(p) for p in w)
-  return w[0].T, w[1]
+  """A w8a8 weight as [K, N] (weight, scale) pairs, for `dequantized`: an [N, K] pair as one, a stacked
+  [2, N, K] pair (gate_up) as a (gate, up) pair of them."""
+  w_NK, scale = w
+  if w_NK.ndim == 3:
+    return tuple((w_NK[i].T, scale[i]) for i in range(2))
+  return w_NK.T, scale
 
 
 @jax.jit
@@ -212,6 +258,12 @@ def exact(x_MK, w, kind):
   return jax.nn.silu(g) * jnp.dot(x, w[1].astype(jnp.float32), precision=hi)
 
 
+# The relative error (`rel_err`) a w8a8 product may have against `exact`: quantizing x's rows to e4m3 (3
+# mantissa bits) puts a "kn" product about 0.026 off it, and silu(gate) * up, where both products' errors
+# meet, about 0.038 (at most 0.049 over 20 seeds of M = 1, K = 128, N = 64); 16-bit operands stay under 1e-2.
+A8_TOL = 0.06
+
+
 @jax.jit
 def rel_err(out, ref):
   out = out.astype(jnp.float32)
@@ -220,7 +272,8 @@ def rel_err(out, ref):
 
 def make_weights(shape, copies, seed):
   """`copies` distinct weight arrays (pairs for gate_up), scaled so products are O(1); fp8 shapes get
-  each weight as (float8 weight, float32 scale per column), quantized as `quantization="fp8"` does."""
+  each weight as (float8 weight, float32 scale per column), quantized as `quantization="fp8"` does, and
+  w8a8 shapes as `a8_pair`s, a gate_up's two `stacked`."""
   key = jax.random.key(seed)
   per = 2 if shape.kind == "gate_up" else 1
   wshape = (shape.n, shape.k) if shape.kind == "nk" else (shape.k, shape.n)
@@ -228,10 +281,15 @@ def make_weights(shape, copies, seed):
   if shape.fp8:
     bf16 = gen
     gen = jax.jit(lambda k: (a8_pair if shape.a8 else fp8_pair)(bf16(k)))
+  if shape.a8 and per == 2:  # gate and up quantized each on its own, then stacked (one program: no extra copy)
+    one = gen
+    gen_pair = jax.jit(lambda k0, k1: stacked(one(k0), one(k1)))
+  else:
+    gen_pair = lambda k0, k1: (gen(k0), gen(k1))
   ws = []
   for i in range(copies):
-    arrs = tuple(gen(jax.random.fold_in(key, per * i + j)) for j in range(per))
-    ws.append(arrs if per == 2 else arrs[0])
+    keys = [jax.random.fold_in(key, per * i + j) for j in range(per)]
+    ws.append(gen_pair(*keys) if per == 2 else gen(keys[0]))
   jax.block_until_ready(ws)
   return tuple(ws)
 

@@ -36,14 +36,17 @@ def table_lines(rows, ceiling_TBps=0.0):
 
 
 def tuning_tables(rows):
-  """Python source of GPU_TABLE and GPU_TABLE_GATE_UP from the winners (M = 1 shares the M = 16 bucket)."""
-  out = {"GPU_TABLE": [], "GPU_TABLE_GATE_UP": [], "GPU_TABLE_FP8": [], "GPU_TABLE_GATE_UP_FP8": []}
+  """Python source of GPU_TABLE and GPU_TABLE_GATE_UP from the winners (M = 1 shares the M = 16 bucket), and of
+  the fp8 weights' (`_FP8`) and w8a8 (`_A8`) tables where their rows have winners."""
+  out = {"GPU_TABLE": [], "GPU_TABLE_GATE_UP": [], "GPU_TABLE_FP8": [], "GPU_TABLE_GATE_UP_FP8": [],
+         "GPU_TABLE_A8": [], "GPU_TABLE_GATE_UP_A8": []}
   seen = set()
   for r in rows:
     if "pallas_cfg" not in r or r["m"] == 1 and any(q["m"] == 16 and q["shape"] == r["shape"] for q in rows):
       continue
     key = (min(tuning.m_bucket(r["m"]), tuning.MAX_M), r["k"], r["n"])
-    table = ("GPU_TABLE_GATE_UP" if r["kind"] == "gate_up" else "GPU_TABLE") + ("_FP8" if r.get("fp8") else "")
+    table = (("GPU_TABLE_GATE_UP" if r["kind"] == "gate_up" else "GPU_TABLE")
+             + ("_A8" if r.get("a8") else "_FP8" if r.get("fp8") else ""))
     if (table, key) in seen:
       continue
     seen.add((table, key))
@@ -58,7 +61,7 @@ def tuning_tables(rows):
         f"    {key}: GpuConfig(block_m={c['block_m']}, block_n={c['block_n']}, block_k={c['block_k']}, "
         f"num_splits={c['num_splits']}, num_warps={c['num_warps']}, num_stages={c['num_stages']}),{note}")
   return "\n".join(f"{name} = {{\n" + "\n".join(lines) + "\n}" for name, lines in out.items()
-                   if lines or not name.endswith("_FP8"))
+                   if lines or not name.endswith(("_FP8", "_A8")))
 
 
 def markdown(meta, ceiling, checks, rows, host_bound=()):
@@ -71,10 +74,12 @@ def markdown(meta, ceiling, checks, rows, host_bound=()):
     lines += [f"fp8 rows: XLA is jserve's quant.fp8_dot; torch is the anchor `{ANCHOR_FP8}` (the weight "
               "converted through memory first); Pallas converts in registers; no Hopper kernel.", ""]
   if any(r.get("a8") for r in rows):
-    lines += [f"w8a8 rows: XLA is jserve's quant.fp8_dot_a8 (x quantized per row, fp8 x fp8, both scales); torch "
-              f"is the anchor `{ANCHOR_A8}`; no Pallas or Hopper kernel. Their speed-up column divides the bf16 "
-              "row's time by theirs; the last column multiplies the same [N, K] fp8 weights weight-only "
-              "(quant.fp8_dot_nk, activations unquantized).", ""]
+    lines += [f"w8a8 rows: XLA is jserve's quant.fp8_dot_a8 (x quantized per row, fp8 x fp8, both scales; gate "
+              "and up stacked, one product); Pallas is gpu.matmul_a8_nt or gpu.gate_up_silu_a8 (x quantized by "
+              f"quant.quantize_rows, fp8 x fp8 in the kernel); torch is the anchor `{ANCHOR_A8}`; no Hopper "
+              "kernel. Their errors against the exact product include the activations' e4m3 rounding. Their "
+              "speed-up column divides the bf16 row's time by theirs; the last column multiplies the same [N, K] "
+              "fp8 weights weight-only (quant.fp8_dot_nk, activations unquantized).", ""]
   lines += table_lines(rows, ceiling.get("ceiling_TBps", 0.0))
   lines += ["", f"GPU edge checks: {sum(c['ok'] for c in checks)} of {len(checks)} pass."]
   if host_bound:

@@ -9,8 +9,9 @@ then cuBLAS, then the scale. `torch._scaled_mm` is not the anchor there: it mult
 would quantize the activations too, a different product.
 
 That product is the anchor of a w8a8 shape (`a8` set; each weight a (float8 weight [N, K], float32 scale)
-pair): x quantized to fp8 once per call with a scale per row (as `quant.quantize_rows`), then
-`torch._scaled_mm` per weight with the row and column scales (PyTorch's rowwise-scaled fp8 GEMM).
+pair, a gate_up's two stacked as ([2, N, K], [2, N])): x quantized to fp8 once per call with a scale per row
+(as `quant.quantize_rows`), then `torch._scaled_mm` per weight with the row and column scales (PyTorch's
+rowwise-scaled fp8 GEMM), a stacked pair's halves each on its own, then silu(gate) * up.
 """
 
 import time
@@ -62,8 +63,9 @@ def torch_time(shape, x, ws, reps, rounds):
         outs.append(mm(w, x8))
       elif shape.kind == "nk":
         outs.append(torch.matmul(tx, w.t()))
-      else:
-        outs.append(torch.nn.functional.silu(mm(w[0], x8)) * mm(w[1], x8))
+      else:  # w8a8: the stacked pair's halves (views, no copy); else a (gate, up) pair
+        gate, up = ((w[0][0], w[1][0]), (w[0][1], w[1][1])) if a8 else w
+        outs.append(torch.nn.functional.silu(mm(gate, x8)) * mm(up, x8))
     return outs
 
   if not cuda:

@@ -207,7 +207,7 @@ def gpu_config(m: int, k: int, n: int, *, gate_up: bool = False, itemsize: int =
   measured).
   """
   bucket = m_bucket(m)
-  fp8 = w_itemsize == 1
+  fp8 = w_itemsize == 1 or a8  # w8a8 weights are fp8
   cfg = _table(gate_up, fp8, a8).get((bucket, k, n))
   if cfg is None:  # not tuned, or XLA is faster (only impl="gpu" gets here then)
     cfg = _DEFAULTS[min(bucket, MAX_M)]
