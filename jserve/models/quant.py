@@ -27,10 +27,11 @@ bfloat16 FLOP rate, for compute-bound steps (prefill chunks, large decode batche
 fp8 is no faster than bfloat16. This is llm-compressor's FP8-Dynamic scheme (weights per channel,
 activations per token, dynamic); vLLM's online fp8 takes one dynamic scale per activation tensor.
 With `matmul_impl="auto"`, decode-sized products of the smaller weights multiply weight-only from the
-same [N, K] store instead (`a8_weight_only`). Each layer's gate and up are stored stacked, [2, F, K]
-(`w_gate_up`), and so are k and v (`wkv`), so that each pair is one GEMM: an engine with fp8 activations
-compiles without XLA's dot merger (jserve/engine/programs.py), which would otherwise join them by
-concatenating the weights.
+same [N, K] store instead (`a8_weight_only`); with `"gpu"`, decode-sized products go to the decode
+matmul's Triton w8a8 kernel (jserve/models/llama.py), whose rows `quantize_rows` quantizes as here.
+Each layer's gate and up are stored stacked, [2, F, K] (`w_gate_up`), and so are k and v (`wkv`), so
+that each pair is one GEMM: an engine with fp8 activations compiles without XLA's dot merger
+(jserve/engine/programs.py), which would otherwise join them by concatenating the weights.
 """
 
 import dataclasses
