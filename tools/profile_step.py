@@ -23,11 +23,12 @@ import datetime
 import glob
 import json
 import os
-import re
 import tempfile
 import time
 
 from absl import app, flags, logging
+
+from tools.trace_stats import SMALL_KERNEL_NS, busy_ns, kernel_stats, kind_of
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("preset", "llama-3.2-1b", "model preset (random weights)")
@@ -45,23 +46,6 @@ flags.DEFINE_bool("py_profile", True, "also run the untraced steps under cProfil
 flags.DEFINE_string("xla_variants", None,
                     "compare XLA flag sets: 'name=flags;name=flags' (e.g. 'default=;no_cmdbuf="
                     "--xla_gpu_enable_command_buffer='), each profiled in its own process into out_dir/name")
-
-_KINDS = [  # (kind, pattern over lowercased kernel names), first match wins
-    ("attention", r"ragged|paged|attention|flash"),
-    ("kv write", r"scatter|dynamic.update|dynamic_update"),
-    ("matmul", r"gemm|matmul|dot|cublas|nvjet|sm90_xmma|cutlass|wgmma"),
-    ("sort / top-k", r"sort|topk|top_k"),
-    ("copy", r"memcpy|memset|copy"),
-]
-
-
-def kind_of(name: str) -> str:
-  low = name.lower()
-  for kind, pattern in _KINDS:
-    if re.search(pattern, low):
-      return kind
-  return "other (fusions)"
-
 
 def device_events(trace_dir: str):
   """(name, start_ns, duration_ns) of every kernel on the first accelerator plane, or of every XLA op
@@ -87,38 +71,6 @@ def device_events(trace_dir: str):
           for ev in line.events:
             events.append((ev.name, ev.start_ns, ev.duration_ns))
   return "/host:CPU", events
-
-
-def busy_ns(events) -> float:
-  """Length of the union of the events' intervals."""
-  spans = sorted((s, s + d) for _, s, d in events)
-  total, end = 0.0, None
-  for s, e in spans:
-    if end is None or s > end:
-      total += e - s
-      end = e
-    elif e > end:
-      total += e - end
-      end = e
-  return total
-
-
-SMALL_KERNEL_NS = 5_000  # a kernel this short is mostly its fixed cost (launch, ramp, tail) on a GPU
-
-
-def kernel_stats(events, steps: int) -> dict:
-  """Per step: how many kernels ran, the idle time between them (from the first kernel's start to the last
-  one's end, less their union), and the kernels shorter than SMALL_KERNEL_NS. A step of many small kernels
-  (batch 1) pays a fixed cost per kernel that the bytes it moves do not explain: this is where it shows."""
-  if not events:
-    return {"kernels_per_step": 0.0, "median_kernel_us": 0.0, "idle_between_kernels_ms_per_step": 0.0,
-            "small_kernels_per_step": 0.0, "small_kernels_ms_per_step": 0.0}
-  durations = sorted(d for _, _, d in events)
-  span = max(s + d for _, s, d in events) - min(s for _, s, _ in events)
-  small = [d for d in durations if d < SMALL_KERNEL_NS]
-  return {"kernels_per_step": len(events) / steps, "median_kernel_us": durations[len(durations) // 2] / 1e3,
-          "idle_between_kernels_ms_per_step": (span - busy_ns(events)) / steps / 1e6,
-          "small_kernels_per_step": len(small) / steps, "small_kernels_ms_per_step": sum(small) / steps / 1e6}
 
 
 def compare_variants(spec: str):

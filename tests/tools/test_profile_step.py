@@ -1,4 +1,4 @@
-"""tools/profile_step.py: the kernel statistics it reads from a trace, and a CPU run end to end."""
+"""tools/profile_step.py: the kernel statistics it reads from a trace (tools/trace_stats.py), and a CPU run of it."""
 
 import json
 import os
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tools import profile_step
+from tools import trace_stats
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_kernel_stats_counts_idle_gaps_and_small_kernels():
   # Two steps of kernels (name, start ns, duration ns): a 1 us gap after "a", "c" overlaps "b" and ends with it.
   events = [("a", 0, 2_000), ("b", 3_000, 10_000), ("c", 12_000, 1_000), ("d", 20_000, 4_000)]
-  stats = profile_step.kernel_stats(events, steps=2)
+  stats = trace_stats.kernel_stats(events, steps=2)
   assert stats["kernels_per_step"] == 2.0
   # Span 0..24,000 ns; union 2,000 + 10,000 + 4,000 = 16,000: 8,000 ns idle (1,000 + 7,000), 4,000 per step.
   assert stats["idle_between_kernels_ms_per_step"] == pytest.approx(0.004)
@@ -27,13 +27,13 @@ def test_kernel_stats_counts_idle_gaps_and_small_kernels():
 
 def test_kernel_stats_of_back_to_back_kernels_has_no_idle_time():
   events = [(f"k{i}", i * 1_000, 1_000) for i in range(10)]
-  stats = profile_step.kernel_stats(events, steps=1)
+  stats = trace_stats.kernel_stats(events, steps=1)
   assert stats["idle_between_kernels_ms_per_step"] == 0.0
   assert stats["small_kernels_per_step"] == 10
 
 
 def test_kernel_stats_of_no_kernels():
-  assert profile_step.kernel_stats([], steps=3)["kernels_per_step"] == 0.0
+  assert trace_stats.kernel_stats([], steps=3)["kernels_per_step"] == 0.0
 
 
 def test_profile_step_runs_on_the_cpu(tmp_path):
