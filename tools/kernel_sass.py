@@ -178,7 +178,8 @@ def compile_to_sass(ttir_path: str, num_warps: int, num_stages: int, cc: int) ->
 def matmul_cases():
   """The 8B down projection at M=1 (K=14336, N=4096): bfloat16 and fp8 weights, stored [K, N] (`matmul`)
   and [N, K] (`matmul_nt`), and fp8 with float16 activations; the fused gate/up with fp8 weights stored
-  each way; w8a8's down and stacked gate/up. Bytes per iteration: the weight tiles."""
+  each way; w8a8's down and stacked gate/up (and the gate/up at 64 rows, on the fp8 tensor cores). Bytes per
+  iteration: the weight tiles."""
   import jax
   import jax.numpy as jnp
 
@@ -214,11 +215,13 @@ def matmul_cases():
   cases.append(("matmul_a8_nt [N, K], x and w float8_e4m3fn", functools.partial(gpu.matmul_a8_nt, config=cfg),
                 (shape((m, k), jnp.float8_e4m3fn), shape((m,), jnp.float32), shape((n, k), jnp.float8_e4m3fn),
                  shape((n,), jnp.float32)), cfg.block_k * cfg.block_n))
-  cfg = tuning.gpu_config(m, 4096, 14336, gate_up=True, itemsize=1, w_itemsize=1, a8=True)
-  cases.append(("gate_up_silu_a8 [2, N, K], x and w float8_e4m3fn", functools.partial(gpu.gate_up_silu_a8, config=cfg),
-                (shape((m, 4096), jnp.float8_e4m3fn), shape((m,), jnp.float32),
-                 shape((2, 14336, 4096), jnp.float8_e4m3fn), shape((2, 14336), jnp.float32)),
-                2 * cfg.block_k * cfg.block_n))
+  for rows in (m, 64):  # 64 rows: tiles that take Hopper's fp8 tensor cores (gpu.FP8_IMPRECISE_ACC)
+    cfg = tuning.gpu_config(rows, 4096, 14336, gate_up=True, itemsize=1, w_itemsize=1, a8=True)
+    cases.append((f"gate_up_silu_a8 [2, N, K], x and w float8_e4m3fn, M={rows}",
+                  functools.partial(gpu.gate_up_silu_a8, config=cfg),
+                  (shape((rows, 4096), jnp.float8_e4m3fn), shape((rows,), jnp.float32),
+                   shape((2, 14336, 4096), jnp.float8_e4m3fn), shape((2, 14336), jnp.float32)),
+                  2 * cfg.block_k * cfg.block_n))
   return cases
 
 

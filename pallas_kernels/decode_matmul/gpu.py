@@ -29,10 +29,11 @@ is built to keep the memory system busy rather than the tensor cores:
 fp8 activations too (w8a8, `matmul_a8_nt` and `gate_up_silu_a8`): x arrives as e4m3 with a float32
 scale per row (each token quantized by the caller, as `jserve.models.quant.quantize_rows` does), the
 weight as e4m3 [N, K] with its scale per column, and the tiles are multiplied fp8 by fp8 with float32
-accumulation; both scales multiply the accumulator before the store. On Hopper, Triton widens both
-operands to float16 for its mma (one instruction per two values, against three for the bfloat16
-widening of weight-only fp8: `tools/kernel_sass.py` counts about 0.06 warp instructions per weight byte
-at M = 16, a quarter of the issue slots at full bandwidth). A stacked pair (gate and up, `[2, N, K]`,
+accumulation; both scales multiply the accumulator before the store. On Hopper, tiles of 64 rows or more
+multiply on the fp8 tensor cores (wgmma: see FP8_IMPRECISE_ACC); smaller ones, where wgmma does not
+apply, widen both operands to float16 for mma.sync (one instruction per two values, against three for
+the bfloat16 widening of weight-only fp8: `tools/kernel_sass.py` counts about 0.06 warp instructions per
+weight byte at M = 16, a quarter of the issue slots at full bandwidth). A stacked pair (gate and up, `[2, N, K]`,
 `quant.stack_pairs`) is one weight array: the program reads its gate tile at row offset 0 and its up tile
 at N of the [2N, K] view, so nothing is sliced or copied outside the kernel.
 
@@ -52,6 +53,7 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax._src.lib.mlir import ir
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -59,6 +61,41 @@ from pallas_kernels.decode_matmul import reference, tuning
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 FP8_DTYPES = reference.FP8_DTYPES
+
+# Hopper's fp8 tensor cores (wgmma) add products in an accumulator narrower than float32, so Triton multiplies
+# fp8 by fp8 on them only when the dot says how many products along K may be added there before the sum moves
+# into float32 (the dot's `maxNumImpreciseAcc`). Pallas' Triton lowering (JAX 0.10 and 0.11) leaves it unset,
+# and Triton then widens both operands to float16 for mma.sync instead, at half the rate. Every fp8 x fp8 dot
+# the lowering emits gets this many (the promotion interval DeepSeek-V3's fp8 GEMMs use); with it Triton takes
+# wgmma for tiles of 64 rows or more (tools/kernel_sass.py shows QGMMA in place of HMMA and F2FP). Only the
+# w8a8 entries multiply fp8 by fp8: the other kernels widen their fp8 operands before the dot.
+FP8_IMPRECISE_ACC = 128
+_FP8_IR_TYPES = ("f8E4M3FN", "f8E5M2")
+
+
+def _with_fp8_accumulation(dot):
+  def fp8_aware_dot(a, b, c, *, input_precision=None, max_num_imprecise_acc=None, **kw):
+    if max_num_imprecise_acc is None and all(str(ir.RankedTensorType(v.type).element_type) in _FP8_IR_TYPES
+                                             for v in (a, b)):
+      max_num_imprecise_acc = FP8_IMPRECISE_ACC
+    return dot(a, b, c, input_precision=input_precision, max_num_imprecise_acc=max_num_imprecise_acc, **kw)
+  fp8_aware_dot.sets_fp8_accumulation = True
+  return fp8_aware_dot
+
+
+def set_fp8_accumulation() -> bool:
+  """Makes the Triton dialect's `dot`, as Pallas' lowering calls it, give fp8 x fp8 dots FP8_IMPRECISE_ACC (once;
+  idempotent). False where this JAX has no such module (nothing is changed then)."""
+  try:
+    from jax._src.lib.triton import dialect
+  except ImportError:
+    return False
+  if not getattr(dialect.dot, "sets_fp8_accumulation", False):
+    dialect.dot = _with_fp8_accumulation(dialect.dot)
+  return True
+
+
+set_fp8_accumulation()
 
 
 def supports(x_MK, w, *, transposed: bool = False, w_scale_N=None) -> str | None:

@@ -484,3 +484,23 @@ def test_a8_kernels_lower_for_cuda(m):
   ]
   for text in texts:
     assert "decode_matmul_a8_nt" in text
+
+
+def test_fp8_by_fp8_dots_say_how_far_they_may_accumulate_so_triton_takes_hopper_fp8_tensor_cores():
+  # Without maxNumImpreciseAcc Triton refuses wgmma for an fp8 x fp8 dot and widens both operands to float16
+  # (tools/kernel_sass.py: HMMA and F2FP in place of QGMMA). gpu.set_fp8_accumulation gives every fp8 x fp8 dot
+  # of the lowering FP8_IMPRECISE_ACC, and nothing else: a bf16 dot, and weight-only fp8 (widened before its
+  # dot), keep Triton's default.
+  from tools.kernel_sass import capture
+  shape = jax.ShapeDtypeStruct
+  f8, f32, bf16 = jnp.float8_e4m3fn, jnp.float32, jnp.bfloat16
+  from jax._src.lib.triton import dialect
+  assert getattr(dialect.dot, "sets_fp8_accumulation", False)  # set when the kernel module is imported
+  assert gpu.set_fp8_accumulation() and gpu.set_fp8_accumulation()  # idempotent: one wrapper
+  assert not getattr(dialect.dot.__closure__[0].cell_contents, "sets_fp8_accumulation", False)
+  a8 = capture(gpu.gate_up_silu_a8, shape((64, 256), f8), shape((64,), f32), shape((2, 128, 256), f8),
+               shape((2, 128), f32))
+  others = capture(lambda x, w, w8, s: (gpu.matmul(x, w), gpu.matmul(x, w8, w_scale_N=s)), shape((64, 256), bf16),
+                   shape((256, 128), bf16), shape((256, 128), f8), shape((128,), f32))
+  assert [k["ttir"].count(f"maxNumImpreciseAcc = {gpu.FP8_IMPRECISE_ACC}") for k in a8] == [2]  # gate and up
+  assert len(others) == 2 and not any("maxNumImpreciseAcc" in k["ttir"] for k in others)
