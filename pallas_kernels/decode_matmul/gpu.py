@@ -29,13 +29,13 @@ is built to keep the memory system busy rather than the tensor cores:
 fp8 activations too (w8a8, `matmul_a8_nt` and `gate_up_silu_a8`): x arrives as e4m3 with a float32
 scale per row (each token quantized by the caller, as `jserve.models.quant.quantize_rows` does), the
 weight as e4m3 [N, K] with its scale per column, and the tiles are multiplied fp8 by fp8 with float32
-accumulation; both scales multiply the accumulator before the store. On Hopper, tiles of 64 rows or more
-multiply on the fp8 tensor cores (wgmma: see FP8_IMPRECISE_ACC); smaller ones, where wgmma does not
-apply, widen both operands to float16 for mma.sync (one instruction per two values, against three for
-the bfloat16 widening of weight-only fp8: `tools/kernel_sass.py` counts about 0.06 warp instructions per
-weight byte at M = 16, a quarter of the issue slots at full bandwidth). A stacked pair (gate and up, `[2, N, K]`,
-`quant.stack_pairs`) is one weight array: the program reads its gate tile at row offset 0 and its up tile
-at N of the [2N, K] view, so nothing is sliced or copied outside the kernel.
+accumulation; both scales multiply the accumulator before the store. On Hopper they multiply on the fp8
+tensor cores (wgmma: see FP8_IMPRECISE_ACC), tiles of fewer than 64 rows swapped (w_tile @ x_tile.T) so
+that the weight tile is wgmma's 64-row operand: `tools/kernel_sass.py` counts about 0.03 warp
+instructions per weight byte at M = 1, 13-15% of the issue slots at the H200's bandwidth. A stacked
+pair (gate and up, `[2, N, K]`, `quant.stack_pairs`) is one weight array: the program reads its gate
+tile at row offset 0 and its up tile at N of the [2N, K] view, so nothing is sliced or copied outside
+the kernel.
 
 Five entry points share one kernel body: `matmul` (w as [K, N]),
 `matmul_nt` (w as [N, K]: the tied LM head that multiplies by the [V, D]
@@ -67,7 +67,7 @@ FP8_DTYPES = reference.FP8_DTYPES
 # into float32 (the dot's `maxNumImpreciseAcc`). Pallas' Triton lowering (JAX 0.10 and 0.11) leaves it unset,
 # and Triton then widens both operands to float16 for mma.sync instead, at half the rate. Every fp8 x fp8 dot
 # the lowering emits gets this many (the promotion interval DeepSeek-V3's fp8 GEMMs use); with it Triton takes
-# wgmma for tiles of 64 rows or more (tools/kernel_sass.py shows QGMMA in place of HMMA and F2FP). Only the
+# wgmma where one operand has 64 rows (tools/kernel_sass.py shows QGMMA in place of HMMA and F2FP). Only the
 # w8a8 entries multiply fp8 by fp8: the other kernels widen their fp8 operands before the dot.
 FP8_IMPRECISE_ACC = 128
 _FP8_IR_TYPES = ("f8E4M3FN", "f8E5M2")
@@ -138,11 +138,13 @@ def supports_a8(x8_MK, x_scale_M, w_NK, w_scale_N, *, halves: bool = False) -> s
   return None
 
 
-def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_out, scaled, a8=False):
+def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_out, scaled, a8=False, swap=False):
   """One program: a block_m x block_n output tile (of each weight) over `steps` K blocks of one split.
   `refs`: x's scale per row when `a8`, the weights, their scales when `scaled`, then the outputs. With
   `a8` and `gate_up` the pair is one stacked weight (and one scale) seen as [2N, K]: the up tile is the
-  gate tile's rows moved by n."""
+  gate tile's rows moved by n. `swap` (w8a8 tiles of fewer than 64 rows): each step multiplies
+  w_tile @ x_tile.T, [N, M], so that the weight tile is the operand of 64 rows that Hopper's fp8 wgmma needs
+  and x's few rows the other (as few as 8); the sum is transposed once, after the K loop."""
   xs_ref, refs = (refs[0], refs[1:]) if a8 else (None, refs)
   num_w = 2 if gate_up else 1
   num_refs = 1 if a8 else num_w  # the stacked pair is one array
@@ -182,8 +184,11 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
       if transposed:
         w_NK = load(w_ref.at[w_at, ks], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[:, None], (bn, bk)),
                     fill=False)
-        p_MN = lax.dot_general(x_MK, w_NK.astype(x_MK.dtype), (((1,), (1,)), ((), ())), precision=precision,
-                               preferred_element_type=jnp.float32)
+        if swap:  # the weight tile as the wgmma's 64-row operand, x's few rows as its other: [N, M]
+          p_MN = lax.dot_general(w_NK, x_MK, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        else:
+          p_MN = lax.dot_general(x_MK, w_NK.astype(x_MK.dtype), (((1,), (1,)), ((), ())), precision=precision,
+                                 preferred_element_type=jnp.float32)
       else:
         w_KN = load(w_ref.at[ks, cols], None if col_ok_N is None else jnp.broadcast_to(col_ok_N[None, :], (bk, bn)),
                     fill=False)
@@ -192,8 +197,10 @@ def _matmul_kernel(x_ref, *refs, m, n, cfg, steps, transposed, gate_up, split_ou
       out.append(acc_MN + p_MN)
     return tuple(out)
 
-  accs = tuple(jnp.zeros((bm, bn), jnp.float32) for _ in range(num_w))
+  accs = tuple(jnp.zeros((bn, bm) if swap else (bm, bn), jnp.float32) for _ in range(num_w))
   accs = lax.fori_loop(0, steps, body, accs)
+  if swap:
+    accs = tuple(acc_NM.T for acc_NM in accs)
   if scaled:  # once per output column, after the K loop (and before any split sum: see the module docstring)
     accs = tuple(acc_MN * load(s_ref.at[w_at], col_ok_N)[None, :] for acc_MN, s_ref, w_at in zip(accs, s_refs, w_cols))
   if a8:  # and once per row: x's scale (rows past M read as zeros, and are not stored)
@@ -232,8 +239,10 @@ def _launch(x_MK, ws, scales, *, n, out_dtype, config, transposed, gate_up, inte
   steps = k // (cfg.block_k * cfg.num_splits)
   split_out = cfg.num_splits > 1
   grid = (-(-m // cfg.block_m), -(-n // cfg.block_n), cfg.num_splits)
+  # w8a8 tiles of under 64 rows multiply swapped (see _matmul_kernel), so that they too run on wgmma.
+  swap = a8 and cfg.block_m < 64
   kernel = functools.partial(_matmul_kernel, m=m, n=n, cfg=cfg, steps=steps, transposed=transposed,
-                             gate_up=gate_up, split_out=split_out, scaled=bool(scales), a8=a8)
+                             gate_up=gate_up, split_out=split_out, scaled=bool(scales), a8=a8, swap=swap)
   # Profiles tell the fp8 and w8a8 launches apart, and those of [N, K] weights.
   fp8 = "_a8" if a8 else "_fp8" if ws[0].dtype in FP8_DTYPES else ""
   nt = "_nt" if transposed else ""

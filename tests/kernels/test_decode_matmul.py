@@ -504,3 +504,14 @@ def test_fp8_by_fp8_dots_say_how_far_they_may_accumulate_so_triton_takes_hopper_
                    shape((256, 128), bf16), shape((256, 128), f8), shape((128,), f32))
   assert [k["ttir"].count(f"maxNumImpreciseAcc = {gpu.FP8_IMPRECISE_ACC}") for k in a8] == [2]  # gate and up
   assert len(others) == 2 and not any("maxNumImpreciseAcc" in k["ttir"] for k in others)
+  # Tiles of under 64 rows multiply swapped, w_tile @ x_tile.T, so that the 64-row operand wgmma needs is the
+  # weight's: a 16-row tile's dots give [block_n, 16]; a 64-row tile's give [64, block_n] as before.
+  cfg = tuning.GpuConfig(block_m=16, block_n=64, block_k=128, num_splits=1, num_warps=4, num_stages=3)
+  [small] = capture(functools.partial(gpu.matmul_a8_nt, config=cfg), shape((5, 256), f8), shape((5,), f32),
+                    shape((128, 256), f8), shape((128,), f32))
+  dots = lambda ttir: [line.rsplit("->", 1)[1].strip() for line in ttir.splitlines() if "tt.dot " in line]
+  assert dots(small["ttir"]) == ["tensor<64x16xf32>"]
+  cfg64 = dataclasses.replace(cfg, block_m=64, block_n=128, block_k=64)
+  [large] = capture(functools.partial(gpu.matmul_a8_nt, config=cfg64), shape((64, 256), f8), shape((64,), f32),
+                    shape((128, 256), f8), shape((128,), f32))
+  assert dots(large["ttir"]) == ["tensor<64x128xf32>"]
