@@ -127,8 +127,10 @@ def _deserialize(data: bytes):
         raise
       module, _, name = m.group(1).rpartition(".")
       cls = getattr(importlib.import_module(module), name)
-      if not dataclasses.is_dataclass(cls) or cls in _registered:
+      if not dataclasses.is_dataclass(cls):
         raise
+      # Registered here, or already by another thread that read a program at the same time (the start-up
+      # reads its buckets on several threads): either way the next attempt finds it.
       _register_class(cls)
   raise ValueError("too many unregistered types")
 

@@ -156,3 +156,26 @@ def test_the_gpu_compile_options_are_known_to_this_xla():
   assert programs.supported(programs.GPU_COMPILER_OPTIONS)
   assert not programs.supported({"xla_gpu_no_such_option": 0})
   assert programs.compiler_options(True) is None and programs.compiler_options(False) is None  # CPU: none
+
+
+def test_a_type_another_thread_registered_meanwhile_is_read_on_the_next_attempt(monkeypatch):
+  # The start-up reads its stored buckets on several threads. One thread's read can fail on a jserve dataclass
+  # not yet registered for serialization while another thread registers it before the first looks: the first
+  # must then read again, not give up and export the program anew (found as a warm start that loaded 2 of 3).
+  from jax import export
+  name = f"{TokenInputs.__module__}.{TokenInputs.__qualname__}"
+  programs._register_class(TokenInputs)  # "the other thread" has registered it
+  calls = []
+
+  def deserialize(data):
+    calls.append(1)
+    if len(calls) == 1:  # this thread's attempt, made before the registration
+      raise ValueError(f"Cannot deserialize: unregistered type `{name}`")
+    return "the program"
+  monkeypatch.setattr(export, "deserialize", deserialize)
+  assert programs._deserialize(b"stored") == "the program" and len(calls) == 2
+  # A type that is no dataclass is still an error, not a loop.
+  monkeypatch.setattr(export, "deserialize", lambda data: (_ for _ in ()).throw(
+      ValueError("Cannot deserialize: unregistered type `jserve.engine.programs.ProgramCache`")))
+  with pytest.raises(ValueError, match="unregistered type"):
+    programs._deserialize(b"stored")
