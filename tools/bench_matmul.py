@@ -34,8 +34,8 @@ cuBLAS, then the scale. With --weights=w8a8 they run as
 each row of x quantized to fp8 with a scale of its own, fp8 by fp8 on the
 tensor cores (XLA: the model's own `quant.fp8_dot_a8`; Pallas: the w8a8
 kernels `gpu.matmul_a8_nt` and `gpu.gate_up_silu_a8`, x quantized by
-`quant.quantize_rows` inside the timed call, their candidates also from
-`tuning.GPU_SWEEP_FP8`, their winners printed as `GPU_TABLE_A8` and
+`quant.quantize_rows` inside the timed call, their candidates from
+`tuning.GPU_SWEEP_A8`, their winners printed as `GPU_TABLE_A8` and
 `GPU_TABLE_GATE_UP_A8`; the anchor: `torch._scaled_mm` with the same row and
 column scales). Their products are checked against the exact one with a
 tolerance for the activations' e4m3 rounding (`matmul_cases.A8_TOL`). Their
@@ -216,7 +216,7 @@ def candidates(shape, m, best_plain=None):
   cur = tuning.gpu_config(m, shape.k, shape.n, gate_up=gate_up, itemsize=shape.itemsize, w_itemsize=shape.w_itemsize,
                           a8=shape.a8)
   out[cur.short()] = cur
-  sweep = tuning.GPU_SWEEP_FP8 if shape.fp8 else tuning.GPU_SWEEP  # w8a8 too
+  sweep = tuning.GPU_SWEEP_A8 if shape.a8 else tuning.GPU_SWEEP_FP8 if shape.fp8 else tuning.GPU_SWEEP
   pool = best_plain if (gate_up and best_plain) else sweep[bucket]
   if _SMOKE.value:
     pool = pool[:2]

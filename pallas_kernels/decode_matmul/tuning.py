@@ -130,7 +130,7 @@ GPU_TABLE_GATE_UP_FP8: dict[tuple[int, int, int], GpuConfig | None] = {
 # The same for w8a8 (fp8 activations by fp8 weights, `gpu.matmul_a8_nt` and `gpu.gate_up_silu_a8`): NOT YET
 # MEASURED, so empty, and "auto" keeps XLA's w8a8 product on every shape (as for fp8 weights, a shape goes
 # to the kernel only where its table names a tile). `tools/bench_matmul.py --weights=w8a8` sweeps
-# GPU_SWEEP_FP8's candidates for it and prints the winners in this form.
+# GPU_SWEEP_A8's candidates (below) for it and prints the winners in this form.
 GPU_TABLE_A8: dict[tuple[int, int, int], GpuConfig | None] = {}
 GPU_TABLE_GATE_UP_A8: dict[tuple[int, int, int], GpuConfig | None] = {}
 
@@ -174,6 +174,30 @@ GPU_SWEEP[32] = tuple(dataclasses.replace(c, block_m=32) for c in GPU_SWEEP[16])
 GPU_SWEEP_FP8: dict[int, tuple[GpuConfig, ...]] = {
     b: tuple(dataclasses.replace(c, block_k=2 * c.block_k) for c in cs) + (_DEFAULTS[b],)
     for b, cs in GPU_SWEEP.items()}
+
+
+# w8a8: tiles for wgmma, whose fp8 operand of 64 rows (per warpgroup of 4 warps) is the weight tile when the
+# tile has fewer than 64 rows of x (gpu._matmul_kernel's `swap`): block_n a multiple of 64, 4 or 8 warps, and the
+# weight bytes per step of the fp8 defaults. Larger buckets take the fp8 candidates.
+GPU_SWEEP_A8: dict[int, tuple[GpuConfig, ...]] = {
+    16: (
+        GpuConfig(block_m=16, block_n=64, block_k=512, num_warps=4, num_stages=4),
+        GpuConfig(block_m=16, block_n=128, block_k=256, num_warps=4, num_stages=4),
+        GpuConfig(block_m=16, block_n=128, block_k=512, num_warps=4, num_stages=3),
+        GpuConfig(block_m=16, block_n=256, block_k=256, num_warps=8, num_stages=3),
+        GpuConfig(block_m=16, block_n=64, block_k=256, num_warps=4, num_stages=6),
+    ),
+    64: (
+        GpuConfig(block_m=64, block_n=64, block_k=256, num_warps=4, num_stages=4),
+        GpuConfig(block_m=64, block_n=128, block_k=256, num_warps=4, num_stages=3),
+        GpuConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4),
+        GpuConfig(block_m=64, block_n=256, block_k=128, num_warps=8, num_stages=3),
+        GpuConfig(block_m=32, block_n=128, block_k=256, num_warps=4, num_stages=4),
+    ),
+}
+GPU_SWEEP_A8[32] = tuple(dataclasses.replace(c, block_m=32) for c in GPU_SWEEP_A8[16])
+GPU_SWEEP_A8[128] = GPU_SWEEP_FP8[128]
+GPU_SWEEP_A8[256] = GPU_SWEEP_FP8[256]
 
 
 def _table(gate_up: bool, fp8: bool, a8: bool = False) -> dict:

@@ -482,6 +482,10 @@ def test_a8_kernels_lower_for_cuda(m):
       _lower_for_cuda(gpu.gate_up_silu_a8, shape((m, 4096), f8), shape((m,), f32), shape((2, 14336, 4096), f8),
                       shape((2, 14336), f32)),
   ]
+  # Every w8a8 sweep candidate of the bucket (tools/bench_matmul.py times them on a GPU) lowers too.
+  for cfg in tuning.GPU_SWEEP_A8[tuning.m_bucket(m)]:
+    texts.append(_lower_for_cuda(functools.partial(gpu.matmul_a8_nt, config=cfg), shape((m, 2048), f8),
+                                 shape((m,), f32), shape((512, 2048), f8), shape((512,), f32)))
   for text in texts:
     assert "decode_matmul_a8_nt" in text
 
