@@ -253,7 +253,7 @@ def _dot(eq, a, b, impl="xla"):
   if _a8_kernel(b, a_MK.shape[0], impl):
     return _a8_kernel_dot(a_MK, b, impl).reshape(a.shape[:a.ndim - n] + b.scale.shape)
   fp8 = isinstance(b, (Fp8Weight, Fp8WeightNK))
-  # fp8 prefill rows too: XLA's einsum, exactly as with "xla"; and fp8 activations (the kernels take 16-bit ones).
+  # fp8 prefill rows too: XLA's einsum, exactly as with "xla"; and fp8 activations the w8a8 kernel did not take.
   if impl == "xla" or (fp8 and a_MK.shape[0] > MAX_M) or isinstance(b, Fp8WeightA8):
     return _xla_dot(eq, a, b, n)
   w, scale, nk = _kernel_operand(b, k)
